@@ -1,0 +1,160 @@
+"""The one place that knows topic names: loads topics/topics.toml, generates schemas,
+and creates or checks topics on a broker."""
+
+from __future__ import annotations
+
+import functools
+import tomllib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from . import events
+
+REQUESTS = "dsr.requests.v1"
+RECEIPTS = "dsr.receipts.v1"
+CASES = "dsr.cases.v1"
+DEADLETTER = "dsr.deadletter.v1"
+TASKS_TEMPLATE = "dsr.tasks.{system}.v1"
+
+SCHEMA_MODELS: dict[str, type[events.Event]] = {
+    "RightsRequested": events.RightsRequested,
+    "TaskAssigned": events.TaskAssigned,
+    "TaskReceipt": events.TaskReceipt,
+    "CaseUpdated": events.CaseUpdated,
+    "DeadLetter": events.DeadLetter,
+}
+
+
+def tasks_topic(system: str) -> str:
+    return TASKS_TEMPLATE.format(system=system)
+
+
+@dataclass(frozen=True, slots=True)
+class TopicSpec:
+    name: str
+    key: str
+    schema: str
+    partitions: int
+    cleanup_policy: str
+    retention_ms: int
+    holds: str
+
+    def config(self) -> dict[str, str]:
+        """The topic-level configs dsrflow manages."""
+        return {"cleanup.policy": self.cleanup_policy, "retention.ms": str(self.retention_ms)}
+
+    def for_system(self, system: str) -> TopicSpec:
+        return TopicSpec(**{**self.__dict__, "name": self.name.format(system=system)}) if "{system}" in self.name else self
+
+
+def topics_dir() -> Path:
+    """topics/ in a source checkout, or its copy inside an installed wheel."""
+    repo = Path(__file__).resolve().parents[1] / "topics"
+    if (repo / "topics.toml").exists():
+        return repo
+    return Path(str(resources.files("dsrflow") / "_topics"))
+
+
+@functools.cache
+def declared() -> dict[str, TopicSpec]:
+    """Declared topics by name (the tasks entry keeps its ``{system}`` template)."""
+    data = tomllib.loads((topics_dir() / "topics.toml").read_text())
+    return {t["name"]: TopicSpec(**t) for t in data["topic"]}
+
+
+def specs_for(systems: list[str]) -> list[TopicSpec]:
+    """Concrete topics for a set of systems."""
+    out = [s for n, s in declared().items() if "{system}" not in n]
+    out += [declared()[TASKS_TEMPLATE].for_system(s) for s in sorted(systems)]
+    return out
+
+
+def generate_schemas() -> dict[str, bytes]:
+    """JSON Schema per event model, as committed under topics/schemas/."""
+    out: dict[str, bytes] = {}
+    for name, model in SCHEMA_MODELS.items():
+        schema: dict[str, Any] = model.model_json_schema(mode="validation")
+        schema = {
+            "$schema": "https://json-schema.org/draft/2020-12/schema",
+            "$id": f"https://dsrflow.dev/schemas/{name}.v1.json",
+            "x-cloudevents-type": model.ce_type,
+            **schema,
+        }
+        out[f"{name}.v1.json"] = orjson.dumps(schema, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n"
+    return out
+
+
+def write_schemas(directory: Path | None = None) -> list[Path]:
+    directory = directory or topics_dir() / "schemas"
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for fname, body in generate_schemas().items():
+        path = directory / fname
+        path.write_bytes(body)
+        written.append(path)
+    return written
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyReport:
+    created: list[str]
+    unchanged: list[str]
+    drift: dict[str, list[str]]  # topic -> human-readable differences
+
+
+async def apply(admin_options: dict[str, Any], specs: list[TopicSpec]) -> ApplyReport:
+    """Create missing topics; report existing ones whose configuration differs. Idempotent."""
+    from aiokafka.admin import AIOKafkaAdminClient, ConfigResource, ConfigResourceType, NewTopic
+    from aiokafka.errors import TopicAlreadyExistsError
+
+    admin = AIOKafkaAdminClient(**admin_options)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [s for s in specs if s.name not in existing]
+        created: list[str] = []
+        if missing:
+            new = [
+                NewTopic(name=s.name, num_partitions=s.partitions, replication_factor=-1, topic_configs=s.config())
+                for s in missing
+            ]
+            try:
+                resp = await admin.create_topics(new)
+            except TopicAlreadyExistsError:
+                resp = None
+            for name, code, *_ in getattr(resp, "topic_errors", []) or []:
+                if code not in (0, 36):  # 36: TOPIC_ALREADY_EXISTS, lost a race with another applier
+                    raise RuntimeError(f"could not create topic {name}: error code {code}")
+            created = [s.name for s in missing]
+        present = [s for s in specs if s.name in existing]
+        drift: dict[str, list[str]] = {}
+        if present:
+            descr = await admin.describe_topics([s.name for s in present])
+            parts = {d["topic"]: len(d["partitions"]) for d in descr}
+            configs: dict[str, dict[str, str]] = {}
+            try:
+                resources_ = [ConfigResource(ConfigResourceType.TOPIC, s.name) for s in present]
+                for resp in await admin.describe_configs(resources_):
+                    for res in resp.resources:
+                        # (error_code, error_message, resource_type, resource_name, configs)
+                        configs[res[3]] = {c[0]: c[1] for c in res[4]}
+            except Exception:  # noqa: BLE001 - some Kafka-compatible brokers lack DescribeConfigs
+                configs = {}
+            for s in present:
+                diffs = []
+                if parts.get(s.name) != s.partitions:
+                    diffs.append(f"partitions: declared {s.partitions}, broker has {parts.get(s.name)}")
+                for k, v in s.config().items():
+                    have = configs.get(s.name, {}).get(k)
+                    if s.name in configs and have is not None and have != v:
+                        diffs.append(f"{k}: declared {v}, broker has {have}")
+                if diffs:
+                    drift[s.name] = diffs
+        unchanged = [s.name for s in present if s.name not in drift]
+        return ApplyReport(created=created, unchanged=unchanged, drift=drift)
+    finally:
+        await admin.close()
