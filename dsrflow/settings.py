@@ -34,6 +34,7 @@ class Settings(BaseSettings):
     kafka_ssl_cafile: Path | None = None
     pg_dsn: SecretStr | None = Field(default=None, description="postgresql://user:pass@host:port/db")
     export_dir: Path | None = Field(default=None, description="export store root; default <state_dir>/exports")
+    topic_replication_factor: int = Field(default=1, ge=1, description="for topics dsrflow creates; 3 in production")
     jurisdiction: str = "VN"
     api_host: str = "127.0.0.1"
     api_port: int = 8080

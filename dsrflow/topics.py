@@ -3,6 +3,7 @@ and creates or checks topics on a broker."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import tomllib
 from dataclasses import dataclass
@@ -48,7 +49,7 @@ class TopicSpec:
         return {"cleanup.policy": self.cleanup_policy, "retention.ms": str(self.retention_ms)}
 
     def for_system(self, system: str) -> TopicSpec:
-        return TopicSpec(**{**self.__dict__, "name": self.name.format(system=system)}) if "{system}" in self.name else self
+        return dataclasses.replace(self, name=self.name.format(system=system)) if "{system}" in self.name else self
 
 
 def topics_dir() -> Path:
@@ -106,9 +107,10 @@ class ApplyReport:
     drift: dict[str, list[str]]  # topic -> human-readable differences
 
 
-async def apply(admin_options: dict[str, Any], specs: list[TopicSpec]) -> ApplyReport:
+async def apply(admin_options: dict[str, Any], specs: list[TopicSpec], *, replication_factor: int = 1) -> ApplyReport:
     """Create missing topics; report existing ones whose configuration differs. Idempotent."""
-    from aiokafka.admin import AIOKafkaAdminClient, ConfigResource, ConfigResourceType, NewTopic
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
     from aiokafka.errors import TopicAlreadyExistsError
 
     admin = AIOKafkaAdminClient(**admin_options)
@@ -119,7 +121,7 @@ async def apply(admin_options: dict[str, Any], specs: list[TopicSpec]) -> ApplyR
         created: list[str] = []
         if missing:
             new = [
-                NewTopic(name=s.name, num_partitions=s.partitions, replication_factor=-1, topic_configs=s.config())
+                NewTopic(name=s.name, num_partitions=s.partitions, replication_factor=replication_factor, topic_configs=s.config())
                 for s in missing
             ]
             try:

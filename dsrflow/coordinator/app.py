@@ -1,0 +1,141 @@
+"""The coordinator as a faust app: agents on dsr.requests.v1 and dsr.receipts.v1, and the
+outbox relay as a long-running task.
+
+Faust gives us the consumer group, partition assignment and batching (``take_events``
+acks a batch only after its transaction committed). We do not use its
+``exactly_once`` guarantee: idempotency comes from the inbox and the outbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import asyncpg
+import faust
+
+from .. import topics
+from ..settings import Settings
+from .relay import OutboxRelay
+from .service import AGGREGATOR, INTAKE, Coordinator, Record
+
+log = logging.getLogger("dsrflow.coordinator")
+
+BATCH = 500
+WITHIN = 0.02  # seconds a batch may wait to fill
+
+
+def _credentials(settings: Settings) -> Any:
+    opts = settings.kafka_client_options()
+    proto = settings.kafka_security_protocol
+    if proto.startswith("SASL"):
+        return faust.SASLCredentials(
+            username=opts.get("sasl_plain_username"),
+            password=opts.get("sasl_plain_password"),
+            mechanism=settings.kafka_sasl_mechanism,
+            ssl_context=opts.get("ssl_context"),
+        )
+    if proto == "SSL":
+        return faust.SSLCredentials(opts["ssl_context"])
+    return None
+
+
+def _records(events: Sequence[Any]) -> list[Record]:
+    out = []
+    for ev in events:
+        m = ev.message
+        out.append(Record(m.topic, m.partition, m.offset, m.key, m.value, m.headers or []))
+    return out
+
+
+def create_app(settings: Settings) -> faust.App:
+    """Build the coordinator app for these settings."""
+    brokers = ";".join(f"kafka://{b.strip()}" for b in settings.bootstrap.split(","))
+    app = faust.App(
+        "dsrflow-coordinator",
+        broker=brokers,
+        broker_credentials=_credentials(settings),
+        key_serializer="raw",
+        value_serializer="raw",
+        web_enabled=False,
+        topic_allow_declare=False,
+        topic_disable_leader=True,
+        consumer_auto_offset_reset="earliest",
+        datadir=str(settings.state_dir / "faust"),
+        producer_acks=-1,
+        broker_commit_interval=0.5,
+    )
+    state: dict[str, Any] = {}
+    ready = asyncio.Event()
+
+    async def coordinator() -> Coordinator:
+        await ready.wait()
+        return state["coordinator"]  # type: ignore[no-any-return]
+
+    requests = app.topic(topics.REQUESTS, key_type=bytes, value_type=bytes)
+    receipts = app.topic(topics.RECEIPTS, key_type=bytes, value_type=bytes)
+
+    @app.agent(requests)
+    async def intake(stream: faust.StreamT[bytes]) -> None:
+        c = await coordinator()
+        async for events in stream.take_events(BATCH, within=WITHIN):
+            await _with_retry(c, c.handle_requests, INTAKE, _records(events))
+
+    @app.agent(receipts)
+    async def aggregate(stream: faust.StreamT[bytes]) -> None:
+        c = await coordinator()
+        async for events in stream.take_events(BATCH, within=WITHIN):
+            await _with_retry(c, c.handle_receipts, AGGREGATOR, _records(events))
+
+    @app.task
+    async def relay() -> None:
+        settings.exports.mkdir(parents=True, exist_ok=True)
+        pool = await asyncpg.create_pool(settings.dsn, min_size=1, max_size=4)
+        state["coordinator"] = Coordinator(settings, pool)
+        state["pool"] = pool
+        ready.set()
+        log.info("coordinator ready")
+        await OutboxRelay(settings).run()
+
+    app.state = state  # type: ignore[attr-defined]
+    return app
+
+
+_TRANSIENT = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+              asyncpg.SerializationError, asyncpg.DeadlockDetectedError, asyncpg.TooManyConnectionsError)
+
+
+async def _with_retry(c: Coordinator, handler: Any, consumer: str, records: list[Record]) -> None:
+    """Handle a batch; the batch is acked only once this returns.
+
+    Infrastructure errors (database unreachable) are retried with backoff. Any other error
+    is a record the handler could not process although it decoded: the batch is split and
+    the one record that still fails is dead-lettered with the error, so the agent never dies.
+    """
+    delay = 0.5
+    while True:
+        try:
+            await handler(records)
+            return
+        except _TRANSIENT as exc:
+            log.warning("batch of %d failed (%s); retrying in %.1fs", len(records), type(exc).__name__, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+        except Exception as exc:  # noqa: BLE001
+            if len(records) > 1:
+                for rec in records:
+                    await _with_retry(c, handler, consumer, [rec])
+                return
+            log.exception("record %s[%d]@%d could not be processed", records[0].topic, records[0].partition,
+                          records[0].offset)
+            await c.dead_letter(records[0], consumer, "processing_error", f"{type(exc).__name__}: {exc}")
+            return
+
+
+def run(settings: Settings) -> None:
+    """Run the coordinator in the foreground until SIGINT/SIGTERM."""
+    app = create_app(settings)
+    worker = faust.Worker(app, loglevel=settings.log_level, quiet=True)
+    worker.execute_from_commandline()

@@ -1,0 +1,394 @@
+"""The coordinator's effects: intake of requests and aggregation of receipts.
+
+Each batch of records is handled in one PostgreSQL transaction: inbox claim, state
+change, timeline entries and outgoing events (outbox) commit together or not at all.
+Decisions are the pure functions of :mod:`.planner` and :mod:`dsrflow.policy`.
+Bad input is dead-lettered through the outbox too, so it is never lost or half-sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import orjson
+
+from .. import codec, policy, topics
+from ..events import Artifact, CaseUpdated, DeadLetter, RightsRequested, TaskAssigned, TaskReceipt
+from ..exports import ExportStore, LocalExportStore, build_bundle
+from ..registry import active_systems
+from ..rights import TERMINAL_TASK, CaseStatus, ReceiptStatus, Right, TaskStatus
+from ..settings import Settings
+from ..store import outbox
+from ..store.outbox import OutboxMessage
+from ..store.timeline import Entry, append
+from . import planner
+
+log = logging.getLogger("dsrflow.coordinator")
+
+SOURCE = "dsrflow/coordinator"
+INTAKE = "coordinator.requests"
+AGGREGATOR = "coordinator.receipts"
+BUNDLED_RIGHTS = frozenset({Right.access, Right.portability})
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One consumed Kafka record, independent of the client library."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: Sequence[tuple[str, bytes]] | Mapping[str, bytes]
+
+
+@dataclass(slots=True)
+class _Batch:
+    """What one transaction writes besides its own rows."""
+
+    messages: list[OutboxMessage] = field(default_factory=list)
+    timeline: list[Entry] = field(default_factory=list)
+
+    def dead_letter(self, rec: Record, consumer: str, kind: str, error: str) -> None:
+        record = DeadLetter(
+            original_topic=rec.topic,
+            original_partition=rec.partition,
+            original_offset=rec.offset,
+            consumer=consumer,
+            error_type=kind,
+            error=error[:4000],
+            failed_at=datetime.now(UTC),
+        )
+        headers = list(rec.headers.items()) if isinstance(rec.headers, Mapping) else list(rec.headers)
+        self.messages.append(
+            OutboxMessage(topics.DEADLETTER, rec.key, rec.value or b"", codec.dead_letter_headers(headers, record))
+        )
+        log.warning("dead-lettered %s[%d]@%d: %s", rec.topic, rec.partition, rec.offset, kind)
+
+
+def _j(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+def _case_event(case: Mapping[str, Any], tasks: Mapping[str, str], now: datetime) -> OutboxMessage:
+    bundle = case.get("bundle")
+    if isinstance(bundle, str):
+        bundle = orjson.loads(bundle)
+    event = CaseUpdated(
+        case_id=case["case_id"],
+        request_id=case["request_id"],
+        right=case["right_name"],
+        status=case["status"],
+        jurisdiction=case["jurisdiction"],
+        received_at=case["received_at"],
+        due_at=case["due_at"],
+        updated_at=now,
+        tasks=dict(tasks),
+        bundle=Artifact.model_validate(bundle) if bundle else None,
+    )
+    return outbox.message(topics.CASES, str(case["case_id"]), event, source=SOURCE, subject=str(case["case_id"]))
+
+
+def _task_event(task: Mapping[str, Any], case: Mapping[str, Any], identifiers: Mapping[str, str]) -> OutboxMessage:
+    event = TaskAssigned(
+        task_id=task["task_id"],
+        case_id=task["case_id"],
+        system=task["system"],
+        action=task["action"],
+        right=case["right_name"],
+        attempt=task["attempt"],
+        identifiers=dict(identifiers),
+        due_at=case["due_at"],
+        changes=case.get("changes"),
+        purposes=case.get("purposes"),
+    )
+    return outbox.message(
+        topics.tasks_topic(task["system"]), str(task["case_id"]), event, source=SOURCE, subject=str(task["case_id"])
+    )
+
+
+def _decode_all(
+    records: Sequence[Record], model: type[Any], consumer: str, batch: _Batch
+) -> list[tuple[Record, codec.Envelope[Any]]]:
+    out = []
+    seen: set[str] = set()
+    for rec in records:
+        try:
+            env = codec.decode(rec.value, rec.headers, model)
+        except codec.DecodeError as exc:
+            batch.dead_letter(rec, consumer, exc.kind, str(exc))
+            continue
+        if env.id in seen:  # same event twice in one batch: the inbox would count it once
+            continue
+        seen.add(env.id)
+        out.append((rec, env))
+    return out
+
+
+class Coordinator:
+    """Intake and aggregation, over an asyncpg pool and an export store."""
+
+    def __init__(self, settings: Settings, pool: asyncpg.Pool, *, export_store: ExportStore | None = None) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.exports = export_store or LocalExportStore(settings.exports)
+
+    async def dead_letter(self, rec: Record, consumer: str, kind: str, error: str) -> None:
+        """Dead-letter one record on its own (used when processing it raised)."""
+        batch = _Batch()
+        batch.dead_letter(rec, consumer, kind, error)
+        async with self.pool.acquire() as conn, conn.transaction():
+            await outbox.add(conn, batch.messages)
+
+    # -- intake ------------------------------------------------------------
+    async def handle_requests(self, records: Sequence[Record]) -> None:
+        batch = _Batch()
+        decoded = _decode_all(records, RightsRequested, INTAKE, batch)
+        now = datetime.now(UTC)
+        async with self.pool.acquire() as conn, conn.transaction():
+            fresh = await outbox.claim_inbox(conn, INTAKE, [env.id for _, env in decoded])
+            decoded = [(rec, env) for rec, env in decoded if env.id in fresh]
+            if decoded:
+                await self._open_cases(conn, decoded, batch, now)
+            await append(conn, batch.timeline)
+            await outbox.add(conn, batch.messages)
+
+    async def _open_cases(
+        self, conn: asyncpg.Connection, decoded: list[tuple[Record, codec.Envelope[RightsRequested]]],
+        batch: _Batch, now: datetime,
+    ) -> None:
+        request_ids = list({env.data.request_id for _, env in decoded})
+        existing = {
+            r["request_id"]: r["case_id"]
+            for r in await conn.fetch(
+                "SELECT request_id, case_id FROM cases WHERE request_id = ANY($1::text[]) ORDER BY case_id FOR UPDATE",
+                request_ids,
+            )
+        }
+        systems = await active_systems(conn)
+        cases: list[dict[str, Any]] = []
+        tasks: list[dict[str, Any]] = []
+        for rec, env in decoded:
+            req = env.data
+            if req.request_id in existing:
+                batch.timeline.append(
+                    Entry(existing[req.request_id], "duplicate_request", {"event_id": env.id, "source": env.source}, now)
+                )
+                log.info("duplicate request for case %s ignored", existing[req.request_id])
+                continue
+            received = req.received_at or env.time
+            try:
+                due = policy.deadlines(req.right, req.jurisdiction, received)
+            except policy.UnknownJurisdiction as exc:
+                batch.dead_letter(rec, INTAKE, "unknown_jurisdiction", str(exc))
+                continue
+            case_id = uuid.uuid4()
+            existing[req.request_id] = case_id
+            ids = {str(k): v for k, v in req.subject.identifiers.items()}
+            plan = [] if planner.needs_verification(req.right, req.verified) else planner.plan(
+                req.right, req.subject.identifiers, systems
+            )
+            if planner.needs_verification(req.right, req.verified):
+                status = CaseStatus.awaiting_verification
+            elif plan:
+                status = CaseStatus.in_progress
+            elif req.right in planner.ACTION_FOR_RIGHT:
+                status = CaseStatus.completed  # no registered system holds data we could search for
+            else:
+                status = CaseStatus.in_progress  # no fan-out: the DPO answers it, against its deadline
+            case = {
+                "case_id": case_id, "request_id": req.request_id, "request_event": env.id,
+                "right_name": str(req.right), "jurisdiction": req.jurisdiction, "status": str(status),
+                "subject": ids, "verified": req.verified, "channel": req.channel, "changes": req.changes,
+                "purposes": req.purposes, "received_at": received, "ack_due_at": due.ack_due_at,
+                "due_at": due.due_at, "completed_at": now if status == CaseStatus.completed else None,
+                "outcome": {"note": "no registered system holds data for these identifiers"}
+                if status == CaseStatus.completed else None,
+                "bundle": None,
+            }
+            cases.append(case)
+            batch.timeline.append(Entry(case_id, "received", {
+                "event_id": env.id, "source": env.source, "right": str(req.right),
+                "jurisdiction": req.jurisdiction, "due_at": due.due_at.isoformat(),
+                "ack_due_at": due.ack_due_at.isoformat(), "basis": due.basis,
+            }, now))
+            if status == CaseStatus.awaiting_verification:
+                batch.timeline.append(Entry(case_id, "awaiting_verification", {}, now))
+            task_status: dict[str, str] = {}
+            for p in plan:
+                task = {"task_id": uuid.uuid4(), "case_id": case_id, "system": p.system,
+                        "action": str(p.action), "status": str(TaskStatus.dispatched), "attempt": 1}
+                tasks.append(task)
+                task_status[p.system] = task["status"]
+                batch.messages.append(_task_event(task, case, {str(k): v for k, v in p.identifiers.items()}))
+            if plan:
+                batch.timeline.append(Entry(case_id, "tasks_dispatched", {"systems": [p.system for p in plan]}, now))
+            if status == CaseStatus.completed:
+                batch.timeline.append(Entry(case_id, "completed", {"status": str(status), "tasks": {}}, now))
+            batch.messages.append(_case_event(case, task_status, now))
+        await conn.executemany(
+            """INSERT INTO cases (case_id, request_id, request_event, right_name, jurisdiction, status, subject,
+                   verified, channel, changes, purposes, received_at, ack_due_at, due_at, completed_at, outcome)
+               VALUES ($1,$2,$3,$4,$5,$6,$7::jsonb,$8,$9,$10::jsonb,$11::jsonb,$12,$13,$14,$15,$16::jsonb)""",
+            [(c["case_id"], c["request_id"], c["request_event"], c["right_name"], c["jurisdiction"], c["status"],
+              _j(c["subject"]), c["verified"], c["channel"], _j(c["changes"]) if c["changes"] else None,
+              _j(c["purposes"]) if c["purposes"] else None, c["received_at"], c["ack_due_at"], c["due_at"],
+              c["completed_at"], _j(c["outcome"]) if c["outcome"] else None) for c in cases],
+        )
+        await conn.executemany(
+            """INSERT INTO tasks (task_id, case_id, system, action, status, attempt, dispatched_at)
+               VALUES ($1,$2,$3,$4,$5,$6,$7)""",
+            [(t["task_id"], t["case_id"], t["system"], t["action"], t["status"], t["attempt"], now) for t in tasks],
+        )
+
+    # -- aggregation ---------------------------------------------------------
+    async def handle_receipts(self, records: Sequence[Record]) -> None:
+        batch = _Batch()
+        decoded = _decode_all(records, TaskReceipt, AGGREGATOR, batch)
+        now = datetime.now(UTC)
+        async with self.pool.acquire() as conn, conn.transaction():
+            fresh = await outbox.claim_inbox(conn, AGGREGATOR, [env.id for _, env in decoded])
+            decoded = [(rec, env) for rec, env in decoded if env.id in fresh]
+            if decoded:
+                await self._apply_receipts(conn, decoded, batch, now)
+            await append(conn, batch.timeline)
+            await outbox.add(conn, batch.messages)
+
+    async def _apply_receipts(
+        self, conn: asyncpg.Connection, decoded: list[tuple[Record, codec.Envelope[TaskReceipt]]],
+        batch: _Batch, now: datetime,
+    ) -> None:
+        case_ids = sorted({env.data.case_id for _, env in decoded})
+        # Lock cases in a fixed order so concurrent batches cannot deadlock.
+        cases = {
+            r["case_id"]: dict(r)
+            for r in await conn.fetch("SELECT * FROM cases WHERE case_id = ANY($1::uuid[]) ORDER BY case_id FOR UPDATE",
+                                      case_ids)
+        }
+        tasks = {
+            r["task_id"]: dict(r)
+            for r in await conn.fetch("SELECT * FROM tasks WHERE case_id = ANY($1::uuid[])", case_ids)
+        }
+        changed_tasks: set[uuid.UUID] = set()
+        receipt_rows = []
+        for rec, env in decoded:
+            r = env.data
+            task = tasks.get(r.task_id)
+            if task is None or task["case_id"] != r.case_id or task["system"] != r.system:
+                batch.dead_letter(rec, AGGREGATOR, "unknown_task", f"no task {r.task_id} for case {r.case_id} "
+                                  f"in system {r.system}")
+                continue
+            receipt_rows.append((env.id, r.task_id, r.case_id, r.system, r.attempt, str(r.status),
+                                 _j(r.model_dump(mode="json", exclude_none=True))))
+            if TaskStatus(task["status"]) in TERMINAL_TASK or r.attempt != task["attempt"]:
+                continue  # a duplicate or a stale attempt: recorded above, changes nothing
+            detail: dict[str, Any] = {"system": r.system, "attempt": r.attempt, "status": str(r.status)}
+            if r.status == ReceiptStatus.failed and r.retryable and r.attempt < self.settings.max_task_attempts:
+                task.update(attempt=r.attempt + 1, status=str(TaskStatus.dispatched), dispatched_at=now, error=r.error)
+                case = cases[r.case_id]
+                system_ids = await self._identifiers_for(conn, r.system, _loads(case["subject"]))
+                batch.messages.append(_task_event(task, _case_view(case), system_ids))
+                batch.timeline.append(Entry(r.case_id, "task_retried", {**detail, "next_attempt": r.attempt + 1}, now))
+            else:
+                task.update(status=str(r.status), completed_at=r.completed_at, error=r.error,
+                            result=_j(r.model_dump(mode="json", include={"counts", "categories", "retained",
+                                                                           "artifacts"})))
+                batch.timeline.append(Entry(r.case_id, "task_" + str(r.status), {**detail, "counts": r.counts}, now))
+            changed_tasks.add(r.task_id)
+        await conn.executemany(
+            """INSERT INTO receipts (event_id, task_id, case_id, system, attempt, status, body)
+               VALUES ($1,$2,$3,$4,$5,$6,$7::jsonb) ON CONFLICT DO NOTHING""",
+            receipt_rows,
+        )
+        await conn.executemany(
+            """UPDATE tasks SET status=$2, attempt=$3, dispatched_at=$4, completed_at=$5, result=$6::jsonb,
+                   error=$7, updated_at=now() WHERE task_id=$1""",
+            [(t["task_id"], t["status"], t["attempt"], t["dispatched_at"], t["completed_at"], t["result"], t["error"])
+             for tid, t in tasks.items() if tid in changed_tasks],
+        )
+        touched = {tasks[tid]["case_id"] for tid in changed_tasks}
+        await self._close_finished(conn, [cases[c] for c in sorted(touched)], tasks, batch, now)
+
+    async def _identifiers_for(self, conn: asyncpg.Connection, system: str, ids: Mapping[str, str]) -> dict[str, str]:
+        types = await conn.fetchval("SELECT identifier_types FROM systems WHERE name = $1", system) or []
+        return {t: ids[t] for t in types if t in ids}
+
+    async def _close_finished(
+        self, conn: asyncpg.Connection, cases: Iterable[dict[str, Any]], tasks: Mapping[uuid.UUID, dict[str, Any]],
+        batch: _Batch, now: datetime,
+    ) -> None:
+        updates = []
+        for case in cases:
+            if CaseStatus(case["status"]) != CaseStatus.in_progress:
+                continue
+            own = [t for t in tasks.values() if t["case_id"] == case["case_id"]]
+            statuses = {t["system"]: t["status"] for t in own}
+            status = planner.outcome([TaskStatus(s) for s in statuses.values()])
+            if status is None:
+                batch.messages.append(_case_event(_case_view(case), statuses, now))
+                continue
+            results = {t["system"]: _loads(t["result"]) or {} for t in own}
+            outcome_doc = _outcome(status, own, results)
+            bundle: Artifact | None = None
+            if Right(case["right_name"]) in BUNDLED_RIGHTS and status != CaseStatus.failed:
+                parts = [(sys_, Artifact.model_validate(a)) for sys_, res in sorted(results.items())
+                         for a in res.get("artifacts", [])]
+                try:
+                    bundle = await asyncio.to_thread(
+                        build_bundle, self.exports, case_id=case["case_id"], request_id=case["request_id"],
+                        parts=parts, systems_without_data=sorted(s for s, st in statuses.items()
+                                                                 if st == TaskStatus.not_found),
+                    )
+                except Exception as exc:  # noqa: BLE001 - a bad artifact fails the case, not the coordinator
+                    status = CaseStatus.failed
+                    outcome_doc = {**_outcome(status, own, results), "bundle_error": f"{type(exc).__name__}: {exc}"}
+            case.update(status=str(status), completed_at=now, outcome=_j(outcome_doc),
+                        bundle=_j(bundle.model_dump(mode="json")) if bundle else None)
+            updates.append((case["case_id"], case["status"], now, case["outcome"], case["bundle"]))
+            detail: dict[str, Any] = {"status": str(status), "tasks": statuses}
+            if bundle:
+                detail["bundle_sha256"] = bundle.sha256
+            batch.timeline.append(Entry(case["case_id"], "completed" if status != CaseStatus.failed else "failed",
+                                        detail, now))
+            batch.messages.append(_case_event(_case_view(case), statuses, now))
+            log.info("case %s %s", case["case_id"], status)
+        await conn.executemany(
+            """UPDATE cases SET status=$2, completed_at=$3, outcome=$4::jsonb, bundle=$5::jsonb, updated_at=now()
+               WHERE case_id=$1""",
+            updates,
+        )
+
+
+def _loads(value: Any) -> Any:
+    return orjson.loads(value) if isinstance(value, str | bytes) else value
+
+
+def _case_view(case: Mapping[str, Any]) -> dict[str, Any]:
+    """A case row with its jsonb columns decoded."""
+    return {k: (_loads(v) if k in ("changes", "purposes", "bundle", "subject", "outcome") else v)
+            for k, v in case.items()}
+
+
+def _outcome(status: CaseStatus, tasks: Sequence[Mapping[str, Any]], results: Mapping[str, Any]) -> dict[str, Any]:
+    """What the case did, per system, and what the law made us keep. No personal data."""
+    retained = [
+        {"system": system, **item} for system, res in sorted(results.items()) for item in res.get("retained", [])
+    ]
+    return {
+        "status": str(status),
+        "systems": {
+            t["system"]: {"status": t["status"], "attempts": t["attempt"],
+                          "counts": results.get(t["system"], {}).get("counts", {}),
+                          **({"error": t["error"]} if t.get("error") else {})}
+            for t in sorted(tasks, key=lambda t: t["system"])
+        },
+        "retained": retained,
+    }

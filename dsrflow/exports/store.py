@@ -1,0 +1,250 @@
+"""The export store: where workers put exported records (the claim check).
+
+Exported records never travel through Kafka. A worker writes them here and its
+receipt carries only the key, size and sha256 (an :class:`~dsrflow.events.Artifact`).
+
+One interface, two implementations, in the manner of httpx's transports::
+
+    ExportStore           abstract: put, get, exists, path, delete
+    ├── LocalExportStore  files under a root directory, written atomically
+    └── MemoryExportStore a dict, for tests
+
+What can go wrong::
+
+    ExportError
+    ├── InvalidKey        the key is malformed or escapes the store's root
+    ├── ArtifactNotFound  no object under that key (also a KeyError)
+    └── BundleError       (dsrflow.exports.bundle) a part is missing or fails its checksum
+
+Keys are relative, ``/``-separated paths of plain segments. Both implementations
+check keys the same way, so a test against the memory store catches what the
+local store would refuse.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import threading
+import uuid
+from abc import ABC, abstractmethod
+from pathlib import Path
+from uuid import UUID
+
+from ..events import Artifact
+
+__all__ = [
+    "ArtifactNotFound",
+    "ExportError",
+    "ExportStore",
+    "InvalidKey",
+    "LocalExportStore",
+    "MemoryExportStore",
+    "bundle_key",
+    "export_key",
+    "validate_key",
+]
+
+_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
+_MAX_KEY = 1024  # Artifact.ref's limit
+
+
+class ExportError(Exception):
+    """Base of everything the export store and bundle builder raise."""
+
+
+class InvalidKey(ExportError, ValueError):
+    """The key is malformed or would escape the store's root."""
+
+
+class ArtifactNotFound(ExportError, KeyError):
+    """Nothing is stored under the key."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else "artifact not found"
+
+
+def validate_key(key: str) -> str:
+    """Return ``key`` if it is a safe relative key, else raise :class:`InvalidKey`.
+
+    Segments start with a letter or digit, so ``.``, ``..`` and hidden files are
+    impossible, and there is no leading ``/``.
+    """
+    if not isinstance(key, str) or not key or len(key) > _MAX_KEY:
+        raise InvalidKey("export key must be a non-empty string of at most 1024 characters")
+    if key.startswith("/"):
+        raise InvalidKey("export key must be relative")
+    for segment in key.split("/"):
+        if not _SEGMENT.match(segment) or ".." in segment:
+            raise InvalidKey(f"export key segment {segment!r} is not allowed")
+    return key
+
+
+def export_key(case_id: UUID | str, system: str, task_id: UUID | str, attempt: int, *, part: int = 1) -> str:
+    """The key of a worker's export: ``cases/<case_id>/<system>/<task_id>-<attempt>.json``.
+
+    A handler that exports more than one file gets ``-<part>`` appended for parts after the first.
+    The same task attempt always maps to the same key, so a redelivered task overwrites its own
+    export instead of leaving a second copy.
+    """
+    suffix = "" if part == 1 else f"-{part}"
+    return validate_key(f"cases/{case_id}/{system}/{task_id}-{attempt}{suffix}.json")
+
+
+def bundle_key(case_id: UUID | str) -> str:
+    """The key of an access case's bundle: ``bundles/<case_id>.zip``."""
+    return validate_key(f"bundles/{case_id}.zip")
+
+
+def _artifact(key: str, data: bytes, records: int, media_type: str) -> Artifact:
+    return Artifact(
+        ref=key,
+        sha256=hashlib.sha256(data).hexdigest(),
+        size=len(data),
+        records=records,
+        media_type=media_type,
+    )
+
+
+class ExportStore(ABC):
+    """Where exports and bundles are kept. Implementations must be safe to call from threads."""
+
+    def put(self, key: str, data: bytes, *, records: int, media_type: str = "application/json") -> Artifact:
+        """Store ``data`` under ``key`` (replacing what was there) and return its claim check."""
+        validate_key(key)
+        if records < 0:
+            raise ValueError("records must be >= 0")
+        data = bytes(data)
+        self._write(key, data)
+        return _artifact(key, data, records, media_type)
+
+    def get(self, key: str) -> bytes:
+        """The bytes stored under ``key``; raises :class:`ArtifactNotFound`."""
+        return self._read(validate_key(key))
+
+    def exists(self, key: str) -> bool:
+        return self._exists(validate_key(key))
+
+    def path(self, key: str) -> Path | None:
+        """The local file that holds ``key`` (whether or not it exists yet), or None when the
+        store keeps no local files."""
+        validate_key(key)
+        return None
+
+    def delete(self, key: str) -> bool:
+        """Remove ``key``; True if something was removed. Deleting a missing key is not an error."""
+        return self._delete(validate_key(key))
+
+    @abstractmethod
+    def _write(self, key: str, data: bytes) -> None: ...
+
+    @abstractmethod
+    def _read(self, key: str) -> bytes: ...
+
+    @abstractmethod
+    def _exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def _delete(self, key: str) -> bool: ...
+
+
+class LocalExportStore(ExportStore):
+    """Files under ``root``. Writes are atomic (temporary file, fsync, rename), so a reader never
+    sees half an export. Files are private to the owner: exports hold personal data."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root).resolve()
+
+    def __repr__(self) -> str:
+        return f"LocalExportStore({str(self.root)!r})"
+
+    def path(self, key: str) -> Path:
+        validate_key(key)
+        target = (self.root / key).resolve()
+        # validate_key already rules out '..'; this also catches symlinks pointing outside.
+        if not target.is_relative_to(self.root):
+            raise InvalidKey("export key escapes the store's root")
+        return target
+
+    def _write(self, key: str, data: bytes) -> None:
+        target = self.path(key)
+        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = target.parent / f".{target.name}.{uuid.uuid4().hex}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(target.parent)
+
+    def _read(self, key: str) -> bytes:
+        try:
+            return self.path(key).read_bytes()
+        except (FileNotFoundError, IsADirectoryError):
+            raise ArtifactNotFound(f"no export under {key!r}") from None
+
+    def _exists(self, key: str) -> bool:
+        return self.path(key).is_file()
+
+    def _delete(self, key: str) -> bool:
+        target = self.path(key)
+        try:
+            target.unlink()
+        except FileNotFoundError:
+            return False
+        _fsync_dir(target.parent)
+        return True
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # some platforms cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class MemoryExportStore(ExportStore):
+    """A dict behind a lock. For tests, and for users' tests of their own workers."""
+
+    def __init__(self) -> None:
+        self._objects: dict[str, bytes] = {}
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"MemoryExportStore({len(self._objects)} objects)"
+
+    def keys(self) -> list[str]:
+        """Every stored key, sorted (test helper)."""
+        with self._lock:
+            return sorted(self._objects)
+
+    def _write(self, key: str, data: bytes) -> None:
+        with self._lock:
+            self._objects[key] = data
+
+    def _read(self, key: str) -> bytes:
+        with self._lock:
+            try:
+                return self._objects[key]
+            except KeyError:
+                raise ArtifactNotFound(f"no export under {key!r}") from None
+
+    def _exists(self, key: str) -> bool:
+        with self._lock:
+            return key in self._objects
+
+    def _delete(self, key: str) -> bool:
+        with self._lock:
+            return self._objects.pop(key, None) is not None

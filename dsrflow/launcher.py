@@ -1,0 +1,126 @@
+"""Run dsrflow's services (coordinator, workers, API) as child processes.
+
+Used by the demo, the end-to-end tests and the benchmark: each service is a real
+``dsrflow`` process in its own process group, with its log in a file, stopped with
+SIGTERM (SIGKILL after a grace period) so nothing is left running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import asyncpg
+
+from .settings import Settings
+
+
+def service_env(settings: Settings, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment that points a child process at the same broker, database and export store."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DSRFLOW_")}
+    env.update(
+        DSRFLOW_KAFKA_BOOTSTRAP=settings.bootstrap,
+        DSRFLOW_PG_DSN=settings.dsn,
+        DSRFLOW_STATE_DIR=str(settings.state_dir.resolve()),
+        DSRFLOW_EXPORT_DIR=str(settings.exports.resolve()),
+        DSRFLOW_LOG_LEVEL=settings.log_level,
+        DSRFLOW_MAX_TASK_ATTEMPTS=str(settings.max_task_attempts),
+        PYTHONUNBUFFERED="1",
+    )
+    if settings.api_token is not None:
+        env["DSRFLOW_API_TOKEN"] = settings.api_token.get_secret_value()
+    env.update(extra or {})
+    return env
+
+
+@dataclass
+class Services:
+    """A set of running service processes."""
+
+    log_dir: Path
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def start(self, name: str, args: Sequence[str], env: Mapping[str, str], cwd: Path | None = None) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
+        self.procs[name] = subprocess.Popen(
+            [sys.executable, "-m", "dsrflow.cli", *args],
+            env=dict(env),
+            cwd=cwd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+
+    def check_alive(self) -> None:
+        """Raise if a service exited (with the tail of its log)."""
+        for name, p in self.procs.items():
+            if p.poll() is not None:
+                raise RuntimeError(f"service {name} exited with {p.returncode}:\n{self.log_tail(name)}")
+
+    def log_tail(self, name: str, lines: int = 30) -> str:
+        path = self.log_dir / f"{name}.log"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+
+    def stop(self, timeout: float = 15.0) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for p in self.procs.values():
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+                p.wait(5)
+        # children of a service (none expected) go with its group
+        for p in self.procs.values():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(p.pid, signal.SIGKILL)
+        self.procs.clear()
+
+
+@contextlib.contextmanager
+def running(settings: Settings, workers: Sequence[str], *, log_dir: Path, cwd: Path | None = None,
+            coordinator: bool = True, extra_env: Mapping[str, str] | None = None) -> Iterator[Services]:
+    """Start the coordinator and the named workers; stop them all on exit."""
+    env = service_env(settings, extra_env)
+    services = Services(log_dir)
+    try:
+        if coordinator:
+            services.start("coordinator", ["coordinator"], env, cwd)
+        for w in workers:
+            services.start(f"worker-{w}", ["worker", w], env, cwd)
+        yield services
+    finally:
+        services.stop()
+
+
+async def wait_registered(dsn: str, systems: Sequence[str], services: Services | None = None,
+                          timeout: float = 60.0) -> None:
+    """Wait until every named system's worker has registered in the case store."""
+    deadline = time.monotonic() + timeout
+    conn = await asyncpg.connect(dsn)
+    try:
+        while True:
+            have = {r["name"] for r in await conn.fetch("SELECT name FROM systems WHERE active")}
+            if set(systems) <= have:
+                return
+            if services is not None:
+                services.check_alive()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"workers not registered after {timeout}s: {sorted(set(systems) - have)}")
+            await asyncio.sleep(0.2)
+    finally:
+        await conn.close()

