@@ -151,7 +151,7 @@ async def submit(settings: Settings, requests: Sequence[Any]) -> list[str]:
 
     from . import codec
 
-    producer = AIOKafkaProducer(**settings.kafka_client_options(), acks="all", enable_idempotence=True)
+    producer = AIOKafkaProducer(**settings.producer_options())
     await producer.start()
     ids = []
     try:

@@ -35,6 +35,7 @@ def service_env(settings: Settings, extra: Mapping[str, str] | None = None) -> d
         DSRFLOW_MAX_TASK_ATTEMPTS=str(settings.max_task_attempts),
         PYTHONUNBUFFERED="1",
     )
+    env["DSRFLOW_KAFKA_IDEMPOTENT_PRODUCER"] = str(settings.producer_options()["enable_idempotence"]).lower()
     if settings.api_token is not None:
         env["DSRFLOW_API_TOKEN"] = settings.api_token.get_secret_value()
     env.update(extra or {})

@@ -32,6 +32,10 @@ class Settings(BaseSettings):
     kafka_sasl_username: str | None = None
     kafka_sasl_password: SecretStr | None = None
     kafka_ssl_cafile: Path | None = None
+    kafka_idempotent_producer: bool | None = Field(
+        default=None,
+        description="default true; false only for brokers without InitProducerId (the embedded Tansu broker)",
+    )
     pg_dsn: SecretStr | None = Field(default=None, description="postgresql://user:pass@host:port/db")
     export_dir: Path | None = Field(default=None, description="export store root; default <state_dir>/exports")
     topic_replication_factor: int = Field(default=1, ge=1, description="for topics dsrflow creates; 3 in production")
@@ -74,6 +78,13 @@ class Settings(BaseSettings):
     @property
     def exports(self) -> Path:
         return self.export_dir or (self.state_dir / "exports")
+
+    def producer_options(self) -> dict[str, Any]:
+        """Options for every dsrflow producer: acks=all and, where the broker supports it, idempotence."""
+        idempotent = self.kafka_idempotent_producer
+        if idempotent is None:
+            idempotent = True if self.kafka_bootstrap else bool(self._stack().get("idempotent_producer", True))
+        return {**self.kafka_client_options(), "acks": "all", "enable_idempotence": idempotent}
 
     def kafka_client_options(self) -> dict[str, Any]:
         """Connection options for aiokafka clients (producer, consumer, admin)."""

@@ -15,7 +15,6 @@ from fastapi import Depends, FastAPI, HTTPException
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import SecretStr
 
-from .. import __version__
 from ..settings import Settings
 from . import _problems, _routes
 
@@ -25,6 +24,9 @@ Read-only access to dsrflow's data-subject-rights cases for the DPO and their to
 Every `/v1` route needs `Authorization: Bearer <DSRFLOW_API_TOKEN>`. Case details contain the
 subject's identifiers (personal data). Errors are `application/problem+json` (RFC 9457).
 """
+
+#: The API's own version (the document's info.version), independent of the package's.
+API_VERSION = "1.0.0"
 
 #: The token used only to build the OpenAPI document offline; never accepted by a served app.
 _DOCUMENT_ONLY_TOKEN = "openapi-document-only"
@@ -52,21 +54,22 @@ def _problem_media_types(doc: dict[str, Any]) -> dict[str, Any]:
     return doc
 
 
-def _token_dependency(token: SecretStr) -> Any:
-    expected = token.get_secret_value().encode()
-    bearer = HTTPBearer(auto_error=False, description="DSRFLOW_API_TOKEN")
+_bearer = HTTPBearer(auto_error=False, description="DSRFLOW_API_TOKEN")
 
-    async def require_token(
-        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-    ) -> None:
+
+class _RequireToken:
+    """Dependency: the request carries the configured bearer token (compared in constant time)."""
+
+    def __init__(self, token: SecretStr) -> None:
+        self._expected = token.get_secret_value().encode()
+
+    async def __call__(self, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
         if credentials is None:
             raise HTTPException(401, "a bearer token is required", headers={"WWW-Authenticate": "Bearer"})
-        if not secrets.compare_digest(credentials.credentials.encode(), expected):
+        if not secrets.compare_digest(credentials.credentials.encode(), self._expected):
             raise HTTPException(
                 401, "the bearer token is not valid", headers={"WWW-Authenticate": 'Bearer error="invalid_token"'}
             )
-
-    return Depends(require_token)
 
 
 def _build(settings: Settings, token: SecretStr) -> FastAPI:
@@ -83,18 +86,20 @@ def _build(settings: Settings, token: SecretStr) -> FastAPI:
 
     app = _App(
         title="dsrflow API",
-        version=__version__,
+        version=API_VERSION,
         description=DESCRIPTION,
         lifespan=lifespan,
         openapi_url="/openapi.json",
         # Swagger UI and ReDoc load scripts from a CDN; the document is enough for tooling.
         docs_url=None,
         redoc_url=None,
+        # operationIds are the route functions' names: stable, and what client generators show.
+        generate_unique_id_function=lambda route: route.name,
     )
     app.state.pool = None
     _problems.install(app)
     app.include_router(_routes.health)
-    app.include_router(_routes.cases, dependencies=[_token_dependency(token)])
+    app.include_router(_routes.cases, dependencies=[Depends(_RequireToken(token))])
     return app
 
 

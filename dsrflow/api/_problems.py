@@ -19,6 +19,30 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 MEDIA_TYPE = "application/problem+json"
 
 
+# Fixed here rather than taken from http.HTTPStatus, whose phrases change between Python
+# versions (422 became "Unprocessable Content" in 3.13) and would change the document.
+_TITLES = {
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    422: "Unprocessable Content",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+
+
+def title(status: int) -> str:
+    """The problem title for an HTTP status: its RFC 9110 reason phrase."""
+    if status in _TITLES:
+        return _TITLES[status]
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
 class Problem(BaseModel):
     """Problem details for an HTTP API (RFC 9457)."""
 
@@ -55,16 +79,12 @@ def problem_response(
     headers: Mapping[str, str] | None = None,
     errors: Sequence[FieldError] | None = None,
 ) -> ProblemResponse:
-    try:
-        title = HTTPStatus(status).phrase
-    except ValueError:
-        title = "Error"
     body: Problem
     if errors is not None:
-        body = ValidationProblem(title=title, status=status, detail=detail, instance=request.url.path,
+        body = ValidationProblem(title=title(status), status=status, detail=detail, instance=request.url.path,
                                  errors=list(errors))
     else:
-        body = Problem(title=title, status=status, detail=detail, instance=request.url.path)
+        body = Problem(title=title(status), status=status, detail=detail, instance=request.url.path)
     return ProblemResponse(body.model_dump(mode="json"), status_code=status, headers=dict(headers or {}))
 
 
@@ -109,5 +129,5 @@ def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     out: dict[int | str, dict[str, Any]] = {}
     for status in statuses:
         model = ValidationProblem if status == 422 else Problem
-        out[status] = {"model": model, "description": HTTPStatus(status).phrase}
+        out[status] = {"model": model, "description": title(status)}
     return out

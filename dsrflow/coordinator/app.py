@@ -52,6 +52,7 @@ def _records(events: Sequence[Any]) -> list[Record]:
 
 def create_app(settings: Settings) -> faust.App:
     """Build the coordinator app for these settings."""
+    (settings.state_dir / "faust").mkdir(parents=True, exist_ok=True)
     brokers = ";".join(f"kafka://{b.strip()}" for b in settings.bootstrap.split(","))
     app = faust.App(
         "dsrflow-coordinator",
@@ -66,6 +67,9 @@ def create_app(settings: Settings) -> faust.App:
         datadir=str(settings.state_dir / "faust"),
         producer_acks=-1,
         broker_commit_interval=0.5,
+        # A restarted coordinator rejoins quickly; the default (60 s) stalls intake that long.
+        broker_session_timeout=10.0,
+        broker_heartbeat_interval=3.0,
     )
     state: dict[str, Any] = {}
     ready = asyncio.Event()
@@ -99,7 +103,6 @@ def create_app(settings: Settings) -> faust.App:
         log.info("coordinator ready")
         await OutboxRelay(settings).run()
 
-    app.state = state  # type: ignore[attr-defined]
     return app
 
 

@@ -34,9 +34,7 @@ class OutboxRelay:
     async def run(self, stop: asyncio.Event | None = None) -> None:
         stop = stop or asyncio.Event()
         producer = AIOKafkaProducer(
-            **self.settings.kafka_client_options(),
-            acks="all",
-            enable_idempotence=True,
+            **self.settings.producer_options(),
             linger_ms=2,
             client_id="dsrflow-relay",
         )

@@ -47,8 +47,9 @@ def _extension(artifact: Artifact) -> str:
 
 
 def _file_names(parts: Sequence[tuple[str, Artifact]]) -> list[tuple[str, str, Artifact]]:
-    """(name in zip, system, artifact), in a fixed order whatever order ``parts`` came in."""
-    ordered = sorted(parts, key=lambda p: (p[0], p[1].ref))
+    """(name in zip, system, artifact), ordered by system; a system's own parts keep their order
+    (the order of its receipt's artifacts)."""
+    ordered = sorted(parts, key=lambda p: p[0])
     per_system: dict[str, int] = {}
     for system, _ in ordered:
         per_system[system] = per_system.get(system, 0) + 1

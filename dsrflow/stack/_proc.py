@@ -10,6 +10,7 @@ import ctypes
 import os
 import signal
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -93,19 +94,33 @@ def kafka_ready_sync(bootstrap: str, timeout: float = 5.0) -> bool:
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    with contextlib.suppress(Exception):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+def preexec_for(die_with_parent: bool, sig: int = signal.SIGTERM) -> Callable[[], None] | None:
+    """``preexec_fn`` that makes a child get ``sig`` when this process dies (Linux
+    PDEATHSIG), so a test run killed hard leaves no broker behind. PDEATHSIG fires when
+    the *thread* that forked the child exits, so only the main thread asks for it."""
+    if not (die_with_parent and os.name == "posix" and os.uname().sysname == "Linux"):
+        return None
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def _die_with_parent() -> None:  # runs in the child between fork and exec
+        with contextlib.suppress(Exception):
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(sig))
+
+    return _die_with_parent
 
 
-def preexec_for(die_with_parent: bool) -> Callable[[], None] | None:
-    """``preexec_fn`` that makes a child die with this process (Linux). PDEATHSIG fires
-    when the *thread* that forked the child exits, so only the main thread asks for it."""
-    if die_with_parent and os.name == "posix" and os.uname().sysname == "Linux":
-        if threading.current_thread() is threading.main_thread():
-            return _die_with_parent
-    return None
+class DetachedPopen(subprocess.Popen):  # type: ignore[type-arg]
+    """A daemon deliberately left running when its Popen object goes away (no
+    "subprocess is still running" ResourceWarning; ``alive()`` reaps it if it exits
+    while we still run)."""
+
+    def __del__(self) -> None:
+        pass
+
+
+def popen_class(detached: bool) -> type[subprocess.Popen]:  # type: ignore[type-arg]
+    return DetachedPopen if detached else subprocess.Popen
 
 
 def _reap(pid: int) -> None:
@@ -148,52 +163,68 @@ def alive(pid: int | None, started: float | None = None) -> bool:
         return False
 
 
-def group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) pids in process group ``pgid``."""
+def family(pid: int) -> set[int]:
+    """``pid``, its live descendants and the live members of its process group.
+    (PostgreSQL's backends call setsid(): they are descendants, not group members.)"""
+    out = {pid} if alive(pid) else set()
     if psutil is None:  # pragma: no cover
-        return [pgid] if alive(pgid) else []
-    out = []
+        return out
+    with contextlib.suppress(psutil.Error):
+        out.update(c.pid for c in psutil.Process(pid).children(recursive=True))
     for proc in psutil.process_iter(["pid", "status"]):
         try:
             if proc.info["status"] == psutil.STATUS_ZOMBIE:
                 _reap(proc.info["pid"])
                 continue
-            if os.getpgid(proc.info["pid"]) == pgid:
-                out.append(proc.info["pid"])
+            if os.getpgid(proc.info["pid"]) == pid:
+                out.add(proc.info["pid"])
         except (ProcessLookupError, PermissionError, psutil.Error):
             continue
-    return out
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
+    return {p for p in out if alive(p)}
 
 
 def stop_group(
     pgid: int,
     signals: Sequence[tuple[int, float]] = ((signal.SIGTERM, 10.0),),
     started: float | None = None,
+    leader_only: bool = False,
 ) -> None:
-    """Stop the process group led by ``pgid`` (a child started with
-    ``start_new_session=True``): send each signal in turn and wait up to its grace
-    period for the whole group to be gone, then SIGKILL whatever is left."""
+    """Stop ``pgid`` (a child started with ``start_new_session=True``), its process
+    group and its descendants: send each signal in turn (to the whole group, or to the
+    leader only) and wait up to its grace period for all of them to be gone, then
+    SIGKILL whatever is left."""
     if started is not None and not alive(pgid, started) and alive(pgid):
         return  # the pid now belongs to another process: not ours to stop
+    members = family(pgid)
     for sig, grace in signals:
-        _signal_group(pgid, sig)
-        if _wait_group_gone(pgid, grace):
+        if leader_only:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pgid, sig)
+        else:
+            _signal(pgid, sig, group=True)
+        if _wait_gone(members, grace):
             return
-    _signal_group(pgid, signal.SIGKILL)
-    if not _wait_group_gone(pgid, 10.0):
-        raise RuntimeError(f"process group {pgid} survived SIGKILL: {group_members(pgid)}")
+        members |= family(pgid)
+    for pid in sorted(members):
+        _signal(pid, signal.SIGKILL, group=False)
+    _signal(pgid, signal.SIGKILL, group=True)
+    if not _wait_gone(members | family(pgid), 10.0):
+        raise RuntimeError(f"processes of group {pgid} survived SIGKILL: {sorted(members)}")
 
 
-def _wait_group_gone(pgid: int, timeout: float) -> bool:
+def _signal(pid: int, sig: int, *, group: bool) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if group:
+            os.killpg(pid, sig)
+        else:
+            os.kill(pid, sig)
+
+
+def _wait_gone(pids: set[int], timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while True:
-        _reap(pgid)
-        if not alive(pgid) and not group_members(pgid):
+        pids = {p for p in pids if alive(p)}
+        if not pids:
             return True
         if time.monotonic() >= deadline:
             return False

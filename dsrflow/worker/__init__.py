@@ -1,0 +1,50 @@
+"""The worker SDK: run a dsrflow worker next to a system that holds personal data.
+
+A worker declares its system (name, identifier types, data categories, actions,
+retention rules), supplies one handler per action, and runs::
+
+    from dsrflow.registry import SystemDeclaration
+    from dsrflow.rights import Action
+    from dsrflow.worker import Result, TaskContext, Worker
+
+    crm = Worker(SystemDeclaration(name="crm", identifier_types=("email",), actions=(Action.export,)))
+
+    @crm.handler(Action.export)
+    async def export(ctx: TaskContext) -> Result:
+        rows = await find(ctx.identifiers)
+        if not rows:
+            return Result.not_found()
+        artifact = await ctx.export(rows, records=len(rows))
+        return Result.succeeded(counts={"located": len(rows)}, artifacts=[artifact])
+
+    await crm.run(settings)          # or: python -m dsrflow.worker mymodule:crm
+
+Test handlers without Kafka with :func:`dsrflow.testing.worker.run_task`.
+"""
+
+from ._context import TaskContext
+from ._result import Result, RetryableError, TaskError
+from ._worker import DEFAULT_RETRY_ON, Handler, Hook, Worker
+
+__all__ = [
+    "DEFAULT_RETRY_ON",
+    "Handler",
+    "Hook",
+    "Result",
+    "RetryableError",
+    "TaskContext",
+    "TaskError",
+    "Worker",
+    "load_worker",
+]
+
+
+def load_worker(spec: str) -> Worker:
+    """Import ``"package.module:attribute"`` (attribute defaults to ``worker``) and return the Worker."""
+    import importlib
+
+    module_name, _, attr = spec.partition(":")
+    obj = getattr(importlib.import_module(module_name), attr or "worker")
+    if not isinstance(obj, Worker):
+        raise TypeError(f"{spec} is a {type(obj).__name__}, not a dsrflow Worker")
+    return obj

@@ -1,0 +1,280 @@
+"""The worker: a system's declaration, its handlers and hooks, and how one task becomes a receipt."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import traceback
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, TypeVar
+
+import asyncpg
+
+from ..events import TaskAssigned, TaskReceipt
+from ..exports.store import ExportStore
+from ..registry import SystemDeclaration
+from ..rights import Action
+from ._context import TaskContext
+from ._result import Result, TaskError
+
+if TYPE_CHECKING:
+    from ..settings import Settings
+
+log = logging.getLogger("dsrflow.worker")
+
+Handler = Callable[[TaskContext], Awaitable[Result]]
+Hook = Callable[["Settings"], Awaitable[None]]
+H = TypeVar("H", bound=Handler)
+K = TypeVar("K", bound=Hook)
+
+#: Exceptions that mean "try again later" even when the handler did not say so.
+DEFAULT_RETRY_ON: tuple[type[BaseException], ...] = (
+    ConnectionError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.InterfaceError,  # includes a connection lost mid-query
+    asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.exceptions.SerializationError,
+    asyncpg.exceptions.DeadlockDetectedError,
+    asyncpg.exceptions.LockNotAvailableError,
+)
+
+_ERROR_MAX = 2000  # TaskReceipt.error's limit
+REDACTED = "[redacted]"
+
+
+def _redact(text: str, task: TaskAssigned) -> str:
+    """Belt and braces: a handler's message should hold no personal data, but never let the
+    task's own identifiers through even if it does."""
+    for value in task.identifiers.values():
+        variants = {value}
+        digits = re.sub(r"\D", "", value)
+        if len(digits) >= 8:  # a phone number may be echoed without its '+'
+            variants.add(digits)
+        for v in sorted(variants, key=len, reverse=True):
+            text = re.sub(re.escape(v), REDACTED, text, flags=re.IGNORECASE)
+    return text
+
+
+def _where(exc: BaseException) -> str:
+    """Where an exception was raised (module:function:line): enough to find the bug, no data."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return "unknown location"
+    f = frames[-1]
+    module = f.filename.rsplit("/", 1)[-1]
+    return f"{module}:{f.name}:{f.lineno}"
+
+
+class Worker:
+    """A dsrflow worker for one system.
+
+    ::
+
+        crm = Worker(SystemDeclaration(name="crm", identifier_types=("email",), actions=(Action.export,)))
+
+        @crm.handler(Action.export)
+        async def export(ctx: TaskContext) -> Result: ...
+
+        await crm.run(settings)
+
+    ``concurrency`` bounds the handlers running at once, ``max_batch`` the records taken from Kafka
+    per batch, ``task_timeout`` one handler call (a timeout is reported as retryable).
+    ``retry_on`` lists exceptions that are transient even when the handler raises them unwrapped.
+    """
+
+    def __init__(
+        self,
+        system: SystemDeclaration,
+        *,
+        concurrency: int = 16,
+        max_batch: int = 200,
+        task_timeout: timedelta = timedelta(minutes=2),
+        retry_on: tuple[type[BaseException], ...] = DEFAULT_RETRY_ON,
+    ) -> None:
+        if concurrency < 1 or max_batch < 1:
+            raise ValueError("concurrency and max_batch must be >= 1")
+        self.system = system
+        self.concurrency = concurrency
+        self.max_batch = max_batch
+        self.task_timeout = task_timeout
+        self.retry_on = retry_on
+        self._handlers: dict[Action, Handler] = {}
+        self._startup: list[Hook] = []
+        self._shutdown: list[Hook] = []
+        self._started = 0
+
+    def __repr__(self) -> str:
+        return f"Worker({self.name!r})"
+
+    @property
+    def name(self) -> str:
+        return self.system.name
+
+    @property
+    def started(self) -> bool:
+        """True inside :meth:`lifespan` (startup hooks have run)."""
+        return self._started > 0
+
+    # -- registration ------------------------------------------------------
+    def handler(self, action: Action) -> Callable[[H], H]:
+        """Register the handler of a declared action."""
+        action = Action(action)
+        if not self.system.supports(action):
+            raise ValueError(f"system {self.name!r} does not declare action {action!s}")
+        if action in self._handlers:
+            raise ValueError(f"system {self.name!r} already has a handler for {action!s}")
+
+        def register(fn: H) -> H:
+            self._handlers[action] = fn
+            return fn
+
+        return register
+
+    def on_startup(self, fn: K) -> K:
+        """Run ``await fn(settings)`` before consuming (open a pool, check the schema...)."""
+        self._startup.append(fn)
+        return fn
+
+    def on_shutdown(self, fn: K) -> K:
+        """Run ``await fn(settings)`` after consuming stops; shutdown hooks run in reverse order."""
+        self._shutdown.append(fn)
+        return fn
+
+    def check(self) -> None:
+        """Raise if a declared action has no handler: better at start than as refusals later."""
+        missing = [str(a) for a in self.system.actions if a not in self._handlers]
+        if missing:
+            raise RuntimeError(f"system {self.name!r} declares {', '.join(missing)} without a handler")
+
+    @asynccontextmanager
+    async def lifespan(self, settings: Settings) -> AsyncIterator[Worker]:
+        """Run the startup hooks, then the shutdown hooks on exit. Nested use runs them once."""
+        self.check()
+        if self._started:
+            self._started += 1
+            try:
+                yield self
+            finally:
+                self._started -= 1
+            return
+        for hook in self._startup:
+            await hook(settings)
+        self._started = 1
+        try:
+            yield self
+        finally:
+            self._started = 0
+            for hook in reversed(self._shutdown):
+                try:
+                    await hook(settings)
+                except Exception as exc:  # noqa: BLE001 - one failing hook must not skip the others
+                    log.error("system %s: shutdown hook %s failed: %s", self.name, hook.__name__, type(exc).__name__)
+
+    # -- one task ------------------------------------------------------------
+    async def _call(self, task: TaskAssigned, store: ExportStore) -> Result:
+        action = task.action
+        if not self.system.supports(action) or action not in self._handlers:
+            return Result.refused(f"system {self.name!r} does not support action {action!s}")
+        ctx = TaskContext(
+            task=task,
+            system=self.system,
+            store=store,
+            log=logging.LoggerAdapter(
+                log, {"task_id": str(task.task_id), "case_id": str(task.case_id), "system": self.name}
+            ),
+        )
+        if not ctx.identifiers:
+            return Result.refused(f"task carries no identifier type that system {self.name!r} searches by")
+        handler = self._handlers[action]
+        timeout = self.task_timeout.total_seconds()
+        deadline = asyncio.timeout(timeout)
+        try:
+            async with deadline:
+                result = await handler(ctx)
+        except TimeoutError as exc:
+            if deadline.expired():
+                return Result.failed(f"{action!s} handler timed out after {timeout:g}s", retryable=True)
+            return self._from_exception(exc, task)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a receipt
+            return self._from_exception(exc, task)
+        if not isinstance(result, Result):
+            return Result.failed(f"{action!s} handler returned {type(result).__name__}, not Result")
+        return result
+
+    def _from_exception(self, exc: Exception, task: TaskAssigned) -> Result:
+        name = type(exc).__name__
+        if isinstance(exc, TaskError):
+            return Result.failed(f"{name}: {_redact(str(exc), task)}", retryable=exc.retryable)
+        where = _where(exc)
+        # Only the class and location: the message of an unexpected error may hold personal data.
+        log.error(
+            "system %s task %s: %s handler raised %s at %s", self.name, task.task_id, task.action, name, where
+        )
+        return Result.failed(f"{name} at {where}", retryable=isinstance(exc, self.retry_on))
+
+    async def handle(self, task: TaskAssigned, *, store: ExportStore) -> TaskReceipt:
+        """Run one task through its handler and build the receipt. Never raises for a handler's
+        failure (cancellation excepted): every outcome is a receipt."""
+        if task.system != self.name:
+            raise ValueError(f"task for system {task.system!r} given to worker {self.name!r}")
+        t0 = time.perf_counter()
+        result = await self._call(task, store)
+        try:
+            receipt = _receipt(task, result)
+        except Exception as exc:  # noqa: BLE001 - e.g. an invalid category list from the handler
+            receipt = _receipt(task, Result.failed(f"invalid result: {type(exc).__name__}"))
+        log.info(
+            "system %s task %s case %s action %s attempt %d: %s%s in %.0f ms",
+            self.name,
+            task.task_id,
+            task.case_id,
+            task.action,
+            task.attempt,
+            receipt.status,
+            " (retryable)" if receipt.retryable else "",
+            (time.perf_counter() - t0) * 1000,
+        )
+        return receipt
+
+    # -- Kafka ---------------------------------------------------------------
+    async def run(
+        self,
+        settings: Settings,
+        *,
+        stop: asyncio.Event | None = None,
+        store: ExportStore | None = None,
+    ) -> None:
+        """Register the system, ensure its task topic, run the startup hooks, and consume tasks
+        until ``stop`` is set (or SIGTERM/SIGINT when no ``stop`` is given).
+
+        At-least-once: a batch's receipts are delivered before its offsets are committed.
+        The export store defaults to ``LocalExportStore(settings.exports)``.
+        """
+        from ._runner import run_worker
+
+        await run_worker(self, settings, stop=stop, store=store)
+
+
+def _receipt(task: TaskAssigned, result: Result) -> TaskReceipt:
+    error = _redact(result.reason, task)[:_ERROR_MAX] if result.reason else None
+    return TaskReceipt(
+        task_id=task.task_id,
+        case_id=task.case_id,
+        system=task.system,
+        attempt=task.attempt,
+        status=result.status,
+        retryable=result.retryable,
+        counts=dict(result.counts),
+        categories=list(result.categories),
+        retained=list(result.retained_items),
+        artifacts=list(result.artifacts),
+        error=error,
+        completed_at=datetime.now(UTC),
+    )

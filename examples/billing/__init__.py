@@ -1,0 +1,1 @@
+"""Reference system "billing": customers, invoices and payments, with a legal retention rule."""

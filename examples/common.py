@@ -1,0 +1,72 @@
+"""Helpers both reference systems share: their own database next to the case store."""
+
+from __future__ import annotations
+
+import os
+import re
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+
+from dsrflow.settings import Settings
+
+_DB_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+def system_dsn(system: str, settings: Settings) -> str:
+    """``DSRFLOW_<SYSTEM>_DSN`` if set, else a database named after the system on the case
+    store's server. A real system would bring its own configuration; this keeps the demo to one
+    PostgreSQL server."""
+    return os.environ.get(f"DSRFLOW_{system.upper()}_DSN") or settings.database_dsn(system)
+
+
+async def ensure_database(dsn: str) -> None:
+    """Create the database ``dsn`` names if it does not exist (via the server's ``postgres``
+    database). Safe when several processes race to create it."""
+    try:
+        conn = await asyncpg.connect(dsn)
+    except asyncpg.InvalidCatalogNameError:
+        pass
+    else:
+        await conn.close()
+        return
+    parts = urlsplit(dsn)
+    name = parts.path.lstrip("/")
+    if not _DB_NAME.match(name):
+        raise ValueError(f"refusing to create a database named {name!r}")
+    admin = await asyncpg.connect(urlunsplit(parts._replace(path="/postgres")))
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    except asyncpg.DuplicateDatabaseError:
+        pass
+    finally:
+        await admin.close()
+
+
+def rowcount(status: str) -> int:
+    """The row count of an asyncpg command status such as ``"DELETE 3"`` or ``"UPDATE 1"``."""
+    tail = status.rsplit(" ", 1)[-1]
+    return int(tail) if tail.isdigit() else 0
+
+
+class Database:
+    """The connection pool a worker opens at startup and its handlers use."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._pool: asyncpg.Pool | None = None
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise RuntimeError(f"the {self.name} database is not open: run the worker's startup hooks")
+        return self._pool
+
+    async def open(self, dsn: str, *, max_size: int = 10) -> None:
+        if self._pool is None:
+            self._pool = await asyncpg.create_pool(dsn, min_size=1, max_size=max_size)
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            await pool.close()

@@ -1,0 +1,1 @@
+"""Reference system "crm": contacts, their addresses and staff notes."""

@@ -1,0 +1,102 @@
+"""CloudEvents binary-mode codec: round trip, the headers any client must send, errors without values."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from dsrflow import codec
+from dsrflow.events import DeadLetter, RightsRequested, TaskReceipt
+
+
+def _request(**kw: object) -> RightsRequested:
+    base: dict[str, object] = {
+        "request_id": "req-1",
+        "right": "access",
+        "subject": {"identifiers": {"email": "Lan.Nguyen@Example.VN", "phone": "+84 90 123 4567"}},
+    }
+    base.update(kw)
+    return RightsRequested.model_validate(base)
+
+
+def test_round_trip_keeps_data_and_context() -> None:
+    req = _request()
+    value, headers = codec.encode(req, source="tests", subject="req-1")
+    names = [k for k, _ in headers]
+    for required in ("ce_specversion", "ce_id", "ce_source", "ce_type", "ce_time", "content-type", "traceparent"):
+        assert required in names
+    env = codec.decode(value, headers, RightsRequested)
+    assert env.data == req
+    assert env.source == "tests"
+    assert env.subject == "req-1"
+    assert env.type == "dsrflow.rights.requested.v1"
+
+
+def test_identifiers_are_normalised() -> None:
+    req = _request()
+    assert req.subject.identifiers["email"] == "lan.nguyen@example.vn"
+    assert req.subject.identifiers["phone"] == "+84901234567"
+
+
+def test_foreign_client_with_plain_headers_is_accepted() -> None:
+    # What kcat -H ce_specversion=1.0 -H ce_id=... would send: no ce_time, no traceparent.
+    value = b'{"request_id":"kcat-1","right":"erasure","subject":{"identifiers":{"email":"a@b.vn"}}}'
+    headers = [("ce_specversion", b"1.0"), ("ce_id", b"x-1"), ("ce_source", b"kcat"),
+               ("ce_type", b"dsrflow.rights.requested.v1"), ("content-type", b"application/json")]
+    env = codec.decode(value, headers, RightsRequested)
+    assert env.data.request_id == "kcat-1"
+    assert env.data.jurisdiction == "VN"
+
+
+@pytest.mark.parametrize(
+    ("value", "headers", "kind"),
+    [
+        (b"{}", [("ce_id", b"1")], "missing_header"),
+        (b"not json", None, "bad_json"),
+        (b"[1,2]", None, "bad_json"),
+        (b'{"request_id":"r","right":"teleport","subject":{"identifiers":{"email":"secret@x.vn"}}}', None, "invalid"),
+        (None, None, "empty_value"),
+    ],
+)
+def test_bad_records_raise_decode_error(value: bytes | None, headers: list[tuple[str, bytes]] | None,
+                                        kind: str) -> None:
+    if headers is None:
+        _, headers = codec.encode(_request(), source="t")
+    with pytest.raises(codec.DecodeError) as exc:
+        codec.decode(value, headers, RightsRequested)
+    assert exc.value.kind == kind
+
+
+def test_validation_error_does_not_echo_personal_data() -> None:
+    _, headers = codec.encode(_request(), source="t")
+    value = orjson.dumps({"request_id": "r", "right": "teleport",
+                          "subject": {"identifiers": {"email": "bi.mat@rieng.vn"}}})
+    with pytest.raises(codec.DecodeError) as exc:
+        codec.decode(value, headers, RightsRequested)
+    assert "bi.mat" not in str(exc.value)
+    assert "right" in str(exc.value)
+
+
+def test_wrong_event_type_for_topic_is_rejected() -> None:
+    value, headers = codec.encode(_request(), source="t")
+    with pytest.raises(codec.DecodeError) as exc:
+        codec.decode(value, headers, TaskReceipt)
+    assert exc.value.kind == "bad_type"
+
+
+def test_rectification_needs_changes_and_only_it() -> None:
+    with pytest.raises(ValueError, match="needs 'changes'"):
+        _request(right="rectification")
+    with pytest.raises(ValueError, match="only allowed for rectification"):
+        _request(changes={"address": "x"})
+
+
+def test_dead_letter_headers_round_trip() -> None:
+    from datetime import UTC, datetime
+
+    record = DeadLetter(original_topic="dsr.requests.v1", original_partition=2, original_offset=41,
+                        consumer="coordinator.requests", error_type="bad_json", error="value is not JSON",
+                        failed_at=datetime(2026, 11, 22, tzinfo=UTC))
+    headers = codec.dead_letter_headers([("ce_id", b"abc")], record)
+    assert ("ce_id", b"abc") in headers
+    assert codec.read_dead_letter(headers) == record

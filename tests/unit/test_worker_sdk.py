@@ -1,0 +1,308 @@
+"""The worker SDK without Kafka: handlers, results, errors, exports, hooks."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from datetime import UTC, datetime, timedelta
+
+import orjson
+import pytest
+
+from dsrflow.events import RetainedItem, TaskReceipt
+from dsrflow.exports import MemoryExportStore
+from dsrflow.registry import Retention, SystemDeclaration
+from dsrflow.rights import Action, IdentifierType, ReceiptStatus, Right
+from dsrflow.settings import Settings
+from dsrflow.testing.worker import make_task, run_task
+from dsrflow.worker import Result, RetryableError, TaskContext, TaskError, Worker, load_worker
+
+EMAIL = "Lan.Nguyen@Example.VN"
+PHONE = "+84 90 123 4567"
+
+PEOPLE = {"lan.nguyen@example.vn": {"full_name": "Nguyễn Thị Lan", "city": "Hà Nội"}}
+
+
+def declaration(*actions: Action) -> SystemDeclaration:
+    return SystemDeclaration(
+        name="shop",
+        identifier_types=(IdentifierType.email, IdentifierType.phone),
+        categories=("user.name", "user.contact.email"),
+        actions=actions or (Action.export, Action.erase),
+        retention=(Retention(category="user.financial", legal_basis="Law X Art 1", period=timedelta(days=3653)),),
+    )
+
+
+def make_worker(**kwargs: object) -> Worker:
+    w = Worker(declaration(), **kwargs)  # type: ignore[arg-type]
+
+    @w.handler(Action.export)
+    async def export(ctx: TaskContext) -> Result:
+        person = PEOPLE.get(ctx.identifiers.get(IdentifierType.email, ""))
+        if person is None:
+            return Result.not_found()
+        art = await ctx.export([person], records=1)
+        return Result.succeeded(counts={"located": 1}, categories=["user.name"], artifacts=[art])
+
+    @w.handler(Action.erase)
+    async def erase(ctx: TaskContext) -> Result:
+        return Result.retained(
+            [RetainedItem(category="user.financial", records=2, legal_basis="Law X Art 1")],
+            counts={"anonymised": 1, "retained": 2},
+            categories=["user.financial"],
+        )
+
+    return w
+
+
+def settings() -> Settings:
+    return Settings(kafka_bootstrap="127.0.0.1:1", pg_dsn="postgresql://u@127.0.0.1:1/x")
+
+
+async def test_export_writes_claim_check_and_succeeds() -> None:
+    store = MemoryExportStore()
+    task = make_task("shop", Action.export, {"email": EMAIL, "phone": PHONE})
+    receipt = await run_task(make_worker(), task, store=store)
+
+    assert isinstance(receipt, TaskReceipt)
+    assert receipt.status == ReceiptStatus.succeeded
+    assert (receipt.task_id, receipt.case_id, receipt.attempt) == (task.task_id, task.case_id, 1)
+    assert receipt.counts == {"located": 1}
+    [art] = receipt.artifacts
+    assert art.ref == f"cases/{task.case_id}/shop/{task.task_id}-1.json"
+    data = store.get(art.ref)
+    assert art.sha256 == hashlib.sha256(data).hexdigest() and art.size == len(data) and art.records == 1
+    assert orjson.loads(data) == [PEOPLE["lan.nguyen@example.vn"]]
+    # Exported records never travel in the receipt.
+    assert "Nguyễn" not in receipt.model_dump_json()
+
+
+async def test_not_found_and_retained() -> None:
+    w = make_worker()
+    missing = await run_task(w, make_task("shop", Action.export, {"email": "nobody@example.vn"}))
+    assert missing.status == ReceiptStatus.not_found and missing.artifacts == []
+
+    kept = await run_task(w, make_task("shop", Action.erase, {"phone": PHONE}))
+    assert kept.status == ReceiptStatus.retained
+    assert kept.retained[0].legal_basis == "Law X Art 1" and kept.counts["retained"] == 2
+
+
+async def test_make_task_normalises_identifiers_and_infers_right() -> None:
+    task = make_task("shop", Action.export, {"email": EMAIL, "phone": PHONE})
+    assert task.identifiers == {IdentifierType.email: "lan.nguyen@example.vn", IdentifierType.phone: "+84901234567"}
+    assert task.right == Right.access
+    assert make_task("shop", "erase", {"email": EMAIL}).right == Right.erasure
+
+
+async def test_unsupported_action_is_refused() -> None:
+    receipt = await run_task(make_worker(), make_task("shop", Action.rectify, {"email": EMAIL}, changes={"a": "b"}))
+    assert receipt.status == ReceiptStatus.refused
+    assert receipt.error is not None and "rectify" in receipt.error and not receipt.retryable
+
+
+async def test_task_without_a_searchable_identifier_is_refused() -> None:
+    receipt = await run_task(make_worker(), make_task("shop", Action.export, {"customer_id": "KH-1"}))
+    assert receipt.status == ReceiptStatus.refused
+
+
+async def test_handler_sees_only_declared_identifier_types() -> None:
+    seen: dict[str, str] = {}
+    w = Worker(SystemDeclaration(name="shop", identifier_types=("email",), actions=(Action.export,)))
+
+    @w.handler(Action.export)
+    async def export(ctx: TaskContext) -> Result:
+        seen.update(ctx.identifiers)
+        return Result.not_found()
+
+    await run_task(w, make_task("shop", Action.export, {"email": EMAIL, "phone": PHONE}))
+    assert seen == {"email": "lan.nguyen@example.vn"}
+
+
+def failing_worker(exc: BaseException) -> Worker:
+    w = Worker(declaration(Action.erase))
+
+    @w.handler(Action.erase)
+    async def erase(ctx: TaskContext) -> Result:
+        raise exc
+
+    return w
+
+
+async def test_retryable_error_is_failed_and_retryable() -> None:
+    receipt = await run_task(failing_worker(RetryableError("database unavailable")), make_task("shop", "erase", {"email": EMAIL}))
+    assert receipt.status == ReceiptStatus.failed and receipt.retryable
+    assert receipt.error == "RetryableError: database unavailable"
+
+
+async def test_other_exception_is_failed_not_retryable_without_its_message() -> None:
+    task = make_task("shop", "erase", {"email": EMAIL, "phone": PHONE})
+    # An unexpected error whose message echoes personal data (as KeyError or a driver might).
+    receipt = await run_task(failing_worker(ValueError(f"no row for {EMAIL.lower()} / Nguyễn Thị Lan")), task)
+    assert receipt.status == ReceiptStatus.failed and not receipt.retryable
+    assert receipt.error is not None and receipt.error.startswith("ValueError at ")
+    assert "Nguyễn" not in receipt.error and "example.vn" not in receipt.error
+
+
+async def test_task_error_message_never_echoes_identifiers() -> None:
+    task = make_task("shop", "erase", {"email": EMAIL, "phone": PHONE})
+    msg = f"cannot erase LAN.NGUYEN@EXAMPLE.VN, phone 84901234567 or {task.identifiers[IdentifierType.phone]}"
+    receipt = await run_task(failing_worker(TaskError(msg)), task)
+    assert receipt.status == ReceiptStatus.failed and not receipt.retryable
+    assert receipt.error is not None
+    assert "example.vn" not in receipt.error.lower() and "84901234567" not in receipt.error
+    assert receipt.error.count("[redacted]") == 3
+
+
+async def test_transient_library_errors_are_retryable() -> None:
+    receipt = await run_task(failing_worker(ConnectionResetError("peer reset")), make_task("shop", "erase", {"email": EMAIL}))
+    assert receipt.status == ReceiptStatus.failed and receipt.retryable
+    assert receipt.error is not None and "peer reset" not in receipt.error
+
+
+async def test_handler_timeout_is_retryable() -> None:
+    w = Worker(declaration(Action.erase), task_timeout=timedelta(milliseconds=50))
+
+    @w.handler(Action.erase)
+    async def erase(ctx: TaskContext) -> Result:
+        await asyncio.sleep(5)
+        return Result.succeeded()
+
+    receipt = await run_task(w, make_task("shop", "erase", {"email": EMAIL}))
+    assert receipt.status == ReceiptStatus.failed and receipt.retryable
+    assert receipt.error is not None and "timed out" in receipt.error
+
+
+async def test_handler_returning_garbage_is_failed() -> None:
+    w = Worker(declaration(Action.erase))
+
+    @w.handler(Action.erase)
+    async def erase(ctx: TaskContext) -> Result:
+        return {"status": "ok"}  # type: ignore[return-value]
+
+    receipt = await run_task(w, make_task("shop", "erase", {"email": EMAIL}))
+    assert receipt.status == ReceiptStatus.failed and not receipt.retryable
+
+
+async def test_result_failed_and_refused_reasons_are_reported() -> None:
+    w = Worker(declaration(Action.erase))
+
+    @w.handler(Action.erase)
+    async def erase(ctx: TaskContext) -> Result:
+        return Result.failed("2 rows remain after erasure", retryable=True)
+
+    receipt = await run_task(w, make_task("shop", "erase", {"email": EMAIL}))
+    assert (receipt.status, receipt.retryable, receipt.error) == ("failed", True, "2 rows remain after erasure")
+    assert Result.refused("legal hold").status == ReceiptStatus.refused
+
+
+def test_result_constructors_validate() -> None:
+    with pytest.raises(ValueError):
+        Result.retained([])
+    with pytest.raises(ValueError):
+        Result.succeeded(counts={"erased": -1})
+
+
+def test_registration_rejects_undeclared_and_duplicate_handlers() -> None:
+    w = Worker(declaration(Action.export))
+    with pytest.raises(ValueError):
+        w.handler(Action.erase)
+
+    @w.handler(Action.export)
+    async def export(ctx: TaskContext) -> Result:
+        return Result.not_found()
+
+    with pytest.raises(ValueError):
+        w.handler(Action.export)
+
+
+async def test_declared_action_without_handler_fails_at_start() -> None:
+    w = Worker(declaration(Action.export, Action.erase))
+
+    @w.handler(Action.export)
+    async def export(ctx: TaskContext) -> Result:
+        return Result.not_found()
+
+    with pytest.raises(RuntimeError, match="erase"):
+        async with w.lifespan(settings()):
+            pass
+
+
+async def test_task_for_another_system_is_rejected() -> None:
+    with pytest.raises(ValueError):
+        await run_task(make_worker(), make_task("billing", "export", {"email": EMAIL}))
+
+
+async def test_hooks_run_once_around_tasks_in_order() -> None:
+    calls: list[str] = []
+    w = make_worker()
+
+    @w.on_startup
+    async def open_a(s: Settings) -> None:
+        calls.append("open a")
+
+    @w.on_startup
+    async def open_b(s: Settings) -> None:
+        calls.append("open b")
+
+    @w.on_shutdown
+    async def close_a(s: Settings) -> None:
+        calls.append("close a")
+
+    @w.on_shutdown
+    async def close_b(s: Settings) -> None:
+        calls.append("close b")
+
+    await run_task(w, make_task("shop", "export", {"email": EMAIL}), settings=settings())
+    assert calls == ["open a", "open b", "close b", "close a"]
+
+    calls.clear()
+    async with w.lifespan(settings()):
+        assert w.started
+        for _ in range(3):
+            await run_task(w, make_task("shop", "export", {"email": EMAIL}))
+    assert calls == ["open a", "open b", "close b", "close a"]
+    assert not w.started
+
+
+async def test_two_exports_in_one_attempt_get_distinct_keys() -> None:
+    w = Worker(declaration(Action.export))
+
+    @w.handler(Action.export)
+    async def export(ctx: TaskContext) -> Result:
+        a = await ctx.export({"part": 1, "when": datetime(2024, 1, 2, tzinfo=UTC)}, records=1)
+        b = await ctx.export(b"raw,csv\n", records=1, media_type="text/csv")
+        return Result.succeeded(artifacts=[a, b])
+
+    store = MemoryExportStore()
+    task = make_task("shop", "export", {"email": EMAIL}, attempt=2)
+    receipt = await run_task(w, task, store=store)
+    refs = [a.ref for a in receipt.artifacts]
+    assert refs == [f"cases/{task.case_id}/shop/{task.task_id}-2.json", f"cases/{task.case_id}/shop/{task.task_id}-2-2.json"]
+    assert orjson.loads(store.get(refs[0]))["when"] == "2024-01-02T00:00:00+00:00"
+    assert store.get(refs[1]) == b"raw,csv\n"
+
+
+async def test_redelivered_attempt_overwrites_its_own_export() -> None:
+    store = MemoryExportStore()
+    w = make_worker()
+    task = make_task("shop", "export", {"email": EMAIL})
+    first = await run_task(w, task, store=store)
+    second = await run_task(w, task, store=store)
+    assert first.artifacts == second.artifacts
+    assert store.keys() == [first.artifacts[0].ref]
+
+
+def test_load_worker() -> None:
+    import sys
+    import types
+
+    mod = types.ModuleType("_dsrflow_test_workers")
+    mod.worker = make_worker()  # type: ignore[attr-defined]
+    mod.other = 42  # type: ignore[attr-defined]
+    sys.modules[mod.__name__] = mod
+    try:
+        assert load_worker("_dsrflow_test_workers") is mod.worker  # type: ignore[attr-defined]
+        with pytest.raises(TypeError):
+            load_worker("_dsrflow_test_workers:other")
+    finally:
+        del sys.modules[mod.__name__]
