@@ -98,16 +98,20 @@ def _quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-async def create_database(dsn: str, name: str) -> str:
-    """Create database ``name`` on the server of ``dsn`` unless it exists; returns its DSN."""
+async def create_database(dsn: str, name: str, *, template: str | None = None) -> str:
+    """Create database ``name`` on the server of ``dsn`` unless it exists (optionally as
+    a copy of database ``template``); returns its DSN."""
     import asyncpg
 
     conn = await asyncpg.connect(dsn)
     try:
         exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
         if not exists:
+            sql = f"CREATE DATABASE {_quote_ident(name)}"
+            if template:
+                sql += f" TEMPLATE {_quote_ident(template)}"
             try:
-                await conn.execute(f"CREATE DATABASE {_quote_ident(name)}")
+                await conn.execute(sql)
             except asyncpg.DuplicateDatabaseError:
                 pass  # created concurrently
     finally:

@@ -81,7 +81,9 @@ class _Runner:
 
     async def ensure_topic(self) -> None:
         spec = topics.declared()[topics.TASKS_TEMPLATE].for_system(self.worker.name)
-        report = await topics.apply(self.settings.kafka_client_options(), [spec])
+        report = await topics.apply(
+            self.settings.kafka_client_options(), [spec], replication_factor=self.settings.topic_replication_factor
+        )
         for name, diffs in report.drift.items():
             log.warning("topic %s differs from its declaration: %s", name, "; ".join(diffs))
 
@@ -104,9 +106,8 @@ class _Runner:
                 max_poll_interval_ms=poll_interval_ms,
                 **opts,
             )
-            self.producer = AIOKafkaProducer(
-                client_id=self.group, acks="all", enable_idempotence=True, linger_ms=5, **opts
-            )
+            # acks=all and, where the broker supports it, idempotence (Settings.producer_options).
+            self.producer = AIOKafkaProducer(client_id=self.group, linger_ms=5, **self.settings.producer_options())
             await self.producer.start()
             try:
                 await self.consumer.start()

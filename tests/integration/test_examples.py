@@ -1,0 +1,272 @@
+"""The reference systems (examples/crm, examples/billing) against a real PostgreSQL.
+
+Each test gets fresh crm and billing databases, seeded by the examples' own ``setup``,
+runs tasks through the real handlers with :func:`dsrflow.testing.worker.run_task`, and
+then looks at the rows themselves.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import orjson
+import pytest
+
+from dsrflow.exports import MemoryExportStore
+from dsrflow.rights import Action, ReceiptStatus
+from dsrflow.settings import Settings
+from dsrflow.testing.worker import make_task, run_task
+from examples import people
+from examples.billing import seed as billing_seed
+from examples.billing import worker as billing
+from examples.crm import seed as crm_seed
+from examples.crm import worker as crm
+from examples.people import BILLING_ONLY, BILLING_WITHOUT_INVOICES, CRM_ONLY, IN_BOTH, NOWHERE, Person
+
+pytestmark = pytest.mark.pg
+
+MakeDatabase = Callable[[], Awaitable[str]]
+
+
+async def _fetch(dsn: str, sql: str, *args: object) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetch(sql, *args)
+    finally:
+        await conn.close()
+
+
+async def _count(dsn: str, table: str) -> int:
+    return int((await _fetch(dsn, f"SELECT count(*) AS n FROM {table}"))[0]["n"])
+
+
+@pytest.fixture
+async def crm_dsn(make_database: MakeDatabase, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[str]:
+    dsn = await make_database()
+    await crm.setup(dsn)
+    monkeypatch.setenv("DSRFLOW_CRM_DSN", dsn)
+    # Settings would otherwise point the hook at the case store's server; the env var wins.
+    async with crm.worker.lifespan(Settings(pg_dsn=dsn)):
+        yield dsn
+
+
+@pytest.fixture
+async def billing_dsn(make_database: MakeDatabase, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[str]:
+    dsn = await make_database()
+    await billing.setup(dsn)
+    monkeypatch.setenv("DSRFLOW_BILLING_DSN", dsn)
+    async with billing.worker.lifespan(Settings(pg_dsn=dsn)):
+        yield dsn
+
+
+def export_doc(store: MemoryExportStore, receipt_artifacts: list[object]) -> dict[str, object]:
+    [art] = receipt_artifacts
+    return orjson.loads(store.get(art.ref))  # type: ignore[attr-defined,no-any-return]
+
+
+def others(subject: Person) -> list[Person]:
+    return [p for p in people.PEOPLE if p != subject]
+
+
+def strings(doc: object) -> set[str]:
+    """Every string value in a JSON document."""
+    if isinstance(doc, str):
+        return {doc}
+    if isinstance(doc, dict):
+        return set().union(*(strings(v) for v in doc.values())) if doc else set()
+    if isinstance(doc, list):
+        return set().union(*(strings(v) for v in doc)) if doc else set()
+    return set()
+
+
+# -- setup -------------------------------------------------------------------------------
+
+
+async def test_setup_seeds_once_and_creates_missing_database(make_database: MakeDatabase) -> None:
+    dsn = await make_database()
+    await crm.setup(dsn)
+    await crm.setup(dsn)  # idempotent: no second seed
+    assert await _count(dsn, "contacts") == len(people.people_in("crm"))
+    assert await _count(dsn, "addresses") == sum(len(crm_seed.addresses(p)) for p in crm_seed.contacts())
+    assert await _count(dsn, "notes") == sum(len(crm_seed.notes(p)) for p in crm_seed.contacts())
+
+    # A database that does not exist yet is created on the same server.
+    parts = urlsplit(dsn)
+    fresh = urlunsplit(parts._replace(path=f"/billing_{uuid.uuid4().hex[:12]}"))
+    await billing.setup(fresh)
+    assert await _count(fresh, "customers") == len(people.people_in("billing"))
+    assert await _count(fresh, "invoices") == sum(len(billing_seed.invoices(p)) for p in billing_seed.customers())
+
+    empty = await make_database()
+    await billing.setup(empty, seed=False)
+    assert await _count(empty, "customers") == 0
+
+
+def test_seed_has_the_promised_subjects() -> None:
+    assert len(people.PEOPLE) == 30
+    assert len({p.email for p in people.PEOPLE}) == len({p.phone for p in people.PEOPLE}) == 30
+    assert IN_BOTH.systems == {"crm", "billing"}
+    assert CRM_ONLY.systems == {"crm"} and BILLING_ONLY.systems == {"billing"}
+    assert billing_seed.invoices(BILLING_ONLY) and not billing_seed.invoices(BILLING_WITHOUT_INVOICES)
+    assert all(p.phone.startswith("+849") and len(p.phone) == 12 for p in people.PEOPLE)
+
+
+# -- crm ---------------------------------------------------------------------------------
+
+
+async def test_crm_export_holds_the_subject_and_only_them(crm_dsn: str) -> None:
+    store = MemoryExportStore()
+    receipt = await run_task(crm.worker, make_task("crm", Action.export, IN_BOTH.identifiers()), store=store)
+    assert receipt.status == ReceiptStatus.succeeded
+    n_addr, n_notes = len(crm_seed.addresses(IN_BOTH)), len(crm_seed.notes(IN_BOTH))
+    assert receipt.counts == {"located": 1, "records": 1 + n_addr + n_notes}
+    assert receipt.artifacts[0].records == 1 + n_addr + n_notes
+    assert "user.contact.email" in receipt.categories
+
+    doc = export_doc(store, receipt.artifacts)  # type: ignore[arg-type]
+    [contact] = doc["contacts"]  # type: ignore[misc]
+    assert (contact["full_name"], contact["email"], contact["phone"]) == (IN_BOTH.full_name, IN_BOTH.email, IN_BOTH.phone)
+    assert contact["date_of_birth"] == IN_BOTH.date_of_birth.isoformat()
+    assert [a["line"] for a in contact["addresses"]] == [a.line for _, a in crm_seed.addresses(IN_BOTH)]
+    assert [n["body"] for n in contact["notes"]] == [b for b, _ in crm_seed.notes(IN_BOTH)]
+    values = strings(doc)
+    for other in others(IN_BOTH):
+        assert not values & {other.email, other.phone, other.full_name, other.address.line}
+
+
+async def test_crm_export_by_phone_only_and_not_found(crm_dsn: str) -> None:
+    by_phone = await run_task(crm.worker, make_task("crm", Action.export, {"phone": "+84 903 456 789"}))
+    assert by_phone.status == ReceiptStatus.succeeded and by_phone.counts["located"] == 1  # CRM_ONLY's phone
+    for subject in (BILLING_ONLY, NOWHERE):
+        receipt = await run_task(crm.worker, make_task("crm", Action.export, subject.identifiers()))
+        assert receipt.status == ReceiptStatus.not_found and receipt.artifacts == []
+
+
+async def test_crm_erase_deletes_everything_of_the_subject_and_nothing_else(crm_dsn: str) -> None:
+    before = {t: await _count(crm_dsn, t) for t in ("contacts", "addresses", "notes")}
+    [row] = await _fetch(crm_dsn, "SELECT id FROM contacts WHERE email = $1", CRM_ONLY.email)
+    n_addr, n_notes = len(crm_seed.addresses(CRM_ONLY)), len(crm_seed.notes(CRM_ONLY))
+
+    receipt = await run_task(crm.worker, make_task("crm", Action.erase, CRM_ONLY.identifiers()))
+    assert receipt.status == ReceiptStatus.succeeded, receipt.error
+    assert receipt.counts == {
+        "located": 1, "erased": 1 + n_addr + n_notes, "contacts": 1, "addresses": n_addr, "notes": n_notes,
+    }
+    assert await _fetch(crm_dsn, "SELECT 1 FROM contacts WHERE email = $1 OR phone = $2", CRM_ONLY.email, CRM_ONLY.phone) == []
+    assert await _fetch(crm_dsn, "SELECT 1 FROM addresses WHERE contact_id = $1", row["id"]) == []
+    assert await _fetch(crm_dsn, "SELECT 1 FROM notes WHERE contact_id = $1", row["id"]) == []
+    after = {t: await _count(crm_dsn, t) for t in ("contacts", "addresses", "notes")}
+    assert after == {"contacts": before["contacts"] - 1, "addresses": before["addresses"] - n_addr,
+                     "notes": before["notes"] - n_notes}
+
+    again = await run_task(crm.worker, make_task("crm", Action.erase, CRM_ONLY.identifiers()))
+    assert again.status == ReceiptStatus.not_found and again.error is None
+    assert {t: await _count(crm_dsn, t) for t in ("contacts", "addresses", "notes")} == after
+
+
+async def test_crm_erase_takes_every_contact_matching_either_identifier(crm_dsn: str) -> None:
+    # A duplicate contact created by a sales rep with the same phone and no email.
+    conn = await asyncpg.connect(crm_dsn)
+    try:
+        dup = await conn.fetchval(
+            "INSERT INTO contacts (full_name, phone) VALUES ($1, $2) RETURNING id", IN_BOTH.full_name, IN_BOTH.phone
+        )
+        await conn.execute("INSERT INTO notes (contact_id, body) VALUES ($1, 'Khách để lại số qua hotline.')", dup)
+    finally:
+        await conn.close()
+    receipt = await run_task(crm.worker, make_task("crm", Action.erase, IN_BOTH.identifiers()))
+    assert receipt.status == ReceiptStatus.succeeded and receipt.counts["contacts"] == 2
+    assert await _fetch(crm_dsn, "SELECT 1 FROM contacts WHERE full_name = $1", IN_BOTH.full_name) == []
+
+
+# -- billing -----------------------------------------------------------------------------
+
+
+async def test_billing_erase_anonymises_and_keeps_invoices(billing_dsn: str) -> None:
+    subject = BILLING_ONLY
+    invoices_before = await _fetch(
+        billing_dsn,
+        "SELECT number, issued_on, amount_vnd, vat_vnd FROM invoices WHERE customer_id = $1 ORDER BY number",
+        subject.customer_id,
+    )
+    payments_before = await _fetch(
+        billing_dsn,
+        """SELECT p.paid_on, p.amount_vnd FROM payments p JOIN invoices i ON i.id = p.invoice_id
+           WHERE i.customer_id = $1 ORDER BY p.id""",
+        subject.customer_id,
+    )
+    assert invoices_before
+
+    receipt = await run_task(billing.worker, make_task("billing", Action.erase, subject.identifiers()))
+    assert receipt.status == ReceiptStatus.retained, receipt.error
+    kept = len(invoices_before) + len(payments_before)
+    assert receipt.counts == {"located": 1, "anonymised": 1, "deleted": 0, "retained": kept}
+    [item] = receipt.retained
+    assert item.category == "user.financial" and item.records == kept
+    assert "88/2015/QH13" in item.legal_basis and "174/2016/ND-CP" in item.legal_basis
+    latest = max(r["issued_on"] for r in invoices_before)
+    assert item.retain_until == datetime(latest.year + 10, 12, 31, 23, 59, 59, tzinfo=UTC)
+
+    [customer] = await _fetch(billing_dsn, "SELECT * FROM customers WHERE id = $1", subject.customer_id)
+    assert customer["full_name"] == "anonymised" and customer["anonymised_at"] is not None
+    assert [customer[c] for c in ("email", "phone", "tax_code", "billing_address")] == [None] * 4
+    assert await _fetch(billing_dsn, "SELECT 1 FROM customers WHERE full_name = $1", subject.full_name) == []
+    invoices_after = await _fetch(
+        billing_dsn,
+        "SELECT number, issued_on, amount_vnd, vat_vnd FROM invoices WHERE customer_id = $1 ORDER BY number",
+        subject.customer_id,
+    )
+    assert invoices_after == invoices_before  # numbers, dates and amounts kept
+    assert len(await _fetch(
+        billing_dsn,
+        "SELECT 1 FROM payments p JOIN invoices i ON i.id = p.invoice_id WHERE i.customer_id = $1",
+        subject.customer_id,
+    )) == len(payments_before)
+
+    for identifiers in (subject.identifiers(), {"customer_id": subject.customer_id}):
+        again = await run_task(billing.worker, make_task("billing", Action.erase, identifiers))
+        assert again.status == ReceiptStatus.not_found and again.error is None
+    assert await _count(billing_dsn, "invoices") == sum(len(billing_seed.invoices(p)) for p in billing_seed.customers())
+
+
+async def test_billing_customer_without_invoices_is_deleted(billing_dsn: str) -> None:
+    subject = BILLING_WITHOUT_INVOICES
+    receipt = await run_task(billing.worker, make_task("billing", Action.erase, {"customer_id": subject.customer_id}))
+    assert receipt.status == ReceiptStatus.succeeded and receipt.retained == []
+    assert receipt.counts == {"located": 1, "anonymised": 0, "deleted": 1, "retained": 0}
+    assert await _fetch(billing_dsn, "SELECT 1 FROM customers WHERE id = $1", subject.customer_id) == []
+    assert await _count(billing_dsn, "customers") == len(people.people_in("billing")) - 1
+
+
+async def test_billing_export_holds_invoices_of_the_subject_only(billing_dsn: str) -> None:
+    store = MemoryExportStore()
+    receipt = await run_task(
+        billing.worker, make_task("billing", Action.export, {"customer_id": IN_BOTH.customer_id}), store=store
+    )
+    assert receipt.status == ReceiptStatus.succeeded
+    expected = billing_seed.invoices(IN_BOTH)
+    n_payments = sum(len(i.payments) for i in expected)
+    assert receipt.counts == {"located": 1, "records": 1 + len(expected) + n_payments}
+
+    doc = export_doc(store, receipt.artifacts)  # type: ignore[arg-type]
+    [customer] = doc["customers"]  # type: ignore[misc]
+    assert (customer["customer_id"], customer["full_name"], customer["email"]) == (
+        IN_BOTH.customer_id, IN_BOTH.full_name, IN_BOTH.email,
+    )
+    assert [(i["number"], i["amount_vnd"], i["vat_vnd"]) for i in customer["invoices"]] == [
+        (i.number, i.amount_vnd, i.vat_vnd) for i in expected
+    ]
+    assert sum(len(i["payments"]) for i in customer["invoices"]) == n_payments
+    values = strings(doc)
+    for other in others(IN_BOTH):
+        assert not values & {other.email, other.phone, other.full_name, other.customer_id, other.address.one_line()}
+
+
+async def test_billing_not_found(billing_dsn: str) -> None:
+    for subject in (CRM_ONLY, NOWHERE):
+        receipt = await run_task(billing.worker, make_task("billing", Action.erase, subject.identifiers()))
+        assert receipt.status == ReceiptStatus.not_found
