@@ -161,6 +161,8 @@ def up(state_dir: Path) -> dict[str, Any]:
                 "pg_dsn": pg_dsn,
                 "pg_admin_dsn": pg_admin,
                 "broker": f"tansu {tansu_version()} (memory storage)",
+                # Tansu answers InitProducerId with an error: producers run without idempotence.
+                "idempotent_producer": False,
                 "pgdata": str(state_dir / "pg"),
                 "updated_at": datetime.now(UTC).isoformat(timespec="seconds"),
             }

@@ -1,0 +1,213 @@
+"""The test broker and database fixtures, topic provisioning, and the embedded stack."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+
+import asyncpg
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from dsrflow import topics
+from dsrflow.settings import Settings
+from dsrflow.stack import embedded
+from dsrflow.stack._proc import alive
+from dsrflow.testing.brokers import TestBrokerError, start_test_broker
+
+
+async def _create_topic(bootstrap: str, partitions: int = 2) -> str:
+    name = f"t.stack.{uuid.uuid4().hex[:10]}"
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(name, partitions, 1)])
+    finally:
+        await admin.close()
+    return name
+
+
+async def _consume(consumer: AIOKafkaConsumer, n: int, timeout: float = 30.0) -> list[tuple[bytes, bytes]]:
+    got: list[tuple[bytes, bytes]] = []
+
+    async def loop() -> None:
+        while len(got) < n:
+            batch = await consumer.getmany(timeout_ms=500)
+            for msgs in batch.values():
+                got.extend((m.key, m.value) for m in msgs)
+
+    await asyncio.wait_for(loop(), timeout)
+    return got
+
+
+# -- the broker fixture -----------------------------------------------------------
+async def test_produce_consume_and_commit(broker: str) -> None:
+    topic = await _create_topic(broker)
+    sent = [(f"k{i}".encode(), f"v{i}".encode()) for i in range(20)]
+    producer = AIOKafkaProducer(bootstrap_servers=broker, acks="all")
+    await producer.start()
+    try:
+        for key, value in sent:
+            await producer.send(topic, value, key=key)
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+    group = f"g.{uuid.uuid4().hex[:8]}"
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=broker, group_id=group, auto_offset_reset="earliest", enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        got = await _consume(consumer, len(sent))
+        assert sorted(got) == sorted(sent)
+        await consumer.commit()
+        committed = {tp.partition: await consumer.committed(tp) for tp in consumer.assignment()}
+        assert sum(v or 0 for v in committed.values()) == len(sent)
+    finally:
+        await consumer.stop()
+
+    # a new member of the group resumes after the committed offsets: nothing left to read
+    producer = AIOKafkaProducer(bootstrap_servers=broker)
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic, b"after", key=b"k0")
+    finally:
+        await producer.stop()
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=broker, group_id=group, auto_offset_reset="earliest", enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        assert await _consume(consumer, 1) == [(b"k0", b"after")]
+    finally:
+        await consumer.stop()
+
+
+async def test_idempotent_producer(broker: str, broker_kind: str) -> None:
+    if broker_kind == "tansu":
+        pytest.skip("Tansu 0.6 answers InitProducerId with UNKNOWN_SERVER_ERROR: no idempotent producer")
+    topic = await _create_topic(broker, partitions=1)
+    producer = AIOKafkaProducer(bootstrap_servers=broker, enable_idempotence=True)
+    await producer.start()
+    try:
+        meta = await producer.send_and_wait(topic, b"once", key=b"k")
+        assert meta.offset == 0
+    finally:
+        await producer.stop()
+    consumer = AIOKafkaConsumer(bootstrap_servers=broker, auto_offset_reset="earliest", enable_auto_commit=False)
+    await consumer.start()
+    try:
+        consumer.assign([TopicPartition(topic, 0)])
+        assert await _consume(consumer, 1) == [(b"k", b"once")]
+    finally:
+        await consumer.stop()
+
+
+def test_ci_insists_on_apache_kafka(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(TestBrokerError, match="Apache Kafka"):
+        start_test_broker("tansu")
+    with pytest.raises(TestBrokerError, match="Apache Kafka"):
+        start_test_broker("127.0.0.1:9")
+
+
+# -- topics.apply ---------------------------------------------------------------
+async def test_topics_apply_creates_then_reports_unchanged(broker: str) -> None:
+    specs = topics.specs_for(["crm"])
+    names = [s.name for s in specs]
+    assert topics.tasks_topic("crm") in names
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=broker)
+    await admin.start()
+    try:
+        before = set(await admin.list_topics())
+    finally:
+        await admin.close()
+
+    first = await topics.apply({"bootstrap_servers": broker}, specs)
+    assert sorted(first.created) == sorted(n for n in names if n not in before)
+    assert first.drift == {}
+
+    second = await topics.apply({"bootstrap_servers": broker}, specs)
+    assert second.created == []
+    assert sorted(second.unchanged) == sorted(names)
+    assert second.drift == {}
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=broker)
+    await admin.start()
+    try:
+        described = {d["topic"]: len(d["partitions"]) for d in await admin.describe_topics(names)}
+    finally:
+        await admin.close()
+    assert described == {s.name: s.partitions for s in specs}
+
+
+# -- PostgreSQL fixtures -----------------------------------------------------------
+async def test_make_database_gives_fresh_databases(make_database) -> None:  # type: ignore[no-untyped-def]
+    a, b = await make_database("x"), await make_database("x")
+    assert a != b
+    conn = await asyncpg.connect(a)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'") == 0
+    finally:
+        await conn.close()
+
+
+async def test_case_store_is_migrated(case_store: str) -> None:
+    from dsrflow.store import pending_migrations
+
+    assert await pending_migrations(case_store) == []
+
+
+# -- the embedded stack ------------------------------------------------------------
+async def test_embedded_stack_up_status_down(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    assert embedded.status(state)["running"] is False
+
+    data = await asyncio.to_thread(embedded.up, state)
+    try:
+        pids = dict(data["pids"])
+        assert set(pids) == {"postgres", "tansu"}
+        assert all(alive(p) for p in pids.values())
+        assert (state / "stack.json").exists()
+
+        # idempotent: a second `up` keeps the running services
+        again = await asyncio.to_thread(embedded.up, state)
+        assert again["pids"] == pids and again["kafka_bootstrap"] == data["kafka_bootstrap"]
+
+        st = embedded.status(state)
+        assert st["running"] is True
+        assert {k: v["running"] for k, v in st["services"].items()} == {"postgres": True, "tansu": True}
+
+        # Settings finds the stack through stack.json
+        settings = Settings(state_dir=state, _env_file=None)  # type: ignore[call-arg]
+        assert settings.bootstrap == data["kafka_bootstrap"]
+        assert settings.dsn == data["pg_dsn"] and settings.dsn.endswith("/dsrflow")
+
+        conn = await asyncpg.connect(settings.dsn)
+        try:
+            assert await conn.fetchval("SELECT current_database()") == "dsrflow"
+        finally:
+            await conn.close()
+        report = await topics.apply({"bootstrap_servers": settings.bootstrap}, topics.specs_for(["crm"]))
+        assert report.created
+    finally:
+        stopped = await asyncio.to_thread(embedded.down, state)
+
+    assert stopped is True
+    assert not (state / "stack.json").exists()
+    assert not any(alive(p) for p in pids.values()), "processes left after down"
+    assert embedded.status(state)["running"] is False
+    assert await asyncio.to_thread(embedded.down, state) is False
+
+    # data survives down/up; ports may change
+    data2 = await asyncio.to_thread(embedded.up, state)
+    try:
+        conn = await asyncpg.connect(data2["pg_dsn"])
+        await conn.close()
+    finally:
+        await asyncio.to_thread(embedded.down, state)
+    assert not any(alive(p) for p in data2["pids"].values())
