@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import asyncio
 import importlib
 import logging
@@ -198,20 +199,25 @@ def cmd_cases(args: argparse.Namespace, settings: Settings) -> int:
 
     async def go() -> int:
         conn = await asyncpg.connect(settings.dsn)
+        now = datetime.now(UTC)
         try:
             if args.action == "list":
-                page = await queries.list_cases(conn, status=args.status, right=args.right, limit=args.limit)
-                rows = page[0] if isinstance(page, tuple) else page
-                for c in rows:
-                    c = dict(c)
-                    print(f"{c['case_id']}  {c['right']:<18} {c['status']:<26} due {c['due_at']:%Y-%m-%d}  "
-                          f"{c['request_id']}")
+                page = await queries.list_cases(conn, now=now, status=args.status, right=args.right,
+                                                limit=args.limit)
+                for c in page.items:
+                    flag = " OVERDUE" if c.overdue else ""
+                    print(f"{c.case_id}  {c.right:<18} {c.status:<26} due {c.due_at:%Y-%m-%d}{flag}  {c.request_id}")
+                if not page.items:
+                    print("no cases")
                 return 0
-            case = await queries.get_case(conn, uuid.UUID(args.case_id))
+            case = await queries.get_case(conn, uuid.UUID(args.case_id), now=now)
             if case is None:
                 print(f"no case {args.case_id}", file=sys.stderr)
                 return 1
-            _print(case)
+            tasks = await queries.case_tasks(conn, case.summary.case_id)
+            timeline = await queries.case_timeline(conn, case.summary.case_id)
+            _print({**dataclasses.asdict(case), "tasks": [dataclasses.asdict(t) for t in tasks],
+                    "timeline": [dataclasses.asdict(t) for t in timeline]})
             return 0
         finally:
             await conn.close()

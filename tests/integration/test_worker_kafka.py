@@ -79,10 +79,12 @@ class Collector:
 
 @pytest.fixture
 async def collectors(broker: str) -> AsyncIterator[tuple[Collector, Collector]]:
+    # Receipts and dead letters belong to `dsrflow topics apply`, not to a worker.
+    await topics.apply({"bootstrap_servers": broker}, topics.specs_for([]))
     receipts, dead = Collector(broker, topics.RECEIPTS), Collector(broker, topics.DEADLETTER)
-    await receipts.consumer.start()
-    await dead.consumer.start()
     try:
+        await receipts.consumer.start()
+        await dead.consumer.start()
         yield receipts, dead
     finally:
         await receipts.consumer.stop()
@@ -100,7 +102,6 @@ async def test_worker_round_trip(
     system = f"kt{uuid.uuid4().hex[:10]}"  # own topic and group: the broker may be shared
     task_topic = topics.tasks_topic(system)
     settings = Settings(kafka_bootstrap=broker, pg_dsn=case_store, export_dir=tmp_path / "exports")
-    await topics.apply(settings.kafka_client_options(), topics.specs_for([]))  # receipts, dead letters
     worker = tiny_worker(system)
     stop = asyncio.Event()
     running = asyncio.create_task(worker.run(settings, stop=stop))

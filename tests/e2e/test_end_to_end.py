@@ -1,0 +1,118 @@
+"""The coordinator and both reference workers as real processes, on the session's broker
+and PostgreSQL: access, erasure with retained invoices, a duplicate request and an invalid
+event, checked in the reference systems' own databases."""
+
+from __future__ import annotations
+
+import io
+import sys
+import zipfile
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import asyncpg
+import orjson
+import pytest
+
+from dsrflow import demo, launcher
+from dsrflow.exports import read_bundle
+from dsrflow.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from examples.people import SUBJECTS  # noqa: E402
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+async def e2e_settings(
+    broker: str, broker_kind: str, case_store: str, make_database: Callable[..., Awaitable[str]],
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> Settings:
+    # Each reference system gets a fresh database of its own, for this process and the workers.
+    monkeypatch.setenv("DSRFLOW_CRM_DSN", await make_database("crm"))
+    monkeypatch.setenv("DSRFLOW_BILLING_DSN", await make_database("billing"))
+    return Settings(
+        state_dir=tmp_path / "state", kafka_bootstrap=broker, pg_dsn=case_store, export_dir=tmp_path / "exports",
+        kafka_idempotent_producer=broker_kind != "tansu", log_level="INFO",
+    )
+
+
+async def test_access_erasure_duplicate_and_invalid_end_to_end(e2e_settings: Settings, tmp_path: Path) -> None:
+    import os
+
+    settings = e2e_settings
+    await demo.prepare(settings)
+    extra = {k: os.environ[k] for k in ("DSRFLOW_CRM_DSN", "DSRFLOW_BILLING_DSN")}
+    with launcher.running(settings, demo.SYSTEMS, log_dir=tmp_path / "logs", cwd=ROOT, extra_env=extra) as services:
+        await launcher.wait_registered(settings.dsn, demo.SYSTEMS, services)
+        results = await demo.run_scenario(settings, timeout=90)
+        services.check_alive()  # nothing died on the invalid event
+        dlq = await demo.dead_letters(settings)
+
+    by_label = {r.step.label: r for r in results}
+    for r in results:
+        assert r.status == r.step.expect, (r.step.label, r.status, r.tasks, services.log_tail("coordinator"))
+        for system, status in r.step.expect_tasks.items():
+            assert r.tasks.get(system) == status, (r.step.label, r.tasks)
+
+    both = SUBJECTS["both"]
+    crm = await asyncpg.connect(extra["DSRFLOW_CRM_DSN"])
+    billing = await asyncpg.connect(extra["DSRFLOW_BILLING_DSN"])
+    store = await asyncpg.connect(settings.dsn)
+    try:
+        # Access bundle: both systems' JSON, the manifest's sha256s match the files, the data is the subject's.
+        access = by_label["access, person in CRM and billing"]
+        assert access.bundle_path is not None and access.bundle_path.exists()
+        manifest, files = read_bundle(access.bundle_path.read_bytes())
+        assert {f["system"] for f in manifest["files"]} == {"crm", "billing"}
+        with zipfile.ZipFile(io.BytesIO(access.bundle_path.read_bytes())) as zf:
+            crm_export = zf.read("crm.json").decode()
+        assert both.email in crm_export and both.full_name in crm_export
+        assert SUBJECTS["crm_only"].email not in crm_export  # only the subject's own data
+
+        # Erasure: CRM rows gone in FK order; billing customer anonymised, invoices and payments kept.
+        for table, column in (("contacts", "email"),):
+            assert await crm.fetchval(f"SELECT count(*) FROM {table} WHERE {column} = $1", both.email) == 0
+        assert await crm.fetchval(
+            "SELECT count(*) FROM addresses a LEFT JOIN contacts c ON c.id = a.contact_id WHERE c.id IS NULL") == 0
+        assert await crm.fetchval("SELECT count(*) FROM contacts WHERE email = $1",
+                                  SUBJECTS["crm_only"].email) == 0
+        customer = await billing.fetchrow("SELECT * FROM customers WHERE id = $1", both.customer_id)
+        assert customer["anonymised_at"] is not None
+        assert customer["email"] is None and customer["phone"] is None and customer["tax_code"] is None
+        assert customer["full_name"] != both.full_name
+        kept = await billing.fetchval(
+            "SELECT count(*) FROM invoices WHERE customer_id = $1 AND amount_vnd > 0", both.customer_id)
+        assert kept > 0
+        erasure = by_label["erasure, person with invoices"]
+        retained = (erasure.outcome or {})["retained"]
+        assert retained and retained[0]["system"] == "billing"
+        assert "Accounting" in retained[0]["legal_basis"] and retained[0]["records"] >= kept
+
+        # The request that was not verified waits and touched nothing.
+        assert await billing.fetchval("SELECT count(*) FROM customers WHERE email = $1 AND anonymised_at IS NULL",
+                                      SUBJECTS["billing_only"].email) == 1
+
+        # Duplicate: one case, noted on its timeline; the timeline's hash chain is intact.
+        assert await demo.duplicate_ignored(settings, access.step.request_id)
+        from dsrflow.store.timeline import verify
+
+        rows = await store.fetch("SELECT * FROM case_timeline WHERE case_id = $1 ORDER BY position", access.case_id)
+        assert verify(rows)
+
+        # Receipts carry no personal data.
+        for body in await store.fetchval("SELECT array_agg(body::text) FROM receipts"):
+            assert both.email not in body and both.phone not in body and both.full_name not in body
+    finally:
+        await crm.close()
+        await billing.close()
+        await store.close()
+
+    invalid = [d for d in dlq if d.get("dlq_error_type") == "invalid"]
+    assert invalid and invalid[0]["dlq_original_topic"] == "dsr.requests.v1"
+    assert "right" in invalid[0]["dlq_error"]
+    assert orjson.loads(orjson.dumps(invalid[0]))  # plain strings only
