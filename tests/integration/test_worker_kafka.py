@@ -96,12 +96,17 @@ def receipt_of(record: ConsumerRecord[bytes, bytes]) -> TaskReceipt:
 
 
 async def test_worker_round_trip(
-    broker: str, case_store: str, tmp_path: Path, collectors: tuple[Collector, Collector]
+    broker: str, broker_kind: str, case_store: str, tmp_path: Path, collectors: tuple[Collector, Collector]
 ) -> None:
     receipts, dead = collectors
     system = f"kt{uuid.uuid4().hex[:10]}"  # own topic and group: the broker may be shared
     task_topic = topics.tasks_topic(system)
-    settings = Settings(kafka_bootstrap=broker, pg_dsn=case_store, export_dir=tmp_path / "exports")
+    settings = Settings(
+        kafka_bootstrap=broker,
+        pg_dsn=case_store,
+        export_dir=tmp_path / "exports",
+        kafka_idempotent_producer=broker_kind != "tansu",  # Tansu has no InitProducerId
+    )
     worker = tiny_worker(system)
     stop = asyncio.Event()
     running = asyncio.create_task(worker.run(settings, stop=stop))

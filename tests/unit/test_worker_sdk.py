@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import orjson
 import pytest
@@ -306,3 +307,140 @@ def test_load_worker() -> None:
             load_worker("_dsrflow_test_workers:other")
     finally:
         del sys.modules[mod.__name__]
+
+
+# -- the batch loop, with the broker faked: ordering of delivery and commit --------------
+
+
+class FakeProducer:
+    def __init__(self, fail_first: int = 0) -> None:
+        self.sent: list[tuple[str, bytes | None, bytes | None, list[tuple[str, bytes]]]] = []
+        self.fail_first = fail_first
+        self.events: list[str] = []
+
+    async def send(self, topic: str, value: bytes | None, *, key: bytes | None, headers: list[tuple[str, bytes]]) -> asyncio.Future[None]:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self.fail_first > 0:
+            self.fail_first -= 1
+            from aiokafka.errors import KafkaTimeoutError
+
+            fut.set_exception(KafkaTimeoutError())
+        else:
+            self.sent.append((topic, key, value, headers))
+            self.events.append(f"delivered {topic}")
+            fut.set_result(None)
+        return fut
+
+
+class FakeConsumer:
+    def __init__(self, batches: list[dict[Any, list[Any]]], stop: asyncio.Event, events: list[str]) -> None:
+        self.batches = batches
+        self.stop = stop
+        self.events = events
+        self.commits: list[dict[Any, int]] = []
+        self.seeks: list[tuple[Any, int]] = []
+
+    async def getmany(self, *, timeout_ms: int, max_records: int) -> dict[Any, list[Any]]:
+        if not self.batches:
+            self.stop.set()
+            return {}
+        return self.batches.pop(0)
+
+    async def commit(self, offsets: dict[Any, int]) -> None:
+        self.events.append("commit")
+        self.commits.append(offsets)
+
+    def seek(self, tp: Any, offset: int) -> None:
+        self.seeks.append((tp, offset))
+
+
+def record(topic: str, offset: int, value: bytes | None, headers: list[tuple[str, bytes]], key: bytes = b"k") -> Any:
+    from aiokafka.structs import ConsumerRecord
+
+    return ConsumerRecord(topic, 0, offset, 0, 0, key, value, None, len(key), len(value or b""), headers)
+
+
+def runner_with(worker: Worker, batches: list[dict[Any, list[Any]]], producer: FakeProducer) -> tuple[Any, FakeConsumer, asyncio.Event]:
+    from dsrflow.worker._runner import _Runner
+
+    stop = asyncio.Event()
+    runner = _Runner(worker, settings(), MemoryExportStore(), stop)
+    consumer = FakeConsumer(batches, stop, producer.events)
+    runner.consumer, runner.producer = consumer, producer  # type: ignore[assignment]
+    return runner, consumer, stop
+
+
+async def test_batch_receipts_are_delivered_before_the_commit() -> None:
+    from aiokafka import TopicPartition
+
+    from dsrflow import codec, topics
+    from dsrflow.codec import read_dead_letter
+
+    w = make_worker()
+    topic = topics.tasks_topic("shop")
+    tp = TopicPartition(topic, 0)
+    good = make_task("shop", "export", {"email": EMAIL})
+    other = make_task("billing", "export", {"email": EMAIL})
+    value, headers = codec.encode(good, source="test")
+    batch = {
+        tp: [
+            record(topic, 10, value, headers),
+            record(topic, 11, b"{not json", headers, key=b"bad"),
+            record(topic, 12, *codec.encode(other, source="test")),
+        ]
+    }
+    producer = FakeProducer()
+    runner, consumer, _ = runner_with(w, [batch], producer)
+    await runner._loop()
+
+    assert producer.events == [
+        "delivered dsr.deadletter.v1",
+        "delivered dsr.deadletter.v1",
+        "delivered dsr.receipts.v1",
+        "commit",
+    ]
+    assert consumer.commits == [{tp: 13}]
+    dead = [s for s in producer.sent if s[0] == topics.DEADLETTER]
+    assert dead[0][1] == b"bad" and dead[0][2] == b"{not json"
+    assert read_dead_letter(dead[0][3]).error_type == "bad_json"
+    assert read_dead_letter(dead[1][3]).error_type == "wrong_system"
+    [(_, key, rvalue, rheaders)] = [s for s in producer.sent if s[0] == topics.RECEIPTS]
+    assert key == str(good.case_id).encode()
+    receipt = codec.decode(rvalue, rheaders, TaskReceipt)
+    assert receipt.data.task_id == good.task_id and receipt.subject == str(good.case_id)
+    # The receipt continues the task's trace.
+    assert receipt.traceparent is not None
+    assert receipt.traceparent.split("-")[1] == dict(headers)["traceparent"].decode().split("-")[1]
+
+
+async def test_undelivered_batch_is_not_committed_but_processed_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    from aiokafka import TopicPartition
+
+    from dsrflow import codec, topics
+    from dsrflow.worker import _runner
+
+    monkeypatch.setattr(_runner, "BACKOFF_MAX_S", 0.0)
+    w = make_worker()
+    topic = topics.tasks_topic("shop")
+    tp = TopicPartition(topic, 0)
+    task = make_task("shop", "export", {"email": EMAIL})
+    batch = {tp: [record(topic, 5, *codec.encode(task, source="test"))]}
+    producer = FakeProducer(fail_first=1)
+    # The consumer hands the same batch again after the rewind, as Kafka would.
+    runner, consumer, _ = runner_with(w, [batch, batch], producer)
+    await runner._loop()
+
+    assert consumer.seeks == [(tp, 5)]
+    assert producer.events == ["delivered dsr.receipts.v1", "commit"]
+    assert consumer.commits == [{tp: 6}]
+
+
+async def test_same_task_attempt_gives_the_same_receipt_event_id() -> None:
+    from dsrflow.worker._runner import receipt_event_id
+
+    task = make_task("shop", "export", {"email": EMAIL})
+    first = await run_task(make_worker(), task)
+    second = await run_task(make_worker(), task)
+    assert receipt_event_id(first) == receipt_event_id(second)
+    retry = await run_task(make_worker(), task.model_copy(update={"attempt": 2}))
+    assert receipt_event_id(retry) != receipt_event_id(first)

@@ -1,0 +1,251 @@
+"""The coordinator's intake and aggregation on a real PostgreSQL (no broker: records are
+handed in as Kafka would deliver them), and the outbox relay on the real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import asyncpg
+import orjson
+import pytest
+from aiokafka import AIOKafkaConsumer
+
+from dsrflow import codec, topics
+from dsrflow.coordinator import Coordinator, Record
+from dsrflow.coordinator.relay import OutboxRelay
+from dsrflow.events import Artifact, RetainedItem, RightsRequested, TaskAssigned, TaskReceipt
+from dsrflow.exports import MemoryExportStore
+from dsrflow.registry import SystemDeclaration, register
+from dsrflow.settings import Settings
+from dsrflow.store.outbox import headers_from_json
+from dsrflow.store.timeline import verify
+
+CRM = SystemDeclaration(name="crm", identifier_types=("email", "phone"), actions=("export", "erase"))
+BILLING = SystemDeclaration(name="billing", identifier_types=("email",), actions=("export", "erase"))
+
+
+@pytest.fixture
+async def pool(case_store: str) -> AsyncIterator[asyncpg.Pool]:
+    p = await asyncpg.create_pool(case_store, min_size=1, max_size=2)
+    async with p.acquire() as conn:
+        await register(conn, CRM)
+        await register(conn, BILLING)
+    yield p
+    await p.close()
+
+
+@pytest.fixture
+def coordinator(pool: asyncpg.Pool, case_store: str, tmp_path: Path) -> Coordinator:
+    settings = Settings(pg_dsn=case_store, kafka_bootstrap="unused:9092", state_dir=tmp_path, max_task_attempts=2)
+    return Coordinator(settings, pool, export_store=MemoryExportStore())
+
+
+_offsets = iter(range(10**6))
+
+
+def record(topic: str, value: bytes | None, headers: list[tuple[str, bytes]], key: bytes | None = None) -> Record:
+    return Record(topic, 0, next(_offsets), key, value, headers)
+
+
+def request(right: str = "access", request_id: str | None = None, **kw: object) -> Record:
+    req = RightsRequested.model_validate({
+        "request_id": request_id or f"r-{uuid.uuid4().hex[:8]}", "right": right, "verified": True,
+        "subject": {"identifiers": {"email": "lan.nguyen@example.vn", "phone": "+84901234567"}}, **kw,
+    })
+    value, headers = codec.encode(req, source="test")
+    return record(topics.REQUESTS, value, headers, req.request_id.encode())
+
+
+async def outbox_events(pool: asyncpg.Pool, topic: str) -> list[tuple[dict[str, str], bytes]]:
+    rows = await pool.fetch("SELECT value, headers FROM outbox WHERE topic = $1 ORDER BY id", topic)
+    return [(codec.header_map(headers_from_json(r["headers"])), r["value"]) for r in rows]
+
+
+async def tasks_of(pool: asyncpg.Pool, request_id: str) -> dict[str, asyncpg.Record]:
+    rows = await pool.fetch(
+        "SELECT t.* FROM tasks t JOIN cases c USING (case_id) WHERE c.request_id = $1", request_id)
+    return {r["system"]: r for r in rows}
+
+
+def receipt(task: asyncpg.Record, status: str, **kw: object) -> Record:
+    r = TaskReceipt.model_validate({
+        "task_id": task["task_id"], "case_id": task["case_id"], "system": task["system"],
+        "attempt": kw.pop("attempt", task["attempt"]), "status": status, "completed_at": datetime.now(UTC), **kw,
+    })
+    value, headers = codec.encode(r, source=f"worker/{task['system']}")
+    return record(topics.RECEIPTS, value, headers, str(task["case_id"]).encode())
+
+
+async def test_request_opens_case_with_one_task_per_system_and_minimal_identifiers(
+    coordinator: Coordinator, pool: asyncpg.Pool
+) -> None:
+    rec = request()
+    await coordinator.handle_requests([rec])
+    case = await pool.fetchrow("SELECT * FROM cases")
+    assert case["status"] == "in_progress" and case["right_name"] == "access"
+    assert case["due_at"] > case["received_at"] and case["ack_due_at"] <= case["due_at"]
+    tasks = await tasks_of(pool, case["request_id"])
+    assert set(tasks) == {"crm", "billing"} and all(t["status"] == "dispatched" for t in tasks.values())
+    billing = await outbox_events(pool, "dsr.tasks.billing.v1")
+    assert len(billing) == 1
+    task = codec.decode(billing[0][1], [(k, v.encode()) for k, v in billing[0][0].items()], TaskAssigned)
+    assert task.data.identifiers == {"email": "lan.nguyen@example.vn"}  # billing does not search by phone
+    crm = await outbox_events(pool, "dsr.tasks.crm.v1")
+    assert b"+84901234567" in crm[0][1]
+    # CaseUpdated carries no personal data
+    for _, value in await outbox_events(pool, "dsr.cases.v1"):
+        assert b"lan.nguyen" not in value and b"+8490" not in value
+
+
+async def test_redelivered_event_changes_nothing_and_duplicate_request_opens_no_case(
+    coordinator: Coordinator, pool: asyncpg.Pool
+) -> None:
+    rec = request(request_id="dup-1")
+    await coordinator.handle_requests([rec])
+    before = await pool.fetchval("SELECT count(*) FROM outbox")
+    await coordinator.handle_requests([rec])  # the same event again (redelivery)
+    assert await pool.fetchval("SELECT count(*) FROM outbox") == before
+    await coordinator.handle_requests([request(request_id="dup-1")])  # same request id, new event
+    assert await pool.fetchval("SELECT count(*) FROM cases WHERE request_id = 'dup-1'") == 1
+    assert await pool.fetchval("SELECT count(*) FROM tasks") == 2
+    kinds = [r["kind"] for r in await pool.fetch("SELECT kind FROM case_timeline ORDER BY seq")]
+    assert kinds.count("duplicate_request") == 1
+
+
+async def test_invalid_and_unknown_records_are_dead_lettered_with_their_bytes(
+    coordinator: Coordinator, pool: asyncpg.Pool
+) -> None:
+    _, headers = codec.encode(RightsRequested.model_validate(
+        {"request_id": "x", "right": "access", "subject": {"identifiers": {"email": "a@b.vn"}}}), source="t")
+    bad = [
+        record(topics.REQUESTS, b"{not json", headers, b"k1"),
+        record(topics.REQUESTS, b'{"request_id":"x"}', [("ce_id", b"1")], b"k2"),
+        request(jurisdiction="ZZ"),
+    ]
+    good = request()
+    await coordinator.handle_requests([*bad, good])
+    assert await pool.fetchval("SELECT count(*) FROM cases") == 1  # the good one went through
+    dead = await pool.fetch("SELECT key, value, headers FROM outbox WHERE topic = 'dsr.deadletter.v1' ORDER BY id")
+    assert [r["value"] for r in dead[:2]] == [b"{not json", b'{"request_id":"x"}']
+    kinds = [codec.read_dead_letter(headers_from_json(r["headers"])).error_type for r in dead]
+    assert kinds == ["bad_json", "missing_header", "unknown_jurisdiction"]
+    assert dead[0]["key"] == b"k1"
+
+    # a receipt for a task nobody assigned
+    ghost = TaskReceipt(task_id=uuid.uuid4(), case_id=uuid.uuid4(), system="crm", attempt=1, status="succeeded",
+                        completed_at=datetime.now(UTC))
+    value, headers = codec.encode(ghost, source="t")
+    await coordinator.handle_receipts([record(topics.RECEIPTS, value, headers)])
+    last = await pool.fetchrow("SELECT headers FROM outbox WHERE topic = 'dsr.deadletter.v1' ORDER BY id DESC LIMIT 1")
+    assert codec.read_dead_letter(headers_from_json(last["headers"])).error_type == "unknown_task"
+
+
+async def test_receipts_complete_erasure_with_exceptions_and_duplicates_are_ignored(
+    coordinator: Coordinator, pool: asyncpg.Pool
+) -> None:
+    rec = request("erasure", request_id="er-1")
+    await coordinator.handle_requests([rec])
+    tasks = await tasks_of(pool, "er-1")
+    kept = RetainedItem(category="user.financial", records=3, legal_basis="Law on Accounting Art 41")
+    r_billing = receipt(tasks["billing"], "retained", retained=[kept.model_dump()], counts={"anonymised": 1})
+    await coordinator.handle_receipts([r_billing])
+    assert (await pool.fetchrow("SELECT status FROM cases"))["status"] == "in_progress"
+    await coordinator.handle_receipts([receipt(tasks["crm"], "succeeded", counts={"erased": 4}), r_billing])
+    case = await pool.fetchrow("SELECT * FROM cases")
+    assert case["status"] == "completed_with_exceptions"
+    outcome = orjson.loads(case["outcome"])
+    assert [(r["system"], r["category"], r["records"], r["legal_basis"]) for r in outcome["retained"]] == [
+        ("billing", "user.financial", 3, "Law on Accounting Art 41")]
+    assert outcome["systems"]["crm"]["counts"] == {"erased": 4}
+    # a late duplicate of a receipt for a finished task changes nothing
+    n_events = await pool.fetchval("SELECT count(*) FROM outbox")
+    await coordinator.handle_receipts([receipt(tasks["crm"], "failed", error="late")])
+    assert await pool.fetchval("SELECT count(*) FROM outbox") == n_events
+    assert (await pool.fetchrow("SELECT status FROM tasks WHERE system = 'crm'"))["status"] == "succeeded"
+    rows = await pool.fetch("SELECT * FROM case_timeline WHERE case_id = $1 ORDER BY position", case["case_id"])
+    assert [r["kind"] for r in rows][-1] == "completed" and verify(rows)
+
+
+async def test_retryable_failure_redispatches_then_gives_up(coordinator: Coordinator, pool: asyncpg.Pool) -> None:
+    await coordinator.handle_requests([request("erasure", request_id="retry-1")])
+    crm = (await tasks_of(pool, "retry-1"))["crm"]
+    await coordinator.handle_receipts([receipt(crm, "failed", retryable=True, error="db timeout")])
+    crm = (await tasks_of(pool, "retry-1"))["crm"]
+    assert crm["attempt"] == 2 and crm["status"] == "dispatched"
+    attempts = [codec.decode(v, [(k, x.encode()) for k, x in h.items()], TaskAssigned).data.attempt
+                for h, v in await outbox_events(pool, "dsr.tasks.crm.v1")]
+    assert attempts == [1, 2]
+    # max_task_attempts=2: the second retryable failure is final
+    await coordinator.handle_receipts([receipt(crm, "failed", retryable=True, error="db timeout")])
+    billing = (await tasks_of(pool, "retry-1"))["billing"]
+    await coordinator.handle_receipts([receipt(billing, "not_found")])
+    assert (await pool.fetchrow("SELECT status FROM cases"))["status"] == "failed"
+
+
+async def test_access_case_gets_a_bundle_from_the_export_store(coordinator: Coordinator, pool: asyncpg.Pool) -> None:
+    await coordinator.handle_requests([request("access", request_id="acc-1")])
+    tasks = await tasks_of(pool, "acc-1")
+    art: Artifact = coordinator.exports.put("cases/x/crm/1.json", b'{"contacts": []}', records=1)
+    await coordinator.handle_receipts([
+        receipt(tasks["crm"], "succeeded", artifacts=[art.model_dump()]),
+        receipt(tasks["billing"], "not_found"),
+    ])
+    case = await pool.fetchrow("SELECT * FROM cases")
+    assert case["status"] == "completed"
+    bundle = Artifact.model_validate(orjson.loads(case["bundle"]))
+    from dsrflow.exports import read_bundle
+
+    manifest, files = read_bundle(coordinator.exports.get(bundle.ref))
+    assert manifest["systems_without_data"] == ["billing"] and list(files) == ["crm.json"]
+
+
+async def test_tampered_export_fails_the_case_not_the_coordinator(coordinator: Coordinator, pool: asyncpg.Pool) -> None:
+    await coordinator.handle_requests([request("access", request_id="acc-2")])
+    tasks = await tasks_of(pool, "acc-2")
+    art = coordinator.exports.put("cases/y/crm/1.json", b"{}", records=0)
+    forged = art.model_copy(update={"sha256": "0" * 64})
+    await coordinator.handle_receipts([receipt(tasks["crm"], "succeeded", artifacts=[forged.model_dump()]),
+                                       receipt(tasks["billing"], "not_found")])
+    case = await pool.fetchrow("SELECT * FROM cases")
+    assert case["status"] == "failed" and "bundle_error" in orjson.loads(case["outcome"])
+
+
+async def test_outbox_relay_publishes_to_kafka_and_marks_sent(
+    coordinator: Coordinator, pool: asyncpg.Pool, broker: str, broker_kind: str, case_store: str, tmp_path: Path
+) -> None:
+    settings = Settings(pg_dsn=case_store, kafka_bootstrap=broker, state_dir=tmp_path,
+                        kafka_idempotent_producer=broker_kind != "tansu")
+    await topics.apply(settings.kafka_client_options(), topics.specs_for(["crm", "billing"]))
+    rec = request(request_id=f"relay-{uuid.uuid4().hex[:6]}")
+    await coordinator.handle_requests([rec])
+    n = await pool.fetchval("SELECT count(*) FROM outbox WHERE sent_at IS NULL")
+    relay = OutboxRelay(settings, poll_interval=0.2)
+    stop = asyncio.Event()
+    task = asyncio.create_task(relay.run(stop))
+    consumer = AIOKafkaConsumer(topics.CASES, **settings.kafka_client_options(), auto_offset_reset="earliest",
+                                group_id=None)
+    await consumer.start()
+    try:
+        case_id = str(await pool.fetchval("SELECT case_id FROM cases"))
+        found = None
+        deadline = asyncio.get_running_loop().time() + 30
+        while found is None and asyncio.get_running_loop().time() < deadline:
+            for recs in (await consumer.getmany(timeout_ms=500)).values():
+                for r in recs:
+                    if r.key == case_id.encode():
+                        found = r
+        assert found is not None, "CaseUpdated never reached dsr.cases.v1"
+        assert codec.header_map(found.headers)["ce_type"] == "dsrflow.case.updated.v1"
+        for _ in range(50):
+            if await pool.fetchval("SELECT count(*) FROM outbox WHERE sent_at IS NULL") == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert await pool.fetchval("SELECT count(*) FROM outbox WHERE sent_at IS NOT NULL") == n
+    finally:
+        stop.set()
+        await task
+        await consumer.stop()
