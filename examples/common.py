@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import os
-import re
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import asyncpg
 
 from dsrflow.settings import Settings
-
-_DB_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+from dsrflow.stack.postgres import create_database, with_database
 
 
 def system_dsn(system: str, settings: Settings) -> str:
@@ -21,26 +19,14 @@ def system_dsn(system: str, settings: Settings) -> str:
 
 
 async def ensure_database(dsn: str) -> None:
-    """Create the database ``dsn`` names if it does not exist (via the server's ``postgres``
+    """Create the database ``dsn`` names if it does not exist (through the server's ``postgres``
     database). Safe when several processes race to create it."""
     try:
         conn = await asyncpg.connect(dsn)
     except asyncpg.InvalidCatalogNameError:
-        pass
+        await create_database(with_database(dsn, "postgres"), urlsplit(dsn).path.lstrip("/"))
     else:
         await conn.close()
-        return
-    parts = urlsplit(dsn)
-    name = parts.path.lstrip("/")
-    if not _DB_NAME.match(name):
-        raise ValueError(f"refusing to create a database named {name!r}")
-    admin = await asyncpg.connect(urlunsplit(parts._replace(path="/postgres")))
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    except asyncpg.DuplicateDatabaseError:
-        pass
-    finally:
-        await admin.close()
 
 
 def rowcount(status: str) -> int:

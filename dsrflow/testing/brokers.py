@@ -142,7 +142,7 @@ def start_test_broker(choice: str | None = None) -> tuple[str, str, Stopper]:
             kind = "tansu"
         else:
             took = time.monotonic() - t0
-            desc = f"{_label('apache')} on {kafka.bootstrap}, started in {took:.1f} s"
+            desc = f"{_label('apache')} on {kafka.bootstrap}, started in {took:.2f} s"
             return kafka.bootstrap, "apache", Stopper(kafka.stop, "apache", desc, took)
 
     from dsrflow.stack.tansu import Tansu
@@ -150,7 +150,7 @@ def start_test_broker(choice: str | None = None) -> tuple[str, str, Stopper]:
     broker = Tansu()
     broker.start()
     took = time.monotonic() - t0
-    desc = f"{_label('tansu')} on {broker.bootstrap}, started in {took:.1f} s{fallback_note}"
+    desc = f"{_label('tansu')} on {broker.bootstrap}, started in {took:.2f} s{fallback_note}"
     return broker.bootstrap, "tansu", Stopper(broker.stop, "tansu", desc, took)
 
 

@@ -175,7 +175,7 @@ class _Runner:
                     )
                     continue
                 tasks.append((env.data, env.traceparent))
-        receipts = await asyncio.gather(*(self._handle(task) for task, _ in tasks))
+        receipts = await self._handle_all([task for task, _ in tasks])
         for receipt, (_, traceparent) in zip(receipts, tasks, strict=True):
             value, headers = codec.encode(
                 receipt,
@@ -189,6 +189,21 @@ class _Runner:
             )
         # Every receipt and dead letter acknowledged by the broker before the offsets move on.
         await asyncio.gather(*deliveries)
+
+    async def _handle_all(self, tasks: list[TaskAssigned]) -> list[TaskReceipt]:
+        """Handlers run concurrently (bounded), except that tasks of one case run one after the
+        other in log order, as Kafka delivered them (a task and its retry, say)."""
+        by_case: dict[uuid.UUID, list[int]] = {}
+        for i, task in enumerate(tasks):
+            by_case.setdefault(task.case_id, []).append(i)
+        receipts: list[TaskReceipt | None] = [None] * len(tasks)
+
+        async def in_order(indexes: list[int]) -> None:
+            for i in indexes:
+                receipts[i] = await self._handle(tasks[i])
+
+        await asyncio.gather(*(in_order(ix) for ix in by_case.values()))
+        return [r for r in receipts if r is not None]
 
     async def _handle(self, task: TaskAssigned) -> TaskReceipt:
         async with self._semaphore:

@@ -57,7 +57,14 @@ async def test_produce_consume_and_commit(broker: str) -> None:
 
     group = f"g.{uuid.uuid4().hex[:8]}"
     consumer = AIOKafkaConsumer(
-        topic, bootstrap_servers=broker, group_id=group, auto_offset_reset="earliest", enable_auto_commit=False
+        topic,
+        bootstrap_servers=broker,
+        group_id=group,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        # Tansu holds a new group's first join for about half the session timeout
+        session_timeout_ms=6000,
+        heartbeat_interval_ms=1000,
     )
     await consumer.start()
     try:
@@ -69,18 +76,22 @@ async def test_produce_consume_and_commit(broker: str) -> None:
     finally:
         await consumer.stop()
 
-    # a new member of the group resumes after the committed offsets: nothing left to read
+    # the group's committed offsets survive the member: a reader of the group's
+    # partitions resumes after them (assigned, not subscribed: Tansu only lets a new
+    # member join once the old one's session has expired)
     producer = AIOKafkaProducer(bootstrap_servers=broker)
     await producer.start()
     try:
-        await producer.send_and_wait(topic, b"after", key=b"k0")
+        meta = await producer.send_and_wait(topic, b"after", key=b"k0")
     finally:
         await producer.stop()
     consumer = AIOKafkaConsumer(
-        topic, bootstrap_servers=broker, group_id=group, auto_offset_reset="earliest", enable_auto_commit=False
+        bootstrap_servers=broker, group_id=group, auto_offset_reset="earliest", enable_auto_commit=False
     )
     await consumer.start()
     try:
+        consumer.assign([TopicPartition(topic, p) for p in range(2)])
+        assert await consumer.committed(TopicPartition(topic, meta.partition)) == meta.offset
         assert await _consume(consumer, 1) == [(b"k0", b"after")]
     finally:
         await consumer.stop()

@@ -444,3 +444,31 @@ async def test_same_task_attempt_gives_the_same_receipt_event_id() -> None:
     assert receipt_event_id(first) == receipt_event_id(second)
     retry = await run_task(make_worker(), task.model_copy(update={"attempt": 2}))
     assert receipt_event_id(retry) != receipt_event_id(first)
+
+
+async def test_tasks_of_one_case_run_in_order_others_concurrently() -> None:
+    from aiokafka import TopicPartition
+
+    from dsrflow import codec, topics
+
+    log: list[str] = []
+    w = Worker(declaration(Action.erase))
+
+    @w.handler(Action.erase)
+    async def erase(ctx: TaskContext) -> Result:
+        log.append(f"start {ctx.task.attempt} {ctx.task.case_id}")
+        await asyncio.sleep(0.05)
+        log.append(f"end {ctx.task.attempt} {ctx.task.case_id}")
+        return Result.succeeded()
+
+    topic = topics.tasks_topic("shop")
+    tp = TopicPartition(topic, 0)
+    a1 = make_task("shop", "erase", {"email": EMAIL})
+    a2 = a1.model_copy(update={"attempt": 2})
+    b1 = make_task("shop", "erase", {"email": "an@example.vn"})
+    batch = {tp: [record(topic, i, *codec.encode(t, source="test")) for i, t in enumerate((a1, b1, a2))]}
+    runner, _, _ = runner_with(w, [batch], FakeProducer())
+    await runner._loop()
+    a, b = a1.case_id, b1.case_id
+    assert log.index(f"end 1 {a}") < log.index(f"start 2 {a}")  # same case: in order
+    assert log.index(f"start 1 {b}") < log.index(f"end 1 {a}")  # other case: alongside
