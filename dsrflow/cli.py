@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import asyncio
-import importlib
 import logging
 import sys
 import uuid
@@ -121,6 +120,8 @@ def load_worker(name: str, app: str | None) -> Any:
     NAME, else the reference system ``examples.NAME.worker:worker`` (from the current directory)."""
     from importlib.metadata import entry_points
 
+    from .worker import load_worker as load
+
     if app is None:
         eps = [ep for ep in entry_points(group="dsrflow.workers") if ep.name == name]
         if eps:
@@ -128,8 +129,10 @@ def load_worker(name: str, app: str | None) -> Any:
         app = f"examples.{name}.worker:worker"
     if str(Path.cwd()) not in sys.path:
         sys.path.insert(0, str(Path.cwd()))
-    module, _, attr = app.partition(":")
-    return getattr(importlib.import_module(module), attr or "worker")
+    worker = load(app)
+    if worker.name != name:
+        raise SystemExit(f"error: {app} is the worker of system {worker.name!r}, not {name!r}")
+    return worker
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:

@@ -8,6 +8,7 @@ import concurrent.futures
 import contextlib
 import ctypes
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -23,6 +24,14 @@ except ImportError:  # pragma: no cover
     psutil = None  # type: ignore[assignment]
 
 T = TypeVar("T")
+
+
+_ADDRESS_IN_USE = re.compile(r"Address (already )?in use|AddrInUse", re.IGNORECASE)
+
+
+def address_in_use(text: str) -> bool:
+    """Whether a start-up error says a port picked by free_port() was taken meanwhile."""
+    return bool(_ADDRESS_IN_USE.search(text))
 
 
 class ServiceStartError(RuntimeError):
@@ -46,10 +55,16 @@ def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
 
 
 def log_tail(path: Path | None, lines: int = 40) -> str:
+    """The last ``lines`` of a log, preceded by its first error lines when those are
+    further up (a Java stack trace easily pushes the cause out of the tail)."""
     if path is None or not path.exists():
         return "(no log)"
     text = path.read_text(errors="replace").splitlines()
-    return "\n".join(text[-lines:]) or "(empty log)"
+    tail = text[-lines:]
+    head = len(text) - len(tail)
+    errors = [ln for ln in text[:head] if re.search(r"\b(ERROR|FATAL|PANIC)\b|Exception:", ln)][:8]
+    out = (["(first errors:)", *errors, "(last lines:)"] if errors else []) + tail
+    return "\n".join(out) or "(empty log)"
 
 
 def run_sync(factory: Callable[[], Awaitable[T]], timeout: float | None = None) -> T:

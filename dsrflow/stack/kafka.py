@@ -22,6 +22,7 @@ from pathlib import Path
 from types import TracebackType
 
 from ._proc import (
+    address_in_use,
     ServiceStartError,
     free_port,
     kafka_ready_sync,
@@ -163,6 +164,7 @@ class ApacheKafka:
         self._own_workdir = workdir is None
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="dsrflow-kafka-"))
         self.host = "127.0.0.1"
+        self._auto_ports = port is None and controller_port is None
         self.port = port or free_port()
         self.controller_port = controller_port or free_port()
         while self.controller_port == self.port:
@@ -243,6 +245,24 @@ class ApacheKafka:
         if self.proc is not None:
             return self
         t0 = time.monotonic()
+        try:
+            for attempt in range(3):
+                try:
+                    self._start_once()
+                    break
+                except ServiceStartError as e:
+                    # another process took a free port between our pick and the broker's bind
+                    if not (self._auto_ports and attempt < 2 and address_in_use(str(e))):
+                        raise
+                    self.port, self.controller_port = free_port(), free_port()
+                    shutil.rmtree(self.workdir / "data", ignore_errors=True)
+        except BaseException:
+            self.stop()
+            raise
+        self.started_in = time.monotonic() - t0
+        return self
+
+    def _start_once(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.properties_path.write_text(
             "".join(f"{k}={v}\n" for k, v in self.server_properties().items())
@@ -260,7 +280,7 @@ class ApacheKafka:
             raise ServiceStartError(f"kafka storage format failed:\n{(fmt.stdout + fmt.stderr)[-4000:]}")
         cds, tmp, final = _cds_archive(BROKER_MAIN)
         self._archive = (tmp, final)
-        with open(self.log_path, "ab") as log:
+        with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 self._java(BROKER_MAIN, str(self.properties_path), cds=cds),
                 stdout=log,
@@ -290,10 +310,8 @@ class ApacheKafka:
                 interval=0.2,
             )
         except BaseException:
-            self.stop()
+            self._stop_process()
             raise
-        self.started_in = time.monotonic() - t0
-        return self
 
     def _running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -301,6 +319,11 @@ class ApacheKafka:
     def stop(self) -> None:
         """Terminate the broker's process group (SIGTERM, then SIGKILL) and remove the
         work dir. Idempotent."""
+        self._stop_process()
+        if self._own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def _stop_process(self) -> None:
         atexit.unregister(self.stop)
         proc, self.proc = self.proc, None
         if proc is not None:
@@ -311,8 +334,6 @@ class ApacheKafka:
                 pass
             _install_archive(*self._archive)  # written by the JVM at exit, first run only
             self._archive = (None, None)
-        if self._own_workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def log_tail(self, lines: int = 40) -> str:
         return log_tail(self.log_path, lines)

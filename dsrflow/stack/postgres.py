@@ -23,7 +23,7 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from ._proc import ServiceStartError, popen_class, alive, free_port, log_tail, port_open, preexec_for, stop_group, wait_until
+from ._proc import ServiceStartError, address_in_use, popen_class, alive, free_port, log_tail, port_open, preexec_for, stop_group, wait_until
 
 SUPERUSER = "postgres"
 SYSTEM_USER_WHEN_ROOT = "embedded_postgres"
@@ -156,6 +156,7 @@ class EmbeddedPostgres:
     ) -> None:
         self.pgdata = Path(pgdata).expanduser().resolve()
         self.host = "127.0.0.1"
+        self._auto_port = port is None
         self.port = port or free_port()
         self.detached = detached
         self.remove = remove
@@ -212,6 +213,19 @@ class EmbeddedPostgres:
             return self
         t0 = time.monotonic()
         self.initdb()
+        for attempt in range(3):
+            try:
+                self._start_once()
+                break
+            except ServiceStartError as e:
+                # another process took the free port between our pick and the server's bind
+                if not (self._auto_port and attempt < 2 and address_in_use(str(e))):
+                    raise
+                self.port = free_port()
+        self.started_in = time.monotonic() - t0
+        return self
+
+    def _start_once(self) -> None:
         settings = {
             "listen_addresses": self.host,
             "port": str(self.port),
@@ -247,10 +261,8 @@ class EmbeddedPostgres:
                 interval=0.05,
             )
         except BaseException:
-            self.stop()
+            self._stop_process()
             raise
-        self.started_in = time.monotonic() - t0
-        return self
 
     def _ready(self) -> bool:
         """postmaster.pid names our process and says ``ready``."""
@@ -264,6 +276,13 @@ class EmbeddedPostgres:
 
     def stop(self) -> None:
         """Stop the server and its backends; remove ``pgdata`` if asked to. Idempotent."""
+        self._stop_process()
+        if self.remove:
+            shutil.rmtree(self.pgdata, ignore_errors=True)
+            if self.log_path.parent != self.pgdata:
+                self.log_path.unlink(missing_ok=True)
+
+    def _stop_process(self) -> None:
         atexit.unregister(self.stop)
         proc, self.proc = self.proc, None
         if proc is not None:
@@ -272,10 +291,6 @@ class EmbeddedPostgres:
                 proc.wait(timeout=5)
             except subprocess.TimeoutExpired:  # pragma: no cover
                 pass
-        if self.remove:
-            shutil.rmtree(self.pgdata, ignore_errors=True)
-            if self.log_path.parent != self.pgdata:
-                self.log_path.unlink(missing_ok=True)
 
     def log_tail(self, lines: int = 40) -> str:
         return log_tail(self.log_path, lines)

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from ._proc import ServiceStartError, popen_class, free_port, kafka_ready_sync, log_tail, port_open, preexec_for, stop_group, wait_until
+from ._proc import ServiceStartError, address_in_use, popen_class, free_port, kafka_ready_sync, log_tail, port_open, preexec_for, stop_group, wait_until
 
 #: Tansu reads its settings from these environment variables too; the command line
 #: wins, but strip them so a stray value cannot change what runs.
@@ -59,6 +59,15 @@ def tansu_command(port: int, host: str = "127.0.0.1", cluster_id: str = "dsrflow
     ]
 
 
+def _since(path: Path, offset: int, limit: int = 6000) -> str:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            return fh.read().decode(errors="replace")[-limit:] or "(empty)"
+    except OSError:
+        return "(no log)"
+
+
 def tansu_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in _TANSU_ENV}
     env.setdefault("NO_COLOR", "1")
@@ -82,6 +91,7 @@ class Tansu:
         start_timeout: float = 30.0,
     ) -> None:
         self.host = "127.0.0.1"
+        self._auto_port = port is None
         self.port = port or free_port()
         self._own_log = log_path is None
         self.log_path = Path(log_path) if log_path else Path(tempfile.gettempdir()) / f"dsrflow-tansu-{os.getpid()}-{self.port}.log"
@@ -103,7 +113,21 @@ class Tansu:
         if self.proc is not None:
             return self
         t0 = time.monotonic()
+        for attempt in range(3):
+            try:
+                self._start_once()
+                break
+            except ServiceStartError as e:
+                # another process took the free port between our pick and Tansu's bind
+                if not (self._auto_port and attempt < 2 and address_in_use(str(e))):
+                    raise
+                self.port = free_port()
+        self.started_in = time.monotonic() - t0
+        return self
+
+    def _start_once(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        mark = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "ab") as log:
             self.proc = popen_class(self.detached)(
                 tansu_command(self.port, self.host),
@@ -123,11 +147,12 @@ class Tansu:
                        proc_alive=running, log=self.log_path, interval=0.02)
             wait_until(lambda: kafka_ready_sync(self.bootstrap, timeout=5.0), self.start_timeout, what=what,
                        proc_alive=running, log=self.log_path, interval=0.1)
-        except BaseException:
+        except BaseException as e:
+            log_part = _since(self.log_path, mark)  # only this attempt's part of the log
             self.stop()
+            if isinstance(e, ServiceStartError):
+                raise ServiceStartError(str(e).split("log tail:")[0] + "log:\n" + log_part) from None
             raise
-        self.started_in = time.monotonic() - t0
-        return self
 
     def stop(self) -> None:
         """Terminate Tansu's process group (SIGTERM, SIGKILL after 5 s). Idempotent."""

@@ -1,10 +1,10 @@
 """Test a worker's handlers without Kafka, the way dsrflow tests itself::
 
-    from dsrflow.testing.worker import make_task, run_task
+from dsrflow.testing.worker import make_task, run_task
 
-    async def test_export_finds_lan() -> None:
-        receipt = await run_task(crm, make_task("crm", Action.export, {"email": "lan@example.vn"}))
-        assert receipt.status == "succeeded"
+async def test_export_finds_lan() -> None:
+    receipt = await run_task(crm, make_task("crm", Action.export, {"email": "lan@example.vn"}))
+    assert receipt.status == "succeeded"
 """
 
 from __future__ import annotations

@@ -125,7 +125,9 @@ class _Runner:
         failures = 0
         while not self.stop.is_set():
             try:
-                batch: Batch = await self.consumer.getmany(timeout_ms=POLL_TIMEOUT_MS, max_records=self.worker.max_batch)
+                batch: Batch = await self.consumer.getmany(
+                    timeout_ms=POLL_TIMEOUT_MS, max_records=self.worker.max_batch
+                )
             except KafkaError as exc:
                 failures += 1
                 log.warning("worker %s: fetch failed (%s); retrying", self.worker.name, type(exc).__name__)
@@ -209,9 +211,7 @@ class _Runner:
         async with self._semaphore:
             return await self.worker.handle(task, store=self.store)
 
-    async def _dead_letter(
-        self, record: ConsumerRecord[bytes, bytes], kind: str, message: str
-    ) -> asyncio.Future[Any]:
+    async def _dead_letter(self, record: ConsumerRecord[bytes, bytes], kind: str, message: str) -> asyncio.Future[Any]:
         assert self.producer is not None
         letter = DeadLetter(
             original_topic=record.topic,
@@ -231,12 +231,13 @@ class _Runner:
             record.offset,
             kind,
         )
-        return await self.producer.send(
+        delivery: asyncio.Future[Any] = await self.producer.send(
             topics.DEADLETTER,
             record.value,
             key=record.key,
             headers=codec.dead_letter_headers(original, letter),
         )
+        return delivery
 
     async def _commit(self, batch: Batch) -> None:
         assert self.consumer is not None

@@ -214,9 +214,9 @@ class Worker:
             return Result.failed(f"{name}: {_redact(str(exc), task)}", retryable=exc.retryable)
         where = _where(exc)
         # Only the class and location: the message of an unexpected error may hold personal data.
-        log.error(
-            "system %s task %s: %s handler raised %s at %s", self.name, task.task_id, task.action, name, where
-        )
+        log.error("system %s task %s: %s handler raised %s at %s", self.name, task.task_id, task.action, name, where)
+        if log.isEnabledFor(logging.DEBUG):  # frames and source lines, never the message or locals
+            log.debug("traceback of %s:\n%s", name, "".join(traceback.format_tb(exc.__traceback__)))
         return Result.failed(f"{name} at {where}", retryable=isinstance(exc, self.retry_on))
 
     async def handle(self, task: TaskAssigned, *, store: ExportStore) -> TaskReceipt:

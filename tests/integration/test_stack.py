@@ -14,7 +14,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from dsrflow import topics
 from dsrflow.settings import Settings
 from dsrflow.stack import embedded
-from dsrflow.stack._proc import alive
+from dsrflow.stack._proc import alive, family
 from dsrflow.testing.brokers import TestBrokerError, start_test_broker
 
 
@@ -194,7 +194,7 @@ async def test_embedded_stack_up_status_down(tmp_path: Path) -> None:
         assert {k: v["running"] for k, v in st["services"].items()} == {"postgres": True, "tansu": True}
 
         # Settings finds the stack through stack.json
-        settings = Settings(state_dir=state, _env_file=None)  # type: ignore[call-arg]
+        settings = Settings(state_dir=state, kafka_bootstrap=None, pg_dsn=None)
         assert settings.bootstrap == data["kafka_bootstrap"]
         assert settings.dsn == data["pg_dsn"] and settings.dsn.endswith("/dsrflow")
 
@@ -205,12 +205,15 @@ async def test_embedded_stack_up_status_down(tmp_path: Path) -> None:
             await conn.close()
         report = await topics.apply({"bootstrap_servers": settings.bootstrap}, topics.specs_for(["crm"]))
         assert report.created
+        # every process of the stack: the daemons, PostgreSQL's backends (own sessions)
+        processes = set().union(*(family(p) for p in pids.values()))
+        assert len(processes) > 2
     finally:
         stopped = await asyncio.to_thread(embedded.down, state)
 
     assert stopped is True
     assert not (state / "stack.json").exists()
-    assert not any(alive(p) for p in pids.values()), "processes left after down"
+    assert not [p for p in processes if alive(p)], "processes left after down"
     assert embedded.status(state)["running"] is False
     assert await asyncio.to_thread(embedded.down, state) is False
 

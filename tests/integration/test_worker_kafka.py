@@ -15,6 +15,7 @@ import asyncpg
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from pydantic import SecretStr
 
 from dsrflow import codec, topics
 from dsrflow.codec import header_map, read_dead_letter
@@ -103,7 +104,7 @@ async def test_worker_round_trip(
     task_topic = topics.tasks_topic(system)
     settings = Settings(
         kafka_bootstrap=broker,
-        pg_dsn=case_store,
+        pg_dsn=SecretStr(case_store),
         export_dir=tmp_path / "exports",
         kafka_idempotent_producer=broker_kind != "tansu",  # Tansu has no InitProducerId
     )

@@ -9,6 +9,7 @@ from typing import Any
 
 import orjson
 import pytest
+from pydantic import SecretStr
 
 from dsrflow.events import RetainedItem, TaskReceipt
 from dsrflow.exports import MemoryExportStore
@@ -57,7 +58,7 @@ def make_worker(**kwargs: object) -> Worker:
 
 
 def settings() -> Settings:
-    return Settings(kafka_bootstrap="127.0.0.1:1", pg_dsn="postgresql://u@127.0.0.1:1/x")
+    return Settings(kafka_bootstrap="127.0.0.1:1", pg_dsn=SecretStr("postgresql://u@127.0.0.1:1/x"))
 
 
 async def test_export_writes_claim_check_and_succeeds() -> None:
@@ -107,8 +108,8 @@ async def test_task_without_a_searchable_identifier_is_refused() -> None:
 
 
 async def test_handler_sees_only_declared_identifier_types() -> None:
-    seen: dict[str, str] = {}
-    w = Worker(SystemDeclaration(name="shop", identifier_types=("email",), actions=(Action.export,)))
+    seen: dict[IdentifierType, str] = {}
+    w = Worker(SystemDeclaration(name="shop", identifier_types=(IdentifierType.email,), actions=(Action.export,)))
 
     @w.handler(Action.export)
     async def export(ctx: TaskContext) -> Result:
@@ -302,7 +303,7 @@ def test_load_worker() -> None:
     mod.other = 42  # type: ignore[attr-defined]
     sys.modules[mod.__name__] = mod
     try:
-        assert load_worker("_dsrflow_test_workers") is mod.worker  # type: ignore[attr-defined]
+        assert load_worker("_dsrflow_test_workers") is mod.worker
         with pytest.raises(TypeError):
             load_worker("_dsrflow_test_workers:other")
     finally:
@@ -366,7 +367,7 @@ def runner_with(worker: Worker, batches: list[dict[Any, list[Any]]], producer: F
     stop = asyncio.Event()
     runner = _Runner(worker, settings(), MemoryExportStore(), stop)
     consumer = FakeConsumer(batches, stop, producer.events)
-    runner.consumer, runner.producer = consumer, producer  # type: ignore[assignment]
+    runner.consumer, runner.producer = consumer, producer
     return runner, consumer, stop
 
 
