@@ -7,6 +7,7 @@ Where a connection setting is not given, dsrflow uses the embedded stack that
 from __future__ import annotations
 
 import functools
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
@@ -43,7 +44,10 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = 8080
     api_token: SecretStr | None = None
-    max_task_attempts: int = 3
+    max_task_attempts: int = Field(default=3, ge=1)
+    task_timeout: timedelta = Field(
+        default=timedelta(minutes=15), description="no receipt by then: re-dispatch (seconds or ISO 8601)"
+    )
     log_level: str = "INFO"
 
     # -- resolved values -------------------------------------------------

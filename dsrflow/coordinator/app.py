@@ -25,6 +25,7 @@ log = logging.getLogger("dsrflow.coordinator")
 
 BATCH = 500
 WITHIN = 0.02  # seconds a batch may wait to fill
+SWEEP_INTERVAL = 30.0  # seconds between looks for tasks without a receipt
 
 
 def _credentials(settings: Settings) -> Any:
@@ -92,6 +93,14 @@ def create_app(settings: Settings) -> faust.App:
         c = await coordinator()
         async for events in stream.take_events(BATCH, within=WITHIN):
             await _with_retry(c, c.handle_receipts, AGGREGATOR, _records(events))
+
+    @app.timer(interval=SWEEP_INTERVAL)
+    async def sweep() -> None:
+        if ready.is_set():
+            try:
+                await state["coordinator"].sweep_stalled()
+            except _TRANSIENT as exc:
+                log.warning("stalled-task sweep failed (%s); next interval retries", type(exc).__name__)
 
     @app.task
     async def relay() -> None:

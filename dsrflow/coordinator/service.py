@@ -317,6 +317,48 @@ class Coordinator:
         touched = {tasks[tid]["case_id"] for tid in changed_tasks}
         await self._close_finished(conn, [cases[c] for c in sorted(touched)], tasks, batch, now)
 
+    # -- timers --------------------------------------------------------------
+    async def sweep_stalled(self, now: datetime | None = None, *, limit: int = 500) -> int:
+        """Re-dispatch tasks that got no receipt within ``task_timeout``; after the last attempt
+        mark them stalled (a late receipt still completes them). Returns how many changed."""
+        now = now or datetime.now(UTC)
+        cutoff = now - self.settings.task_timeout
+        batch = _Batch()
+        async with self.pool.acquire() as conn, conn.transaction():
+            case_ids = [r["case_id"] for r in await conn.fetch(
+                """SELECT DISTINCT case_id FROM tasks WHERE status = 'dispatched' AND dispatched_at < $1
+                   LIMIT $2""", cutoff, limit)]
+            if not case_ids:
+                return 0
+            cases = {r["case_id"]: dict(r) for r in await conn.fetch(
+                "SELECT * FROM cases WHERE case_id = ANY($1::uuid[]) ORDER BY case_id FOR UPDATE SKIP LOCKED",
+                case_ids)}
+            due = await conn.fetch(
+                """SELECT * FROM tasks WHERE case_id = ANY($1::uuid[]) AND status = 'dispatched'
+                   AND dispatched_at < $2""", list(cases), cutoff)
+            updates = []
+            for t in map(dict, due):
+                case = cases[t["case_id"]]
+                detail = {"system": t["system"], "attempt": t["attempt"],
+                          "waited_s": int((now - t["dispatched_at"]).total_seconds())}
+                if t["attempt"] < self.settings.max_task_attempts:
+                    t.update(attempt=t["attempt"] + 1, dispatched_at=now)
+                    ids = await self._identifiers_for(conn, t["system"], _loads(case["subject"]))
+                    batch.messages.append(_task_event(t, _case_view(case), ids))
+                    batch.timeline.append(Entry(t["case_id"], "task_redispatched",
+                                                {**detail, "next_attempt": t["attempt"]}, now))
+                else:
+                    t["status"] = str(TaskStatus.stalled)
+                    batch.timeline.append(Entry(t["case_id"], "task_stalled", detail, now))
+                    log.warning("task %s of case %s stalled after %d attempts", t["task_id"], t["case_id"],
+                                t["attempt"])
+                updates.append((t["task_id"], t["status"], t["attempt"], t["dispatched_at"]))
+            await conn.executemany(
+                "UPDATE tasks SET status=$2, attempt=$3, dispatched_at=$4, updated_at=now() WHERE task_id=$1", updates)
+            await append(conn, batch.timeline)
+            await outbox.add(conn, batch.messages)
+            return len(updates)
+
     async def _identifiers_for(self, conn: asyncpg.Connection, system: str, ids: Mapping[str, str]) -> dict[str, str]:
         types = await conn.fetchval("SELECT identifier_types FROM systems WHERE name = $1", system) or []
         return {t: ids[t] for t in types if t in ids}

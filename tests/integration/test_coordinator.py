@@ -249,3 +249,27 @@ async def test_outbox_relay_publishes_to_kafka_and_marks_sent(
         stop.set()
         await task
         await consumer.stop()
+
+
+async def test_task_without_receipt_is_redispatched_then_stalled_and_a_late_receipt_still_counts(
+    coordinator: Coordinator, pool: asyncpg.Pool
+) -> None:
+    from datetime import timedelta
+
+    await coordinator.handle_requests([request("access", request_id="slow-1")])
+    later = datetime.now(UTC) + coordinator.settings.task_timeout + timedelta(seconds=1)
+    assert await coordinator.sweep_stalled(datetime.now(UTC)) == 0  # nothing is late yet
+    assert await coordinator.sweep_stalled(later) == 2
+    tasks = await tasks_of(pool, "slow-1")
+    assert {t["attempt"] for t in tasks.values()} == {2}
+    assert len(await outbox_events(pool, "dsr.tasks.crm.v1")) == 2
+    # max_task_attempts=2: the next sweep gives up on both
+    much_later = later + coordinator.settings.task_timeout + timedelta(seconds=1)
+    assert await coordinator.sweep_stalled(much_later) == 2
+    tasks = await tasks_of(pool, "slow-1")
+    assert {t["status"] for t in tasks.values()} == {"stalled"}
+    assert (await pool.fetchrow("SELECT status FROM cases"))["status"] == "in_progress"
+    await coordinator.handle_receipts([receipt(tasks["crm"], "not_found"), receipt(tasks["billing"], "not_found")])
+    assert (await pool.fetchrow("SELECT status FROM cases"))["status"] == "completed"
+    kinds = [r["kind"] for r in await pool.fetch("SELECT kind FROM case_timeline ORDER BY seq")]
+    assert kinds.count("task_redispatched") == 2 and kinds.count("task_stalled") == 2

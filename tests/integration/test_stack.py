@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import asyncpg
@@ -157,7 +158,7 @@ async def test_topics_apply_creates_then_reports_unchanged(broker: str) -> None:
 
 
 # -- PostgreSQL fixtures -----------------------------------------------------------
-async def test_make_database_gives_fresh_databases(make_database) -> None:  # type: ignore[no-untyped-def]
+async def test_make_database_gives_fresh_databases(make_database: Callable[..., Awaitable[str]]) -> None:
     a, b = await make_database("x"), await make_database("x")
     assert a != b
     conn = await asyncpg.connect(a)
