@@ -33,7 +33,7 @@ def service_env(settings: Settings, extra: Mapping[str, str] | None = None) -> d
         DSRFLOW_EXPORT_DIR=str(settings.exports.resolve()),
         DSRFLOW_LOG_LEVEL=settings.log_level,
         DSRFLOW_MAX_TASK_ATTEMPTS=str(settings.max_task_attempts),
-        DSRFLOW_TASK_TIMEOUT=str(settings.task_timeout.total_seconds()),
+        DSRFLOW_TASK_TIMEOUT=f"PT{settings.task_timeout.total_seconds():g}S",
         PYTHONUNBUFFERED="1",
     )
     env["DSRFLOW_KAFKA_IDEMPOTENT_PRODUCER"] = str(settings.producer_options()["enable_idempotence"]).lower()
