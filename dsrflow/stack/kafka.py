@@ -269,7 +269,9 @@ class ApacheKafka:
         )
         cds, tmp, final = _cds_archive(STORAGE_TOOL_MAIN)
         fmt = subprocess.run(
-            self._java(STORAGE_TOOL_MAIN, "format", "-t", self.cluster_id, "-c", str(self.properties_path), cds=cds),
+            # "--cluster-id=<id>": an id may start with "-", which argparse would take for an option.
+            self._java(STORAGE_TOOL_MAIN, "format", f"--cluster-id={self.cluster_id}", "-c", str(self.properties_path),
+                       cds=cds),
             capture_output=True,
             text=True,
             timeout=120,

@@ -226,3 +226,17 @@ async def test_embedded_stack_up_status_down(tmp_path: Path) -> None:
     finally:
         await asyncio.to_thread(embedded.down, state)
     assert not any(alive(p) for p in data2["pids"].values())
+
+
+def test_apache_kafka_formats_with_a_cluster_id_that_starts_with_a_dash(tmp_path: Path) -> None:
+    """Random cluster ids are URL-safe base64: one in 64 starts with "-" (it once broke the format step)."""
+    import shutil
+
+    from dsrflow.stack.kafka import ApacheKafka
+
+    if not (shutil.which("java") and shutil.which("mvn")):
+        pytest.skip("needs java and mvn")
+    kafka = ApacheKafka(tmp_path / "kafka")
+    kafka.cluster_id = "-" + kafka.cluster_id[1:]
+    with kafka:
+        assert kafka.bootstrap
