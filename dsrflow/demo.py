@@ -43,6 +43,8 @@ class Step:
     subject: str  # key in examples.people.SUBJECTS
     expect: CaseStatus
     verified: bool = True
+    #: published by a plain Kafka client with only the required ce_* headers, as kcat would
+    raw_client: bool = False
     request_id: str = field(default_factory=lambda: f"demo-{uuid.uuid4().hex[:12]}")
     expect_tasks: dict[str, str] = field(default_factory=dict)
 
@@ -69,8 +71,8 @@ def waves() -> list[list[Step]]:
         [
             Step("access, person in CRM and billing", Right.access, "both", CaseStatus.completed,
                  expect_tasks={"crm": "succeeded", "billing": "succeeded"}),
-            Step("access, person in no system", Right.access, "nowhere", CaseStatus.completed,
-                 expect_tasks={"crm": "not_found", "billing": "not_found"}),
+            Step("access, person in no system (kcat-style client)", Right.access, "nowhere", CaseStatus.completed,
+                 expect_tasks={"crm": "not_found", "billing": "not_found"}, raw_client=True),
             Step("erasure, CRM contact only", Right.erasure, "crm_only", CaseStatus.completed,
                  expect_tasks={"crm": "succeeded", "billing": "not_found"}),
             Step("erasure, identity not yet verified", Right.erasure, "billing_only",
@@ -116,19 +118,24 @@ async def prepare(settings: Settings) -> None:
                        replication_factor=settings.topic_replication_factor)
 
 
-async def publish_invalid(settings: Settings) -> None:
-    """An event no schema allows: it must reach the dead-letter topic, and nothing must stop."""
+async def publish_raw(settings: Settings, key: str, value: bytes) -> None:
+    """Publish as any Kafka client following topics/schemas/ would: hand-written JSON and only the
+    required CloudEvents headers, no dsrflow code involved."""
     from aiokafka import AIOKafkaProducer
 
     producer = AIOKafkaProducer(**settings.producer_options())
     await producer.start()
     try:
-        headers = [("ce_specversion", b"1.0"), ("ce_id", b"demo-invalid-1"), ("ce_source", b"demo"),
+        headers = [("ce_specversion", b"1.0"), ("ce_id", f"raw-{uuid.uuid4()}".encode()), ("ce_source", b"demo"),
                    ("ce_type", b"dsrflow.rights.requested.v1"), ("content-type", b"application/json")]
-        await producer.send_and_wait(topics.REQUESTS, b'{"request_id": "bad one", "right": "teleport"}',
-                                     key=b"demo-invalid", headers=headers)
+        await producer.send_and_wait(topics.REQUESTS, value, key=key.encode(), headers=headers)
     finally:
         await producer.stop()
+
+
+async def publish_invalid(settings: Settings) -> None:
+    """An event no schema allows: it must reach the dead-letter topic, and nothing must stop."""
+    await publish_raw(settings, "demo-invalid", b'{"request_id": "bad one", "right": "teleport"}')
 
 
 async def _statuses(conn: asyncpg.Connection, request_ids: Sequence[str]) -> dict[str, asyncpg.Record]:
@@ -157,8 +164,15 @@ async def run_scenario(
     results: list[CaseResult] = []
     try:
         for n, wave in enumerate(waves(), 1):
-            reqs = [_request(s) for s in wave]
+            reqs = [_request(s) for s in wave if not s.raw_client]
             await submit(settings, reqs)
+            for s in wave:
+                if s.raw_client:
+                    from examples.people import SUBJECTS
+
+                    body = {"request_id": s.request_id, "right": str(s.right), "verified": s.verified,
+                            "subject": {"identifiers": SUBJECTS[s.subject].identifiers()}}
+                    await publish_raw(settings, s.request_id, orjson.dumps(body))
             if n == 1 and duplicate:
                 # The same request again (a client retry): same request id, new event id.
                 await submit(settings, [reqs[0].model_copy()])

@@ -100,6 +100,18 @@ def write_schemas(directory: Path | None = None) -> list[Path]:
     return written
 
 
+async def _partition_counts(admin: Any, names: list[str], attempts: int = 20) -> dict[str, int]:
+    """Partitions per topic; waits out a topic so new that the broker's metadata lacks it."""
+    import asyncio
+
+    for _ in range(attempts):
+        descr = await admin.describe_topics(names)
+        if all(d["error_code"] == 0 for d in descr):
+            break
+        await asyncio.sleep(0.1)
+    return {d["topic"]: len(d["partitions"]) for d in descr}
+
+
 @dataclass(frozen=True, slots=True)
 class ApplyReport:
     created: list[str]
@@ -121,7 +133,8 @@ async def apply(admin_options: dict[str, Any], specs: list[TopicSpec], *, replic
         created: list[str] = []
         if missing:
             new = [
-                NewTopic(name=s.name, num_partitions=s.partitions, replication_factor=replication_factor, topic_configs=s.config())
+                NewTopic(name=s.name, num_partitions=s.partitions, replication_factor=replication_factor,
+                         topic_configs=s.config())
                 for s in missing
             ]
             try:
@@ -129,14 +142,18 @@ async def apply(admin_options: dict[str, Any], specs: list[TopicSpec], *, replic
             except TopicAlreadyExistsError:
                 resp = None
             for name, code, *_ in getattr(resp, "topic_errors", []) or []:
-                if code not in (0, 36):  # 36: TOPIC_ALREADY_EXISTS, lost a race with another applier
+                if code == 0:
+                    created.append(name)
+                elif code == 36:
+                    # TOPIC_ALREADY_EXISTS: another applier won the race, or the broker's metadata had
+                    # not caught up when we listed: it exists, so it is checked for drift below.
+                    existing.add(name)
+                else:
                     raise RuntimeError(f"could not create topic {name}: error code {code}")
-            created = [s.name for s in missing]
         present = [s for s in specs if s.name in existing]
         drift: dict[str, list[str]] = {}
         if present:
-            descr = await admin.describe_topics([s.name for s in present])
-            parts = {d["topic"]: len(d["partitions"]) for d in descr}
+            parts = await _partition_counts(admin, [s.name for s in present])
             configs: dict[str, dict[str, str]] = {}
             try:
                 resources_ = [ConfigResource(ConfigResourceType.TOPIC, s.name) for s in present]

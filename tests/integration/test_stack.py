@@ -157,6 +157,26 @@ async def test_topics_apply_creates_then_reports_unchanged(broker: str) -> None:
     assert described == {s.name: s.partitions for s in specs}
 
 
+async def test_topics_apply_reports_drift_from_the_declaration(broker: str) -> None:
+    """A topic that exists with other partitions or configs is reported, not silently accepted."""
+    import dataclasses
+
+    name = f"dsr.tasks.drift{uuid.uuid4().hex[:6]}.v1"
+    declared = topics.declared()[topics.TASKS_TEMPLATE].for_system(name.split(".")[2])
+    admin = AIOKafkaAdminClient(bootstrap_servers=broker)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(name, num_partitions=1, replication_factor=1,
+                                            topic_configs={"retention.ms": "1000"})])
+    finally:
+        await admin.close()
+    report = await topics.apply({"bootstrap_servers": broker}, [dataclasses.replace(declared, name=name)])
+    assert report.created == [] and report.unchanged == []
+    diffs = report.drift[name]
+    assert any(d.startswith("partitions: declared 3, broker has 1") for d in diffs)
+    assert any(d.startswith("retention.ms: declared 604800000, broker has 1000") for d in diffs)
+
+
 # -- PostgreSQL fixtures -----------------------------------------------------------
 async def test_make_database_gives_fresh_databases(make_database: Callable[..., Awaitable[str]]) -> None:
     a, b = await make_database("x"), await make_database("x")
