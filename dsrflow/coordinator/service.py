@@ -367,31 +367,34 @@ class Coordinator:
         self, conn: asyncpg.Connection, cases: Iterable[dict[str, Any]], tasks: Mapping[uuid.UUID, dict[str, Any]],
         batch: _Batch, now: datetime,
     ) -> None:
-        updates = []
+        by_case: dict[uuid.UUID, list[dict[str, Any]]] = {}
+        for t in tasks.values():
+            by_case.setdefault(t["case_id"], []).append(t)
+        finished: list[tuple[dict[str, Any], CaseStatus, list[dict[str, Any]], dict[str, Any]]] = []
         for case in cases:
             if CaseStatus(case["status"]) != CaseStatus.in_progress:
                 continue
-            own = [t for t in tasks.values() if t["case_id"] == case["case_id"]]
-            statuses = {t["system"]: t["status"] for t in own}
-            status = planner.outcome([TaskStatus(s) for s in statuses.values()])
+            own = by_case.get(case["case_id"], [])
+            status = planner.outcome([TaskStatus(t["status"]) for t in own])
             if status is None:
-                batch.messages.append(_case_event(_case_view(case), statuses, now))
+                batch.messages.append(_case_event(_case_view(case), {t["system"]: t["status"] for t in own}, now))
                 continue
-            results = {t["system"]: _loads(t["result"]) or {} for t in own}
+            finished.append((case, status, own, {t["system"]: _loads(t["result"]) or {} for t in own}))
+
+        # Bundles are built side by side (each is file I/O with an fsync), not one after another.
+        bundles = await asyncio.gather(
+            *(self._bundle(case, status, own, results) for case, status, own, results in finished),
+            return_exceptions=True,
+        )
+        updates = []
+        for (case, status, own, results), bundle in zip(finished, bundles, strict=True):
+            statuses = {t["system"]: t["status"] for t in own}
             outcome_doc = _outcome(status, own, results)
-            bundle: Artifact | None = None
-            if Right(case["right_name"]) in BUNDLED_RIGHTS and status != CaseStatus.failed:
-                parts = [(sys_, Artifact.model_validate(a)) for sys_, res in sorted(results.items())
-                         for a in res.get("artifacts", [])]
-                try:
-                    bundle = await asyncio.to_thread(
-                        build_bundle, self.exports, case_id=case["case_id"], request_id=case["request_id"],
-                        parts=parts, systems_without_data=sorted(s for s, st in statuses.items()
-                                                                 if st == TaskStatus.not_found),
-                    )
-                except Exception as exc:  # noqa: BLE001 - a bad artifact fails the case, not the coordinator
-                    status = CaseStatus.failed
-                    outcome_doc = {**_outcome(status, own, results), "bundle_error": f"{type(exc).__name__}: {exc}"}
+            if isinstance(bundle, BaseException):  # a bad artifact fails the case, not the coordinator
+                status = CaseStatus.failed
+                outcome_doc = {**_outcome(status, own, results),
+                               "bundle_error": f"{type(bundle).__name__}: {bundle}"}
+                bundle = None
             case.update(status=str(status), completed_at=now, outcome=_j(outcome_doc),
                         bundle=_j(bundle.model_dump(mode="json")) if bundle else None)
             updates.append((case["case_id"], case["status"], now, case["outcome"], case["bundle"]))
@@ -406,6 +409,18 @@ class Coordinator:
             """UPDATE cases SET status=$2, completed_at=$3, outcome=$4::jsonb, bundle=$5::jsonb, updated_at=now()
                WHERE case_id=$1""",
             updates,
+        )
+
+    async def _bundle(self, case: Mapping[str, Any], status: CaseStatus, tasks: Sequence[Mapping[str, Any]],
+                      results: Mapping[str, Any]) -> Artifact | None:
+        """The access bundle of a finished access or portability case (None for other rights)."""
+        if Right(case["right_name"]) not in BUNDLED_RIGHTS or status == CaseStatus.failed:
+            return None
+        parts = [(system, Artifact.model_validate(a)) for system, res in sorted(results.items())
+                 for a in res.get("artifacts", [])]
+        return await asyncio.to_thread(
+            build_bundle, self.exports, case_id=case["case_id"], request_id=case["request_id"], parts=parts,
+            systems_without_data=sorted(t["system"] for t in tasks if t["status"] == TaskStatus.not_found),
         )
 
 
