@@ -89,7 +89,7 @@ def header_map(headers: Iterable[tuple[str, bytes | None]] | Mapping[str, bytes 
         if v is None:
             continue
         try:
-            out[k] = v.decode() if isinstance(v, bytes | bytearray | memoryview) else str(v)
+            out[k] = bytes(v).decode() if isinstance(v, bytes | bytearray | memoryview) else str(v)
         except UnicodeDecodeError as exc:
             raise DecodeError("bad_header", f"header {k!r} is not UTF-8") from exc
     return out

@@ -223,8 +223,10 @@ async def reference_checks(settings: Settings) -> list[tuple[str, bool]]:
     crm = await asyncpg.connect(system_dsn("crm", settings))
     billing = await asyncpg.connect(system_dsn("billing", settings))
     try:
-        gone = await crm.fetchval("SELECT count(*) FROM contacts WHERE email = ANY($1::text[]) OR phone = ANY($2::text[])",
-                                  [both.email, crm_only.email], [both.phone, crm_only.phone])
+        gone = await crm.fetchval(
+            "SELECT count(*) FROM contacts WHERE email = ANY($1::text[]) OR phone = ANY($2::text[])",
+            [both.email, crm_only.email], [both.phone, crm_only.phone],
+        )
         cust = await billing.fetchrow("SELECT * FROM customers WHERE id = $1", both.customer_id)
         invoices = await billing.fetchval("SELECT count(*) FROM invoices WHERE customer_id = $1", both.customer_id)
         found_by_id = await billing.fetchval(

@@ -85,16 +85,16 @@ def create_app(settings: Settings) -> faust.App:
     @app.agent(requests)
     async def intake(stream: faust.StreamT[bytes]) -> None:
         c = await coordinator()
-        async for events in stream.take_events(BATCH, within=WITHIN):
+        async for events in stream.take_events(BATCH, within=WITHIN):  # type: ignore[attr-defined]
             await _with_retry(c, c.handle_requests, INTAKE, _records(events))
 
     @app.agent(receipts)
     async def aggregate(stream: faust.StreamT[bytes]) -> None:
         c = await coordinator()
-        async for events in stream.take_events(BATCH, within=WITHIN):
+        async for events in stream.take_events(BATCH, within=WITHIN):  # type: ignore[attr-defined]
             await _with_retry(c, c.handle_receipts, AGGREGATOR, _records(events))
 
-    @app.timer(interval=SWEEP_INTERVAL)
+    @app.timer(interval=SWEEP_INTERVAL)  # type: ignore[untyped-decorator]
     async def sweep() -> None:
         if ready.is_set():
             try:
@@ -102,7 +102,7 @@ def create_app(settings: Settings) -> faust.App:
             except _TRANSIENT as exc:
                 log.warning("stalled-task sweep failed (%s); next interval retries", type(exc).__name__)
 
-    @app.task
+    @app.task  # type: ignore[untyped-decorator]
     async def relay() -> None:
         settings.exports.mkdir(parents=True, exist_ok=True)
         pool = await asyncpg.create_pool(settings.dsn, min_size=1, max_size=4)

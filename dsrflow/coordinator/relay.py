@@ -88,6 +88,8 @@ class OutboxRelay:
                 for r in rows
             ]
             await asyncio.gather(*futures)
-            await conn.execute("UPDATE outbox SET sent_at = now() WHERE id = ANY($1::bigint[])", [r["id"] for r in rows])
+            await conn.execute(
+                "UPDATE outbox SET sent_at = now() WHERE id = ANY($1::bigint[])", [r["id"] for r in rows]
+            )
         self.published += len(rows)
         return len(rows)

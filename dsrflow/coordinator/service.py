@@ -23,7 +23,7 @@ from .. import codec, policy, topics
 from ..events import Artifact, CaseUpdated, DeadLetter, RightsRequested, TaskAssigned, TaskReceipt
 from ..exports import ExportStore, LocalExportStore, build_bundle
 from ..registry import active_systems
-from ..rights import TERMINAL_TASK, CaseStatus, ReceiptStatus, Right, TaskStatus
+from ..rights import ACTION_FOR_RIGHT, TERMINAL_TASK, CaseStatus, IdentifierType, ReceiptStatus, Right, TaskStatus
 from ..settings import Settings
 from ..store import outbox
 from ..store.outbox import OutboxMessage
@@ -105,7 +105,7 @@ def _task_event(task: Mapping[str, Any], case: Mapping[str, Any], identifiers: M
         action=task["action"],
         right=case["right_name"],
         attempt=task["attempt"],
-        identifiers=dict(identifiers),
+        identifiers={IdentifierType(k): v for k, v in identifiers.items()},
         due_at=case["due_at"],
         changes=case.get("changes"),
         purposes=case.get("purposes"),
@@ -180,7 +180,8 @@ class Coordinator:
             req = env.data
             if req.request_id in existing:
                 batch.timeline.append(
-                    Entry(existing[req.request_id], "duplicate_request", {"event_id": env.id, "source": env.source}, now)
+                    Entry(existing[req.request_id], "duplicate_request",
+                          {"event_id": env.id, "source": env.source}, now)
                 )
                 log.info("duplicate request for case %s ignored", existing[req.request_id])
                 continue
@@ -200,7 +201,7 @@ class Coordinator:
                 status = CaseStatus.awaiting_verification
             elif plan:
                 status = CaseStatus.in_progress
-            elif req.right in planner.ACTION_FOR_RIGHT:
+            elif req.right in ACTION_FOR_RIGHT:
                 status = CaseStatus.completed  # no registered system holds data we could search for
             else:
                 status = CaseStatus.in_progress  # no fan-out: the DPO answers it, against its deadline
@@ -224,7 +225,7 @@ class Coordinator:
                 batch.timeline.append(Entry(case_id, "awaiting_verification", {}, now))
             task_status: dict[str, str] = {}
             for p in plan:
-                task = {"task_id": uuid.uuid4(), "case_id": case_id, "system": p.system,
+                task: dict[str, Any] = {"task_id": uuid.uuid4(), "case_id": case_id, "system": p.system,
                         "action": str(p.action), "status": str(TaskStatus.dispatched), "attempt": 1}
                 tasks.append(task)
                 task_status[p.system] = task["status"]

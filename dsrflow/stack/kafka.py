@@ -22,8 +22,8 @@ from pathlib import Path
 from types import TracebackType
 
 from ._proc import (
-    address_in_use,
     ServiceStartError,
+    address_in_use,
     free_port,
     kafka_ready_sync,
     log_tail,
