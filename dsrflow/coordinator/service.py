@@ -148,18 +148,24 @@ class Coordinator:
         async with self.pool.acquire() as conn, conn.transaction():
             await outbox.add(conn, batch.messages)
 
-    # -- intake ------------------------------------------------------------
-    async def handle_requests(self, records: Sequence[Record]) -> None:
+    async def _handle(self, records: Sequence[Record], model: type[Any], consumer: str, apply: Any) -> None:
+        """Decode (bad records are dead-lettered), drop events the inbox has seen, apply the rest,
+        and write timeline and outbox: all in one transaction."""
         batch = _Batch()
-        decoded = _decode_all(records, RightsRequested, INTAKE, batch)
+        decoded = _decode_all(records, model, consumer, batch)
         now = datetime.now(UTC)
         async with self.pool.acquire() as conn, conn.transaction():
-            fresh = await outbox.claim_inbox(conn, INTAKE, [env.id for _, env in decoded])
+            fresh = await outbox.claim_inbox(conn, consumer, [env.id for _, env in decoded])
             decoded = [(rec, env) for rec, env in decoded if env.id in fresh]
             if decoded:
-                await self._open_cases(conn, decoded, batch, now)
+                await apply(conn, decoded, batch, now)
             await append(conn, batch.timeline)
             await outbox.add(conn, batch.messages)
+
+    # -- intake ------------------------------------------------------------
+    async def handle_requests(self, records: Sequence[Record]) -> None:
+        """Open a case per new request (one transaction for the batch)."""
+        await self._handle(records, RightsRequested, INTAKE, self._open_cases)
 
     async def _open_cases(
         self, conn: asyncpg.Connection, decoded: list[tuple[Record, codec.Envelope[RightsRequested]]],
@@ -252,16 +258,8 @@ class Coordinator:
 
     # -- aggregation ---------------------------------------------------------
     async def handle_receipts(self, records: Sequence[Record]) -> None:
-        batch = _Batch()
-        decoded = _decode_all(records, TaskReceipt, AGGREGATOR, batch)
-        now = datetime.now(UTC)
-        async with self.pool.acquire() as conn, conn.transaction():
-            fresh = await outbox.claim_inbox(conn, AGGREGATOR, [env.id for _, env in decoded])
-            decoded = [(rec, env) for rec, env in decoded if env.id in fresh]
-            if decoded:
-                await self._apply_receipts(conn, decoded, batch, now)
-            await append(conn, batch.timeline)
-            await outbox.add(conn, batch.messages)
+        """Apply new receipts to their tasks and close finished cases (one transaction for the batch)."""
+        await self._handle(records, TaskReceipt, AGGREGATOR, self._apply_receipts)
 
     async def _apply_receipts(
         self, conn: asyncpg.Connection, decoded: list[tuple[Record, codec.Envelope[TaskReceipt]]],
