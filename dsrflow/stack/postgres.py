@@ -80,7 +80,8 @@ def _prepare_root(pgdata: Path) -> str:
     import stat
 
     utils = _wheel().utils
-    ensure_folder_permissions, ensure_prefix_permissions = utils.ensure_folder_permissions, utils.ensure_prefix_permissions
+    ensure_folder_permissions = utils.ensure_folder_permissions
+    ensure_prefix_permissions = utils.ensure_prefix_permissions
 
     utils.ensure_user_exists(SYSTEM_USER_WHEN_ROOT)
     ensure_prefix_permissions(pgdata)

@@ -112,7 +112,9 @@ class Tansu:
         self._auto_port = port is None
         self.port = port or free_port()
         self._own_log = log_path is None
-        self.log_path = Path(log_path) if log_path else Path(tempfile.gettempdir()) / f"dsrflow-tansu-{os.getpid()}-{self.port}.log"
+        self.log_path = (
+            Path(log_path) if log_path else Path(tempfile.gettempdir()) / f"dsrflow-tansu-{os.getpid()}-{self.port}.log"
+        )
         self.detached = detached
         self.start_timeout = start_timeout
         self.version = tansu_version()

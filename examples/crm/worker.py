@@ -123,7 +123,11 @@ async def export(ctx: TaskContext) -> Result:
                     for a in addresses
                     if a["contact_id"] == c["id"]
                 ],
-                "notes": [{"body": n["body"], "created_at": n["created_at"]} for n in notes if n["contact_id"] == c["id"]],
+                "notes": [
+                    {"body": n["body"], "created_at": n["created_at"]}
+                    for n in notes
+                    if n["contact_id"] == c["id"]
+                ],
             }
             for c in contacts
         ],

@@ -133,7 +133,11 @@ async def test_crm_export_holds_the_subject_and_only_them(crm_dsn: str) -> None:
 
     doc = export_doc(store, receipt.artifacts)
     [contact] = doc["contacts"]
-    assert (contact["full_name"], contact["email"], contact["phone"]) == (IN_BOTH.full_name, IN_BOTH.email, IN_BOTH.phone)
+    assert (contact["full_name"], contact["email"], contact["phone"]) == (
+        IN_BOTH.full_name,
+        IN_BOTH.email,
+        IN_BOTH.phone,
+    )
     assert contact["date_of_birth"] == IN_BOTH.date_of_birth.isoformat()
     assert [a["line"] for a in contact["addresses"]] == [a.line for _, a in crm_seed.addresses(IN_BOTH)]
     assert [n["body"] for n in contact["notes"]] == [b for b, _ in crm_seed.notes(IN_BOTH)]
@@ -160,7 +164,10 @@ async def test_crm_erase_deletes_everything_of_the_subject_and_nothing_else(crm_
     assert receipt.counts == {
         "located": 1, "erased": 1 + n_addr + n_notes, "contacts": 1, "addresses": n_addr, "notes": n_notes,
     }
-    assert await _fetch(crm_dsn, "SELECT 1 FROM contacts WHERE email = $1 OR phone = $2", CRM_ONLY.email, CRM_ONLY.phone) == []
+    assert (
+        await _fetch(crm_dsn, "SELECT 1 FROM contacts WHERE email = $1 OR phone = $2", CRM_ONLY.email, CRM_ONLY.phone)
+        == []
+    )
     assert await _fetch(crm_dsn, "SELECT 1 FROM addresses WHERE contact_id = $1", row["id"]) == []
     assert await _fetch(crm_dsn, "SELECT 1 FROM notes WHERE contact_id = $1", row["id"]) == []
     after = {t: await _count(crm_dsn, t) for t in ("contacts", "addresses", "notes")}

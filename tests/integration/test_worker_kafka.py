@@ -61,7 +61,9 @@ class Collector:
     """Reads a topic from the beginning and keeps the records that match."""
 
     def __init__(self, bootstrap: str, topic: str) -> None:
-        self.consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest")
+        self.consumer = AIOKafkaConsumer(
+            topic, bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest"
+        )
         self.records: list[ConsumerRecord[bytes, bytes]] = []
 
     async def wait_for(
@@ -162,7 +164,11 @@ async def test_worker_round_trip(
         by_key = {r.key: r for r in letters}
         assert set(by_key) == {b"k-bad-json", b"k-no-headers", b"k-wrong-system"}
         kinds = {k: read_dead_letter(r.headers).error_type for k, r in by_key.items()}
-        assert kinds == {b"k-bad-json": "bad_json", b"k-no-headers": "missing_header", b"k-wrong-system": "wrong_system"}
+        assert kinds == {
+            b"k-bad-json": "bad_json",
+            b"k-no-headers": "missing_header",
+            b"k-wrong-system": "wrong_system",
+        }
         bad = by_key[b"k-bad-json"]
         assert bad.value == b'{"task_id": "not json'  # the original bytes, untouched
         letter = read_dead_letter(bad.headers)

@@ -70,7 +70,8 @@ def test_delete_is_idempotent(store: ExportStore) -> None:
 
 
 @pytest.mark.parametrize(
-    "key", ["", "/etc/passwd", "../x.json", "a/../../x.json", "a//b.json", "a/./b.json", ".hidden", "a\\b", "a/b/", "é.json"]
+    "key",
+    ["", "/etc/passwd", "../x.json", "a/../../x.json", "a//b.json", "a/./b.json", ".hidden", "a\\b", "a/b/", "é.json"],
 )
 def test_keys_that_escape_or_are_malformed_are_refused(store: ExportStore, key: str) -> None:
     with pytest.raises(InvalidKey):
@@ -155,7 +156,9 @@ def test_bundle_is_deterministic(store: ExportStore) -> None:
     a = store.get(build_bundle(store, case_id=CASE, request_id="r", parts=parts, generated_at=WHEN).ref)
     b = store.get(build_bundle(store, case_id=CASE, request_id="r", parts=parts[::-1], generated_at=WHEN).ref)
     assert a == b
-    later = build_bundle(store, case_id=CASE, request_id="r", parts=parts, generated_at=datetime(2025, 7, 2, tzinfo=UTC))
+    later = build_bundle(
+        store, case_id=CASE, request_id="r", parts=parts, generated_at=datetime(2025, 7, 2, tzinfo=UTC)
+    )
     _, files_a = read_bundle(a)
     _, files_later = read_bundle(store.get(later.ref))
     assert files_a == files_later  # only generated_at differs
@@ -168,7 +171,9 @@ def test_system_with_several_exports_and_empty_export(store: ExportStore) -> Non
         ("auth", store.put("cases/c/auth/t-1.json", b"[]", records=0)),
     ]
     manifest, files = read_bundle(
-        store.get(build_bundle(store, case_id="c", request_id="r", parts=parts, systems_without_data=["crm", "zalo"]).ref)
+        store.get(
+            build_bundle(store, case_id="c", request_id="r", parts=parts, systems_without_data=["crm", "zalo"]).ref
+        )
     )
     assert sorted(files) == ["auth.json", "crm-1.json", "crm-2.json"]
     assert files["crm-1.json"] == b"[1]" and files["crm-2.json"] == b"[2]"

@@ -131,7 +131,9 @@ def failing_worker(exc: BaseException) -> Worker:
 
 
 async def test_retryable_error_is_failed_and_retryable() -> None:
-    receipt = await run_task(failing_worker(RetryableError("database unavailable")), make_task("shop", "erase", {"email": EMAIL}))
+    receipt = await run_task(
+        failing_worker(RetryableError("database unavailable")), make_task("shop", "erase", {"email": EMAIL})
+    )
     assert receipt.status == ReceiptStatus.failed and receipt.retryable
     assert receipt.error == "RetryableError: database unavailable"
 
@@ -156,7 +158,9 @@ async def test_task_error_message_never_echoes_identifiers() -> None:
 
 
 async def test_transient_library_errors_are_retryable() -> None:
-    receipt = await run_task(failing_worker(ConnectionResetError("peer reset")), make_task("shop", "erase", {"email": EMAIL}))
+    receipt = await run_task(
+        failing_worker(ConnectionResetError("peer reset")), make_task("shop", "erase", {"email": EMAIL})
+    )
     assert receipt.status == ReceiptStatus.failed and receipt.retryable
     assert receipt.error is not None and "peer reset" not in receipt.error
 
@@ -279,7 +283,10 @@ async def test_two_exports_in_one_attempt_get_distinct_keys() -> None:
     task = make_task("shop", "export", {"email": EMAIL}, attempt=2)
     receipt = await run_task(w, task, store=store)
     refs = [a.ref for a in receipt.artifacts]
-    assert refs == [f"cases/{task.case_id}/shop/{task.task_id}-2.json", f"cases/{task.case_id}/shop/{task.task_id}-2-2.json"]
+    assert refs == [
+        f"cases/{task.case_id}/shop/{task.task_id}-2.json",
+        f"cases/{task.case_id}/shop/{task.task_id}-2-2.json",
+    ]
     assert orjson.loads(store.get(refs[0]))["when"] == "2024-01-02T00:00:00+00:00"
     assert store.get(refs[1]) == b"raw,csv\n"
 
@@ -319,7 +326,9 @@ class FakeProducer:
         self.fail_first = fail_first
         self.events: list[str] = []
 
-    async def send(self, topic: str, value: bytes | None, *, key: bytes | None, headers: list[tuple[str, bytes]]) -> asyncio.Future[None]:
+    async def send(
+        self, topic: str, value: bytes | None, *, key: bytes | None, headers: list[tuple[str, bytes]]
+    ) -> asyncio.Future[None]:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if self.fail_first > 0:
             self.fail_first -= 1
@@ -361,7 +370,9 @@ def record(topic: str, offset: int, value: bytes | None, headers: list[tuple[str
     return ConsumerRecord(topic, 0, offset, 0, 0, key, value, None, len(key), len(value or b""), headers)
 
 
-def runner_with(worker: Worker, batches: list[dict[Any, list[Any]]], producer: FakeProducer) -> tuple[Any, FakeConsumer, asyncio.Event]:
+def runner_with(
+    worker: Worker, batches: list[dict[Any, list[Any]]], producer: FakeProducer
+) -> tuple[Any, FakeConsumer, asyncio.Event]:
     from dsrflow.worker._runner import _Runner
 
     stop = asyncio.Event()
