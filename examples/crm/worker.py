@@ -13,10 +13,9 @@ import asyncpg
 
 from dsrflow.registry import SystemDeclaration
 from dsrflow.rights import Action, IdentifierType
-from dsrflow.settings import Settings
 from dsrflow.worker import Result, TaskContext, Worker
 
-from ..common import Database, ensure_database, rowcount, system_dsn
+from ..common import Database, open_with, rowcount, setup_database
 from . import seed as seed_data
 
 NAME = "crm"
@@ -45,28 +44,11 @@ db = Database(NAME)
 
 async def setup(dsn: str, *, seed: bool = True) -> None:
     """Create the database and its tables if missing; seed them if ``seed`` and empty."""
-    await ensure_database(dsn)
-    conn = await asyncpg.connect(dsn)
-    try:
-        async with conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", _SETUP_LOCK)
-            await conn.execute(SCHEMA.read_text())
-            if seed and not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM contacts)"):
-                await seed_data.seed(conn)
-    finally:
-        await conn.close()
+    await setup_database(dsn, schema=SCHEMA, lock=_SETUP_LOCK, seed=seed_data.seed if seed else None,
+                         seeded_table="contacts")
 
 
-@worker.on_startup
-async def open_database(settings: Settings) -> None:
-    dsn = system_dsn(NAME, settings)
-    await setup(dsn, seed=False)
-    await db.open(dsn, max_size=worker.concurrency)
-
-
-@worker.on_shutdown
-async def close_database(settings: Settings) -> None:
-    await db.close()
+open_with(worker, db, setup)
 
 
 def _keys(ctx: TaskContext) -> tuple[str | None, str | None]:
