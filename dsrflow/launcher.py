@@ -49,8 +49,10 @@ class Services:
 
     log_dir: Path
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    _specs: dict[str, tuple[Sequence[str], Mapping[str, str], Path | None]] = field(default_factory=dict)
 
     def start(self, name: str, args: Sequence[str], env: Mapping[str, str], cwd: Path | None = None) -> None:
+        self._specs[name] = (args, env, cwd)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
         self.procs[name] = subprocess.Popen(
@@ -62,6 +64,17 @@ class Services:
             start_new_session=True,
         )
         log.close()
+
+    def kill(self, name: str, sig: signal.Signals = signal.SIGKILL) -> None:
+        """Stop one service abruptly (a crash), without the chance to commit or leave its group."""
+        p = self.procs[name]
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, sig)
+        p.wait(15)
+
+    def restart(self, name: str) -> None:
+        """Start a killed service again with the same arguments and environment."""
+        self.start(name, *self._specs[name])
 
     def check_alive(self) -> None:
         """Raise if a service exited (with the tail of its log)."""

@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import sys
 import zipfile
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import asyncpg
@@ -25,20 +24,6 @@ if str(ROOT) not in sys.path:
 from examples.people import SUBJECTS  # noqa: E402
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-async def e2e_settings(
-    broker: str, broker_kind: str, case_store: str, make_database: Callable[..., Awaitable[str]],
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-) -> Settings:
-    # Each reference system gets a fresh database of its own, for this process and the workers.
-    monkeypatch.setenv("DSRFLOW_CRM_DSN", await make_database("crm"))
-    monkeypatch.setenv("DSRFLOW_BILLING_DSN", await make_database("billing"))
-    return Settings(
-        state_dir=tmp_path / "state", kafka_bootstrap=broker, pg_dsn=case_store, export_dir=tmp_path / "exports",
-        kafka_idempotent_producer=broker_kind != "tansu", log_level="INFO",
-    )
 
 
 async def test_access_erasure_duplicate_and_invalid_end_to_end(e2e_settings: Settings, tmp_path: Path) -> None:
