@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.dsrflow-installed
 
-.PHONY: demo test bench schemas clean
+.PHONY: demo test lint bench schemas clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "dsrflow needs Python 3.11+"'
@@ -16,8 +16,12 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/dsrflow demo
 
-test: $(STAMP)
+test: $(STAMP) lint
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check dsrflow tests examples benchmarks
+	$(VENV)/bin/mypy dsrflow examples
 
 bench: $(STAMP)
 	$(PY) benchmarks/pipeline.py $(BENCH_ARGS)
