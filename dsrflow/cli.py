@@ -8,6 +8,7 @@
     dsrflow worker NAME [--app MOD:ATTR]  run a system's worker
     dsrflow submit --right R --email E    publish a RightsRequested event
     dsrflow cases list | show ID          read cases from the case store
+    dsrflow cases verify ID --by WHO      identity verified: fan an awaiting case out
     dsrflow api                           serve the DPO HTTP API
     dsrflow demo                          the end-to-end demo on the embedded stack
 """
@@ -200,6 +201,23 @@ def cmd_cases(args: argparse.Namespace, settings: Settings) -> int:
 
     from .store import queries
 
+    async def verify() -> int:
+        from .coordinator.service import CaseNotFound, Coordinator, InvalidTransition
+
+        pool = await asyncpg.create_pool(settings.dsn, min_size=1, max_size=1)
+        try:
+            status = await Coordinator(settings, pool).verify(uuid.UUID(args.case_id), by=args.by)
+        except (CaseNotFound, InvalidTransition) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            await pool.close()
+        print(f"case {args.case_id} verified: {status}")
+        return 0
+
+    if args.action == "verify":
+        return asyncio.run(verify())
+
     async def go() -> int:
         conn = await asyncpg.connect(settings.dsn)
         now = datetime.now(UTC)
@@ -277,8 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_submit)
 
     s = sub.add_parser("cases", help="read cases")
-    s.add_argument("action", choices=["list", "show"])
+    s.add_argument("action", choices=["list", "show", "verify"])
     s.add_argument("case_id", nargs="?")
+    s.add_argument("--by", help="verify: who verified the subject's identity (recorded on the timeline)")
     s.add_argument("--status", choices=[c.value for c in CaseStatus])
     s.add_argument("--right", choices=[r.value for r in Right])
     s.add_argument("--limit", type=int, default=50)
@@ -293,8 +312,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = get_settings()
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.command == "cases" and args.action == "show" and not args.case_id:
-        print("error: cases show needs a case id", file=sys.stderr)
+    if args.command == "cases" and args.action in ("show", "verify") and not args.case_id:
+        print(f"error: cases {args.action} needs a case id", file=sys.stderr)
+        return 2
+    if args.command == "cases" and args.action == "verify" and not args.by:
+        print("error: cases verify needs --by (who verified the identity)", file=sys.stderr)
         return 2
     try:
         return int(args.func(args, settings) or 0)

@@ -48,6 +48,10 @@ class Settings(BaseSettings):
     task_timeout: timedelta = Field(
         default=timedelta(minutes=15), description="no receipt by then: re-dispatch (seconds or ISO 8601)"
     )
+    outbox_retention: timedelta = Field(default=timedelta(days=7), description="sent outbox rows kept this long")
+    inbox_retention: timedelta = Field(
+        default=timedelta(days=35), description="processed event ids kept this long; longer than any topic's retention"
+    )
     log_level: str = "INFO"
 
     # -- resolved values -------------------------------------------------

@@ -99,8 +99,9 @@ def create_app(settings: Settings) -> faust.App:
         if ready.is_set():
             try:
                 await state["coordinator"].sweep_stalled()
+                await state["coordinator"].prune()
             except _TRANSIENT as exc:
-                log.warning("stalled-task sweep failed (%s); next interval retries", type(exc).__name__)
+                log.warning("sweep failed (%s); the next interval retries", type(exc).__name__)
 
     @app.task  # type: ignore[untyped-decorator]
     async def relay() -> None:

@@ -22,7 +22,7 @@ import orjson
 from .. import codec, policy, topics
 from ..events import Artifact, CaseUpdated, DeadLetter, RightsRequested, TaskAssigned, TaskReceipt
 from ..exports import ExportStore, LocalExportStore, build_bundle
-from ..registry import active_systems
+from ..registry import SystemDeclaration, active_systems
 from ..rights import ACTION_FOR_RIGHT, TERMINAL_TASK, CaseStatus, IdentifierType, ReceiptStatus, Right, TaskStatus
 from ..settings import Settings
 from ..store import outbox
@@ -199,26 +199,12 @@ class Coordinator:
                 continue
             case_id = uuid.uuid4()
             existing[req.request_id] = case_id
-            ids = {str(k): v for k, v in req.subject.identifiers.items()}
-            plan = [] if planner.needs_verification(req.right, req.verified) else planner.plan(
-                req.right, req.subject.identifiers, systems
-            )
-            if planner.needs_verification(req.right, req.verified):
-                status = CaseStatus.awaiting_verification
-            elif plan:
-                status = CaseStatus.in_progress
-            elif req.right in ACTION_FOR_RIGHT:
-                status = CaseStatus.completed  # no registered system holds data we could search for
-            else:
-                status = CaseStatus.in_progress  # no fan-out: the DPO answers it, against its deadline
             case = {
                 "case_id": case_id, "request_id": req.request_id, "request_event": env.id,
-                "right_name": str(req.right), "jurisdiction": req.jurisdiction, "status": str(status),
-                "subject": ids, "verified": req.verified, "channel": req.channel, "changes": req.changes,
-                "purposes": req.purposes, "received_at": received, "ack_due_at": due.ack_due_at,
-                "due_at": due.due_at, "completed_at": now if status == CaseStatus.completed else None,
-                "outcome": {"note": "no registered system holds data for these identifiers"}
-                if status == CaseStatus.completed else None,
+                "right_name": str(req.right), "jurisdiction": req.jurisdiction, "status": str(CaseStatus.received),
+                "subject": {str(k): v for k, v in req.subject.identifiers.items()}, "verified": req.verified,
+                "channel": req.channel, "changes": req.changes, "purposes": req.purposes, "received_at": received,
+                "ack_due_at": due.ack_due_at, "due_at": due.due_at, "completed_at": None, "outcome": None,
                 "bundle": None,
             }
             cases.append(case)
@@ -227,20 +213,7 @@ class Coordinator:
                 "jurisdiction": req.jurisdiction, "due_at": due.due_at.isoformat(),
                 "ack_due_at": due.ack_due_at.isoformat(), "basis": due.basis,
             }, now))
-            if status == CaseStatus.awaiting_verification:
-                batch.timeline.append(Entry(case_id, "awaiting_verification", {}, now))
-            task_status: dict[str, str] = {}
-            for p in plan:
-                task: dict[str, Any] = {"task_id": uuid.uuid4(), "case_id": case_id, "system": p.system,
-                        "action": str(p.action), "status": str(TaskStatus.dispatched), "attempt": 1}
-                tasks.append(task)
-                task_status[p.system] = task["status"]
-                batch.messages.append(_task_event(task, case, {str(k): v for k, v in p.identifiers.items()}))
-            if plan:
-                batch.timeline.append(Entry(case_id, "tasks_dispatched", {"systems": [p.system for p in plan]}, now))
-            if status == CaseStatus.completed:
-                batch.timeline.append(Entry(case_id, "completed", {"status": str(status), "tasks": {}}, now))
-            batch.messages.append(_case_event(case, task_status, now))
+            tasks += _fan_out(case, systems, batch, now)
         await conn.executemany(
             """INSERT INTO cases (case_id, request_id, request_event, right_name, jurisdiction, status, subject,
                    verified, channel, changes, purposes, received_at, ack_due_at, due_at, completed_at, outcome)
@@ -250,11 +223,36 @@ class Coordinator:
               _j(c["purposes"]) if c["purposes"] else None, c["received_at"], c["ack_due_at"], c["due_at"],
               c["completed_at"], _j(c["outcome"]) if c["outcome"] else None) for c in cases],
         )
-        await conn.executemany(
-            """INSERT INTO tasks (task_id, case_id, system, action, status, attempt, dispatched_at)
-               VALUES ($1,$2,$3,$4,$5,$6,$7)""",
-            [(t["task_id"], t["case_id"], t["system"], t["action"], t["status"], t["attempt"], now) for t in tasks],
-        )
+        await _insert_tasks(conn, tasks, now)
+
+    # -- the DPO's decisions --------------------------------------------------
+    async def verify(self, case_id: uuid.UUID, *, by: str, now: datetime | None = None) -> CaseStatus:
+        """Record that the subject's identity was verified, and fan the case out to the systems.
+
+        Raises :class:`CaseNotFound`, or :class:`InvalidTransition` unless the case is
+        awaiting verification."""
+        now = now or datetime.now(UTC)
+        batch = _Batch()
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow("SELECT * FROM cases WHERE case_id = $1 FOR UPDATE", case_id)
+            if row is None:
+                raise CaseNotFound(f"no case {case_id}")
+            if row["status"] != CaseStatus.awaiting_verification:
+                raise InvalidTransition(f"case {case_id} is {row['status']}, not awaiting verification")
+            case = _case_view(row)
+            case["verified"] = True
+            batch.timeline.append(Entry(case_id, "verified", {"by": by}, now))
+            tasks = _fan_out(case, await active_systems(conn), batch, now)
+            await conn.execute(
+                """UPDATE cases SET verified = true, status = $2, completed_at = $3, outcome = $4::jsonb,
+                       updated_at = now() WHERE case_id = $1""",
+                case_id, case["status"], case["completed_at"], _j(case["outcome"]) if case["outcome"] else None,
+            )
+            await _insert_tasks(conn, tasks, now)
+            await append(conn, batch.timeline)
+            await outbox.add(conn, batch.messages)
+        log.info("case %s verified; %s", case_id, case["status"])
+        return CaseStatus(case["status"])
 
     # -- aggregation ---------------------------------------------------------
     async def handle_receipts(self, records: Sequence[Record]) -> None:
@@ -358,6 +356,16 @@ class Coordinator:
             await outbox.add(conn, batch.messages)
             return len(updates)
 
+    async def prune(self, now: datetime | None = None) -> tuple[int, int]:
+        """Delete outbox rows sent longer ago than ``outbox_retention`` and inbox ids older than
+        ``inbox_retention`` (which must outlast the topics' retention, or a replay could repeat an
+        effect). Returns (outbox rows, inbox rows) deleted."""
+        now = now or datetime.now(UTC)
+        async with self.pool.acquire() as conn:
+            sent = await conn.execute("DELETE FROM outbox WHERE sent_at < $1", now - self.settings.outbox_retention)
+            seen = await conn.execute("DELETE FROM inbox WHERE processed_at < $1", now - self.settings.inbox_retention)
+        return int(sent.split()[-1]), int(seen.split()[-1])
+
     async def _identifiers_for(self, conn: asyncpg.Connection, system: str, ids: Mapping[str, str]) -> dict[str, str]:
         types = await conn.fetchval("SELECT identifier_types FROM systems WHERE name = $1", system) or []
         return {t: ids[t] for t in types if t in ids}
@@ -421,6 +429,56 @@ class Coordinator:
             build_bundle, self.exports, case_id=case["case_id"], request_id=case["request_id"], parts=parts,
             systems_without_data=sorted(t["system"] for t in tasks if t["status"] == TaskStatus.not_found),
         )
+
+
+class CaseNotFound(LookupError):
+    """No case with that id."""
+
+
+class InvalidTransition(ValueError):
+    """The case is not in a state that allows the requested change."""
+
+
+def _fan_out(case: dict[str, Any], systems: Sequence[SystemDeclaration], batch: _Batch,
+             now: datetime) -> list[dict[str, Any]]:
+    """Decide a case's first working state and plan its tasks (pure, apart from queuing the
+    TaskAssigned and CaseUpdated events and timeline entries on ``batch``). Updates ``case``."""
+    right = Right(case["right_name"])
+    plan: list[planner.PlannedTask] = []
+    if planner.needs_verification(right, case["verified"]):
+        status = CaseStatus.awaiting_verification
+    else:
+        ids = {IdentifierType(k): v for k, v in case["subject"].items()}
+        plan = planner.plan(right, ids, systems)
+        if plan or right not in ACTION_FOR_RIGHT:
+            status = CaseStatus.in_progress  # without fan-out the DPO answers it, against its deadline
+        else:
+            status = CaseStatus.completed  # no registered system holds data we could search for
+    case["status"] = str(status)
+    if status == CaseStatus.completed:
+        case.update(completed_at=now, outcome={"note": "no registered system holds data for these identifiers"})
+    tasks: list[dict[str, Any]] = []
+    for p in plan:
+        task: dict[str, Any] = {"task_id": uuid.uuid4(), "case_id": case["case_id"], "system": p.system,
+                                "action": str(p.action), "status": str(TaskStatus.dispatched), "attempt": 1}
+        tasks.append(task)
+        batch.messages.append(_task_event(task, case, {str(k): v for k, v in p.identifiers.items()}))
+    if status == CaseStatus.awaiting_verification:
+        batch.timeline.append(Entry(case["case_id"], "awaiting_verification", {}, now))
+    if plan:
+        batch.timeline.append(Entry(case["case_id"], "tasks_dispatched", {"systems": [p.system for p in plan]}, now))
+    if status == CaseStatus.completed:
+        batch.timeline.append(Entry(case["case_id"], "completed", {"status": str(status), "tasks": {}}, now))
+    batch.messages.append(_case_event(case, {t["system"]: t["status"] for t in tasks}, now))
+    return tasks
+
+
+async def _insert_tasks(conn: asyncpg.Connection, tasks: Sequence[Mapping[str, Any]], now: datetime) -> None:
+    await conn.executemany(
+        """INSERT INTO tasks (task_id, case_id, system, action, status, attempt, dispatched_at)
+           VALUES ($1,$2,$3,$4,$5,$6,$7)""",
+        [(t["task_id"], t["case_id"], t["system"], t["action"], t["status"], t["attempt"], now) for t in tasks],
+    )
 
 
 def _loads(value: Any) -> Any:

@@ -273,3 +273,44 @@ async def test_task_without_receipt_is_redispatched_then_stalled_and_a_late_rece
     assert (await pool.fetchrow("SELECT status FROM cases"))["status"] == "completed"
     kinds = [r["kind"] for r in await pool.fetch("SELECT kind FROM case_timeline ORDER BY seq")]
     assert kinds.count("task_redispatched") == 2 and kinds.count("task_stalled") == 2
+
+
+async def test_unverified_request_waits_until_the_dpo_verifies_it(coordinator: Coordinator, pool: asyncpg.Pool) -> None:
+    from dsrflow.coordinator.service import CaseNotFound, InvalidTransition
+
+    await coordinator.handle_requests([request("erasure", request_id="unv-1", verified=False)])
+    case = await pool.fetchrow("SELECT * FROM cases")
+    assert case["status"] == "awaiting_verification" and not case["verified"]
+    assert await pool.fetchval("SELECT count(*) FROM tasks") == 0
+    assert await pool.fetchval("SELECT count(*) FROM outbox WHERE topic LIKE 'dsr.tasks.%'") == 0
+
+    assert await coordinator.verify(case["case_id"], by="dpo-1") == "in_progress"
+    case = await pool.fetchrow("SELECT * FROM cases")
+    assert case["status"] == "in_progress" and case["verified"]
+    assert set(await tasks_of(pool, "unv-1")) == {"crm", "billing"}
+    assert await pool.fetchval("SELECT count(*) FROM outbox WHERE topic LIKE 'dsr.tasks.%'") == 2
+    rows = await pool.fetch("SELECT * FROM case_timeline WHERE case_id = $1 ORDER BY position", case["case_id"])
+    assert [r["kind"] for r in rows] == ["received", "awaiting_verification", "verified", "tasks_dispatched"]
+    assert verify(rows)
+
+    with pytest.raises(InvalidTransition):
+        await coordinator.verify(case["case_id"], by="dpo-1")
+    with pytest.raises(CaseNotFound):
+        await coordinator.verify(uuid.uuid4(), by="dpo-1")
+
+
+async def test_prune_drops_old_sent_outbox_rows_and_old_inbox_ids_only(
+    coordinator: Coordinator, pool: asyncpg.Pool
+) -> None:
+    from datetime import timedelta
+
+    await coordinator.handle_requests([request()])
+    now = datetime.now(UTC)
+    total = await pool.fetchval("SELECT count(*) FROM outbox")
+    await pool.execute("UPDATE outbox SET sent_at = $1 WHERE id = (SELECT min(id) FROM outbox)", now - timedelta(days=8))
+    await pool.execute("INSERT INTO inbox (consumer, event_id, processed_at) VALUES ('t', 'old', $1)",
+                       now - timedelta(days=36))
+    assert await coordinator.prune(now) == (1, 1)
+    assert await pool.fetchval("SELECT count(*) FROM outbox") == total - 1  # unsent rows stay, whatever their age
+    assert await pool.fetchval("SELECT count(*) FROM inbox WHERE event_id = 'old'") == 0
+    assert await pool.fetchval("SELECT count(*) FROM inbox") == 1
