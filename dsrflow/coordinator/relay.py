@@ -39,28 +39,35 @@ class OutboxRelay:
             client_id="dsrflow-relay",
         )
         await producer.start()
-        conn = await asyncpg.connect(self.settings.dsn)
+        conn: asyncpg.Connection | None = None
         listen = await asyncpg.connect(self.settings.dsn)
         await listen.add_listener(NOTIFY_CHANNEL, self._notified)
+        failures = 0
         try:
             while not stop.is_set():
                 try:
-                    sent = await self.relay_once(conn, producer)
-                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                    log.warning("relay: %s; retrying", type(exc).__name__)
-                    await asyncio.sleep(1)
-                    if conn.is_closed():
+                    if conn is None or conn.is_closed():
                         conn = await asyncpg.connect(self.settings.dsn)
+                    # Cleared before the pass: a NOTIFY that lands during it wakes the next wait at once.
+                    self._wake.clear()
+                    sent = await self.relay_once(conn, producer)
+                    failures = 0
+                except Exception as exc:  # noqa: BLE001 - database or broker away: nothing was marked sent
+                    failures += 1
+                    delay = min(30.0, 0.5 * 2 ** min(failures, 6))
+                    log.warning("relay: %s; retrying in %.1fs", type(exc).__name__, delay)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), delay)
                     continue
                 if sent < self.batch_size:
-                    self._wake.clear()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wait(stop), self.poll_interval)
         finally:
             with contextlib.suppress(Exception):
                 await listen.close()
-            with contextlib.suppress(Exception):
-                await conn.close()
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await conn.close()
             await producer.stop()
 
     async def _wait(self, stop: asyncio.Event) -> None:
