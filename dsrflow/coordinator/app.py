@@ -106,7 +106,15 @@ def create_app(settings: Settings) -> faust.App:
     @app.task  # type: ignore[untyped-decorator]
     async def relay() -> None:
         settings.exports.mkdir(parents=True, exist_ok=True)
-        pool = await asyncpg.create_pool(settings.dsn, min_size=1, max_size=4)
+        delay = 0.5
+        while True:  # the agents wait for this: a database still starting up is waited for, not fatal
+            try:
+                pool = await asyncpg.create_pool(settings.dsn, min_size=1, max_size=4)
+                break
+            except _TRANSIENT as exc:
+                log.warning("case store unreachable (%s); retrying in %.1fs", type(exc).__name__, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
         state["coordinator"] = Coordinator(settings, pool)
         state["pool"] = pool
         ready.set()
