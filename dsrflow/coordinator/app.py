@@ -18,6 +18,7 @@ import faust
 
 from .. import topics
 from ..settings import Settings
+from ..store.errors import is_transient, where
 from .relay import OutboxRelay
 from .service import AGGREGATOR, INTAKE, Coordinator, Record
 
@@ -100,7 +101,7 @@ def create_app(settings: Settings) -> faust.App:
             try:
                 await state["coordinator"].sweep_stalled()
                 await state["coordinator"].prune()
-            except _TRANSIENT as exc:
+            except Exception as exc:  # noqa: BLE001 - a timer must not die; the next interval retries
                 log.warning("sweep failed (%s); the next interval retries", type(exc).__name__)
 
     @app.task  # type: ignore[untyped-decorator]
@@ -111,7 +112,9 @@ def create_app(settings: Settings) -> faust.App:
             try:
                 pool = await asyncpg.create_pool(settings.dsn, min_size=1, max_size=4)
                 break
-            except _TRANSIENT as exc:
+            except Exception as exc:  # noqa: BLE001
+                if not is_transient(exc):
+                    raise
                 log.warning("case store unreachable (%s); retrying in %.1fs", type(exc).__name__, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
@@ -124,35 +127,45 @@ def create_app(settings: Settings) -> faust.App:
     return app
 
 
-_TRANSIENT = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
-              asyncpg.SerializationError, asyncpg.DeadlockDetectedError, asyncpg.TooManyConnectionsError)
-
-
 async def _with_retry(c: Coordinator, handler: Any, consumer: str, records: list[Record]) -> None:
-    """Handle a batch; the batch is acked only once this returns.
+    """Handle a batch; the batch is acked only once this returns, so nothing in here may raise.
 
-    Infrastructure errors (database unreachable) are retried with backoff. Any other error
-    is a record the handler could not process although it decoded: the batch is split and
-    the one record that still fails is dead-lettered with the error, so the agent never dies.
+    Transient errors (database unreachable, failover, serialisation) are retried with backoff
+    until they pass. Any other error is a record the handler could not process although it
+    decoded: the batch is split and the one record that still fails is dead-lettered.
     """
     delay = 0.5
     while True:
         try:
             await handler(records)
             return
-        except _TRANSIENT as exc:
-            log.warning("batch of %d failed (%s); retrying in %.1fs", len(records), type(exc).__name__, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 10.0)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - the agent must not die, and must not ack undone work
+            if is_transient(exc):
+                log.warning("batch of %d failed (%s); retrying in %.1fs", len(records), type(exc).__name__, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+                continue
             if len(records) > 1:
                 for rec in records:
                     await _with_retry(c, handler, consumer, [rec])
                 return
-            log.exception("record %s[%d]@%d could not be processed", records[0].topic, records[0].partition,
-                          records[0].offset)
-            await c.dead_letter(records[0], consumer, "processing_error", f"{type(exc).__name__}: {exc}")
+            reason = where(exc)  # no message: it may quote personal data
+            log.error("record %s[%d]@%d could not be processed: %s", records[0].topic, records[0].partition,
+                      records[0].offset, reason)
+            await _dead_letter_until_done(c, records[0], consumer, reason)
             return
+
+
+async def _dead_letter_until_done(c: Coordinator, record: Record, consumer: str, reason: str) -> None:
+    delay = 0.5
+    while True:
+        try:
+            await c.dead_letter(record, consumer, "processing_error", reason)
+            return
+        except Exception as exc:  # noqa: BLE001 - stall rather than ack a record that went nowhere
+            log.warning("dead-lettering failed (%s); retrying in %.1fs", type(exc).__name__, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
 
 
 def run(settings: Settings) -> None:

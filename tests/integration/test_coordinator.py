@@ -307,10 +307,73 @@ async def test_prune_drops_old_sent_outbox_rows_and_old_inbox_ids_only(
     await coordinator.handle_requests([request()])
     now = datetime.now(UTC)
     total = await pool.fetchval("SELECT count(*) FROM outbox")
-    await pool.execute("UPDATE outbox SET sent_at = $1 WHERE id = (SELECT min(id) FROM outbox)", now - timedelta(days=8))
+    await pool.execute("UPDATE outbox SET sent_at = $1 WHERE id = (SELECT min(id) FROM outbox)",
+                       now - timedelta(days=8))
     await pool.execute("INSERT INTO inbox (consumer, event_id, processed_at) VALUES ('t', 'old', $1)",
                        now - timedelta(days=36))
     assert await coordinator.prune(now) == (1, 1)
     assert await pool.fetchval("SELECT count(*) FROM outbox") == total - 1  # unsent rows stay, whatever their age
     assert await pool.fetchval("SELECT count(*) FROM inbox WHERE event_id = 'old'") == 0
     assert await pool.fetchval("SELECT count(*) FROM inbox") == 1
+
+
+async def test_relay_sets_aside_a_row_the_broker_refuses_and_publishes_the_rest(
+    pool: asyncpg.Pool, broker: str, broker_kind: str, case_store: str, tmp_path: Path
+) -> None:
+    from aiokafka import AIOKafkaProducer
+
+    from dsrflow.coordinator import relay as relay_mod
+    from dsrflow.store.outbox import OutboxMessage, add
+
+    settings = Settings(pg_dsn=case_store, kafka_bootstrap=broker, state_dir=tmp_path,
+                        kafka_idempotent_producer=broker_kind != "tansu")
+    await topics.apply(settings.kafka_client_options(), topics.specs_for([]))
+    async with pool.acquire() as conn:
+        await add(conn, [
+            OutboxMessage(topics.DEADLETTER, b"huge", b"x" * 3_000_000, []),  # over the 1 MB request limit
+            OutboxMessage("dsr.tasks.nosuchsystem.v1", b"k", b"{}", []),  # a topic that does not exist
+            OutboxMessage(topics.CASES, b"ok", b"{}", []),
+        ])
+    producer = AIOKafkaProducer(**settings.producer_options(), request_timeout_ms=5000)
+    await producer.start()
+    try:
+        relay = OutboxRelay(settings)
+        async with pool.acquire() as conn:
+            await relay.relay_once(conn, producer)
+            rows = {r["key"]: r for r in await conn.fetch("SELECT * FROM outbox")}
+            assert rows[b"ok"]["sent_at"] is not None  # the good row was not held up
+            assert rows[b"huge"]["failed_at"] is not None and "MessageSizeTooLarge" in rows[b"huge"]["error"]
+            assert rows[b"k"]["failed_at"] is None and rows[b"k"]["attempts"] == 1  # may yet be created
+            for _ in range(relay_mod.MAX_ROW_ATTEMPTS - 1):
+                await relay.relay_once(conn, producer)
+            row = await conn.fetchrow("SELECT * FROM outbox WHERE key = 'k'")
+            assert row["failed_at"] is not None and "does not exist" in row["error"]
+            assert relay.set_aside == 2 and relay.published == 1
+            assert await relay.relay_once(conn, producer) == 0  # nothing left to try
+    finally:
+        await producer.stop()
+
+
+async def test_only_one_relay_publishes_at_a_time(
+    pool: asyncpg.Pool, broker: str, broker_kind: str, case_store: str, tmp_path: Path
+) -> None:
+    settings = Settings(pg_dsn=case_store, kafka_bootstrap=broker, state_dir=tmp_path,
+                        kafka_idempotent_producer=broker_kind != "tansu")
+    a, b = OutboxRelay(settings, standby_interval=0.1), OutboxRelay(settings, standby_interval=0.1)
+    stop = asyncio.Event()
+    runs = [asyncio.create_task(a.run(stop)), asyncio.create_task(b.run(stop))]
+    try:
+        for _ in range(100):
+            held = await pool.fetchval(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = $1 AND granted",
+                0x64737272)
+            if held:
+                break
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.5)
+        assert held == 1
+        assert await pool.fetchval(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = $1", 0x64737272) == 1
+    finally:
+        stop.set()
+        await asyncio.gather(*runs)
