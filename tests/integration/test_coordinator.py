@@ -377,3 +377,27 @@ async def test_only_one_relay_publishes_at_a_time(
     finally:
         stop.set()
         await asyncio.gather(*runs)
+
+
+async def test_agent_path_retries_transient_errors_and_dead_letters_only_the_record_that_breaks(
+    coordinator: Coordinator, pool: asyncpg.Pool
+) -> None:
+    from dsrflow.coordinator.app import _with_retry
+    from dsrflow.coordinator.service import INTAKE
+
+    good, bad, also_good = request(request_id="g-1"), request(request_id="boom"), request(request_id="g-2")
+    outages = iter([asyncpg.CannotConnectNowError("starting up")])  # one transient failure first
+
+    async def handler(records: list[Record]) -> None:
+        for exc in outages:
+            raise exc
+        if any(r.key == b"boom" for r in records):
+            raise KeyError("boom")  # a bug that only this record triggers
+        await coordinator.handle_requests(records)
+
+    await _with_retry(coordinator, handler, INTAKE, [good, bad, also_good])  # returns: never raises
+    assert {r["request_id"] for r in await pool.fetch("SELECT request_id FROM cases")} == {"g-1", "g-2"}
+    dead = await pool.fetch("SELECT key, value, headers FROM outbox WHERE topic = 'dsr.deadletter.v1'")
+    assert [r["key"] for r in dead] == [b"boom"] and dead[0]["value"] == bad.value
+    letter = codec.read_dead_letter(headers_from_json(dead[0]["headers"]))
+    assert letter.error_type == "processing_error" and letter.error.startswith("KeyError at ")
