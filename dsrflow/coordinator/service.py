@@ -21,7 +21,7 @@ import orjson
 
 from .. import codec, policy, topics
 from ..events import Artifact, CaseUpdated, DeadLetter, RightsRequested, TaskAssigned, TaskReceipt
-from ..exports import ExportStore, LocalExportStore, build_bundle
+from ..exports import BundleError, ExportError, ExportStore, LocalExportStore, build_bundle
 from ..registry import SystemDeclaration, active_systems
 from ..rights import ACTION_FOR_RIGHT, TERMINAL_TASK, CaseStatus, IdentifierType, ReceiptStatus, Right, TaskStatus
 from ..settings import Settings
@@ -285,8 +285,12 @@ class Coordinator:
                 continue
             receipt_rows.append((env.id, r.task_id, r.case_id, r.system, r.attempt, str(r.status),
                                  _j(r.model_dump(mode="json", exclude_none=True))))
-            if TaskStatus(task["status"]) in TERMINAL_TASK or r.attempt != task["attempt"]:
-                continue  # a duplicate or a stale attempt: recorded above, changes nothing
+            if TaskStatus(task["status"]) in TERMINAL_TASK or r.attempt > task["attempt"]:
+                continue  # a late duplicate, or an attempt never dispatched: recorded above, changes nothing
+            if r.attempt < task["attempt"] and r.status == ReceiptStatus.failed:
+                continue  # an earlier attempt's failure: its retry is already out
+            # An earlier attempt that did finish counts: its effect happened (erased rows stay
+            # erased), and the retry in flight would only report what is left.
             detail: dict[str, Any] = {"system": r.system, "attempt": r.attempt, "status": str(r.status)}
             if r.status == ReceiptStatus.failed and r.retryable and r.attempt < self.settings.max_task_attempts:
                 task.update(attempt=r.attempt + 1, status=str(TaskStatus.dispatched), dispatched_at=now, error=r.error)
@@ -397,6 +401,8 @@ class Coordinator:
         for (case, status, own, results), bundle in zip(finished, bundles, strict=True):
             statuses = {t["system"]: t["status"] for t in own}
             outcome_doc = _outcome(status, own, results)
+            if isinstance(bundle, BaseException) and not isinstance(bundle, ExportError):
+                raise bundle  # the export store is away, say: the batch is retried, the case not failed
             if isinstance(bundle, BaseException):  # a bad artifact fails the case, not the coordinator
                 status = CaseStatus.failed
                 outcome_doc = {**_outcome(status, own, results),
@@ -425,6 +431,10 @@ class Coordinator:
             return None
         parts = [(system, Artifact.model_validate(a)) for system, res in sorted(results.items())
                  for a in res.get("artifacts", [])]
+        for system, artifact in parts:
+            # A receipt may only bring its own system's exports for this case into the bundle.
+            if not artifact.ref.startswith(f"cases/{case['case_id']}/{system}/"):
+                raise BundleError(f"export of system {system!r} is not one of this case's: {artifact.ref}")
         return await asyncio.to_thread(
             build_bundle, self.exports, case_id=case["case_id"], request_id=case["request_id"], parts=parts,
             systems_without_data=sorted(t["system"] for t in tasks if t["status"] == TaskStatus.not_found),

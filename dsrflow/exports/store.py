@@ -81,15 +81,21 @@ def validate_key(key: str) -> str:
     return key
 
 
-def export_key(case_id: UUID | str, system: str, task_id: UUID | str, attempt: int, *, part: int = 1) -> str:
-    """The key of a worker's export: ``cases/<case_id>/<system>/<task_id>-<attempt>.json``.
+def export_key(
+    case_id: UUID | str, system: str, task_id: UUID | str, attempt: int, *, digest: str, part: int = 1
+) -> str:
+    """The key of a worker's export: ``cases/<case_id>/<system>/<task_id>-<attempt>-<digest16>.json``.
 
-    A handler that exports more than one file gets ``-<part>`` appended for parts after the first.
-    The same task attempt always maps to the same key, so a redelivered task overwrites its own
-    export instead of leaving a second copy.
+    A handler that exports more than one file gets ``-<part>`` before the digest for parts after
+    the first. The key ends with the first 16 hex digits of the content's sha256, so exports
+    are written once and never replaced: a redelivered task that exports the same bytes lands on
+    the same key, and one that sees changed data writes a new file, while the export a receipt
+    already named stays as its checksum says.
     """
+    if len(digest) < 16:
+        raise ValueError("digest must be a hex sha256")
     suffix = "" if part == 1 else f"-{part}"
-    return validate_key(f"cases/{case_id}/{system}/{task_id}-{attempt}{suffix}.json")
+    return validate_key(f"cases/{case_id}/{system}/{task_id}-{attempt}{suffix}-{digest[:16]}.json")
 
 
 def bundle_key(case_id: UUID | str) -> str:

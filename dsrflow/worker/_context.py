@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -56,11 +57,14 @@ class TaskContext:
 
         ``data`` is encoded as JSON (dates, datetimes, UUIDs, Decimals and asyncpg records
         included) unless it is already ``bytes``. The key is
-        ``cases/<case_id>/<system>/<task_id>-<attempt>.json``, so a redelivered task overwrites
-        its own export; a second export in the same attempt gets ``-2`` appended, and so on.
+        ``cases/<case_id>/<system>/<task_id>-<attempt>-<sha256 prefix>.json`` (see
+        :func:`~dsrflow.exports.store.export_key`): an export is never replaced, so the one a
+        receipt names always matches its checksum; a second export in the same attempt gets
+        ``-2`` before the digest, and so on.
         """
         body = data if isinstance(data, bytes) else to_json(data)
         self._parts += 1
-        key = export_key(self.task.case_id, self.system.name, self.task.task_id, self.task.attempt, part=self._parts)
+        key = export_key(self.task.case_id, self.system.name, self.task.task_id, self.task.attempt,
+                         digest=hashlib.sha256(body).hexdigest(), part=self._parts)
         # File I/O off the event loop: other tasks of the batch keep running.
         return await asyncio.to_thread(self.store.put, key, body, records=records, media_type=media_type)

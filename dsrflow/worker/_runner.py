@@ -71,6 +71,10 @@ class _Runner:
         self._semaphore = asyncio.Semaphore(worker.concurrency)
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
+        # Receipts of the batch in hand, kept until its offsets are committed: when delivery fails
+        # and the batch comes round again, the same receipts are sent, not a re-run's view of a
+        # store the first run already changed (an erasure re-run would find nothing: not_found).
+        self._settled: dict[tuple[uuid.UUID, int], TaskReceipt] = {}
 
     async def register(self) -> None:
         conn = await asyncpg.connect(self.settings.dsn)
@@ -150,6 +154,7 @@ class _Runner:
                 continue
             failures = 0
             await self._commit(batch)
+            self._settled.clear()
 
     async def _pause(self, failures: int) -> None:
         delay = min(BACKOFF_MAX_S, 0.5 * 2 ** min(failures, 10))
@@ -208,8 +213,11 @@ class _Runner:
         return [r for r in receipts if r is not None]
 
     async def _handle(self, task: TaskAssigned) -> TaskReceipt:
-        async with self._semaphore:
-            return await self.worker.handle(task, store=self.store)
+        key = (task.task_id, task.attempt)
+        if key not in self._settled:
+            async with self._semaphore:
+                self._settled[key] = await self.worker.handle(task, store=self.store)
+        return self._settled[key]
 
     async def _dead_letter(self, record: ConsumerRecord[bytes, bytes], kind: str, message: str) -> asyncio.Future[Any]:
         assert self.producer is not None

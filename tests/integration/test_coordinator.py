@@ -189,7 +189,8 @@ async def test_retryable_failure_redispatches_then_gives_up(coordinator: Coordin
 async def test_access_case_gets_a_bundle_from_the_export_store(coordinator: Coordinator, pool: asyncpg.Pool) -> None:
     await coordinator.handle_requests([request("access", request_id="acc-1")])
     tasks = await tasks_of(pool, "acc-1")
-    art: Artifact = coordinator.exports.put("cases/x/crm/1.json", b'{"contacts": []}', records=1)
+    case_id = tasks["crm"]["case_id"]
+    art: Artifact = coordinator.exports.put(f"cases/{case_id}/crm/1.json", b'{"contacts": []}', records=1)
     await coordinator.handle_receipts([
         receipt(tasks["crm"], "succeeded", artifacts=[art.model_dump()]),
         receipt(tasks["billing"], "not_found"),
@@ -206,7 +207,7 @@ async def test_access_case_gets_a_bundle_from_the_export_store(coordinator: Coor
 async def test_tampered_export_fails_the_case_not_the_coordinator(coordinator: Coordinator, pool: asyncpg.Pool) -> None:
     await coordinator.handle_requests([request("access", request_id="acc-2")])
     tasks = await tasks_of(pool, "acc-2")
-    art = coordinator.exports.put("cases/y/crm/1.json", b"{}", records=0)
+    art = coordinator.exports.put(f"cases/{tasks['crm']['case_id']}/crm/1.json", b"{}", records=0)
     forged = art.model_copy(update={"sha256": "0" * 64})
     await coordinator.handle_receipts([receipt(tasks["crm"], "succeeded", artifacts=[forged.model_dump()]),
                                        receipt(tasks["billing"], "not_found")])
@@ -401,3 +402,42 @@ async def test_agent_path_retries_transient_errors_and_dead_letters_only_the_rec
     assert [r["key"] for r in dead] == [b"boom"] and dead[0]["value"] == bad.value
     letter = codec.read_dead_letter(headers_from_json(dead[0]["headers"]))
     assert letter.error_type == "processing_error" and letter.error.startswith("KeyError at ")
+
+
+async def test_a_late_receipt_from_an_earlier_attempt_records_the_real_effect(
+    coordinator: Coordinator, pool: asyncpg.Pool
+) -> None:
+    from datetime import timedelta
+
+    await coordinator.handle_requests([request("erasure", request_id="late-1")])
+    first = await tasks_of(pool, "late-1")
+    await coordinator.sweep_stalled(datetime.now(UTC) + coordinator.settings.task_timeout + timedelta(seconds=1))
+    assert {t["attempt"] for t in (await tasks_of(pool, "late-1")).values()} == {2}
+    # attempt 1 did erase; its receipt arrives after attempt 2 went out
+    await coordinator.handle_receipts([receipt(first["crm"], "succeeded", attempt=1, counts={"erased": 4}),
+                                       receipt(first["billing"], "failed", attempt=1, error="timeout")])
+    tasks = await tasks_of(pool, "late-1")
+    assert tasks["crm"]["status"] == "succeeded" and orjson.loads(tasks["crm"]["result"])["counts"] == {"erased": 4}
+    assert tasks["billing"]["status"] == "dispatched"  # an old failure does not undo the retry in flight
+    # attempt 2 of crm finds nothing left: it must not overwrite what attempt 1 did
+    await coordinator.handle_receipts([receipt(tasks["crm"], "not_found", attempt=2),
+                                       receipt(tasks["billing"], "not_found", attempt=2)])
+    tasks = await tasks_of(pool, "late-1")
+    assert tasks["crm"]["status"] == "succeeded" and tasks["billing"]["status"] == "not_found"
+    assert (await pool.fetchrow("SELECT status FROM cases"))["status"] == "completed"
+    # a receipt for an attempt never dispatched changes nothing
+    await coordinator.handle_requests([request("erasure", request_id="late-2")])
+    t = (await tasks_of(pool, "late-2"))["crm"]
+    await coordinator.handle_receipts([receipt(t, "succeeded", attempt=7)])
+    assert (await tasks_of(pool, "late-2"))["crm"]["status"] == "dispatched"
+
+
+async def test_an_export_from_another_case_never_enters_a_bundle(coordinator: Coordinator, pool: asyncpg.Pool) -> None:
+    await coordinator.handle_requests([request("access", request_id="acc-3")])
+    tasks = await tasks_of(pool, "acc-3")
+    other = coordinator.exports.put(f"cases/{uuid.uuid4()}/crm/1.json", b'{"someone": "else"}', records=1)
+    await coordinator.handle_receipts([receipt(tasks["crm"], "succeeded", artifacts=[other.model_dump()]),
+                                       receipt(tasks["billing"], "not_found")])
+    case = await pool.fetchrow("SELECT * FROM cases")
+    assert case["status"] == "failed" and case["bundle"] is None
+    assert "not one of this case's" in orjson.loads(case["outcome"])["bundle_error"]

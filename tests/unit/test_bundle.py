@@ -82,8 +82,9 @@ def test_keys_that_escape_or_are_malformed_are_refused(store: ExportStore, key: 
 
 def test_key_convention() -> None:
     task = uuid.UUID("5f1d3c1e-0000-4000-8000-000000000001")
-    assert export_key(CASE, "crm", task, 2) == f"cases/{CASE}/crm/{task}-2.json"
-    assert export_key(CASE, "crm", task, 2, part=3) == f"cases/{CASE}/crm/{task}-2-3.json"
+    digest = hashlib.sha256(b"{}").hexdigest()
+    assert export_key(CASE, "crm", task, 2, digest=digest) == f"cases/{CASE}/crm/{task}-2-{digest[:16]}.json"
+    assert export_key(CASE, "crm", task, 2, digest=digest, part=3) == f"cases/{CASE}/crm/{task}-2-3-{digest[:16]}.json"
     assert bundle_key(CASE) == f"bundles/{CASE}.zip"
 
 

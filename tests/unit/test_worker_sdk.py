@@ -71,7 +71,7 @@ async def test_export_writes_claim_check_and_succeeds() -> None:
     assert (receipt.task_id, receipt.case_id, receipt.attempt) == (task.task_id, task.case_id, 1)
     assert receipt.counts == {"located": 1}
     [art] = receipt.artifacts
-    assert art.ref == f"cases/{task.case_id}/shop/{task.task_id}-1.json"
+    assert art.ref == f"cases/{task.case_id}/shop/{task.task_id}-1-{art.sha256[:16]}.json"
     data = store.get(art.ref)
     assert art.sha256 == hashlib.sha256(data).hexdigest() and art.size == len(data) and art.records == 1
     assert orjson.loads(data) == [PEOPLE["lan.nguyen@example.vn"]]
@@ -283,22 +283,34 @@ async def test_two_exports_in_one_attempt_get_distinct_keys() -> None:
     task = make_task("shop", "export", {"email": EMAIL}, attempt=2)
     receipt = await run_task(w, task, store=store)
     refs = [a.ref for a in receipt.artifacts]
+    digests = [a.sha256[:16] for a in receipt.artifacts]
     assert refs == [
-        f"cases/{task.case_id}/shop/{task.task_id}-2.json",
-        f"cases/{task.case_id}/shop/{task.task_id}-2-2.json",
+        f"cases/{task.case_id}/shop/{task.task_id}-2-{digests[0]}.json",
+        f"cases/{task.case_id}/shop/{task.task_id}-2-2-{digests[1]}.json",
     ]
     assert orjson.loads(store.get(refs[0]))["when"] == "2024-01-02T00:00:00+00:00"
     assert store.get(refs[1]) == b"raw,csv\n"
 
 
-async def test_redelivered_attempt_overwrites_its_own_export() -> None:
+async def test_redelivered_attempt_never_replaces_the_export_a_receipt_named() -> None:
     store = MemoryExportStore()
     w = make_worker()
     task = make_task("shop", "export", {"email": EMAIL})
     first = await run_task(w, task, store=store)
     second = await run_task(w, task, store=store)
-    assert first.artifacts == second.artifacts
+    assert first.artifacts == second.artifacts  # same bytes, same key: written once
     assert store.keys() == [first.artifacts[0].ref]
+
+    changed = Worker(declaration(Action.export))
+
+    @changed.handler(Action.export)
+    async def export(ctx: TaskContext) -> Result:
+        art = await ctx.export({"orders": ["a later order"]}, records=1)
+        return Result.succeeded(artifacts=[art])
+
+    third = await run_task(changed, task, store=store)  # the data changed before the redelivery
+    assert third.artifacts[0].ref != first.artifacts[0].ref
+    assert hashlib.sha256(store.get(first.artifacts[0].ref)).hexdigest() == first.artifacts[0].sha256
 
 
 def test_load_worker() -> None:
@@ -484,3 +496,40 @@ async def test_tasks_of_one_case_run_in_order_others_concurrently() -> None:
     a, b = a1.case_id, b1.case_id
     assert log.index(f"end 1 {a}") < log.index(f"start 2 {a}")  # same case: in order
     assert log.index(f"start 1 {b}") < log.index(f"end 1 {a}")  # other case: alongside
+
+
+async def test_a_batch_coming_round_again_resends_its_receipts_without_rerunning_handlers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An erasure that ran, then failed to deliver its receipt, must not be re-run: the re-run
+    would find nothing left and report not_found for data it had just erased."""
+    from aiokafka import TopicPartition
+
+    from dsrflow import codec, topics
+    from dsrflow.worker import _runner
+
+    monkeypatch.setattr(_runner, "BACKOFF_MAX_S", 0.0)
+    calls: list[str] = []
+    task = make_task("shop", "erase", {"email": EMAIL})
+    held = {task.identifiers[IdentifierType.email]}
+    w = Worker(declaration(Action.erase))
+
+    @w.handler(Action.erase)
+    async def erase(ctx: TaskContext) -> Result:
+        calls.append("erase")
+        if ctx.identifiers[IdentifierType.email] not in held:
+            return Result.not_found()
+        held.discard(ctx.identifiers[IdentifierType.email])
+        return Result.succeeded(counts={"erased": 1})
+
+    topic = topics.tasks_topic("shop")
+    tp = TopicPartition(topic, 0)
+    batch = {tp: [record(topic, 5, *codec.encode(task, source="test"))]}
+    producer = FakeProducer(fail_first=1)
+    runner, consumer, _ = runner_with(w, [batch, batch], producer)
+    await runner._loop()
+
+    assert calls == ["erase"]
+    assert consumer.commits == [{tp: 6}]
+    [delivered] = [codec.decode(v, h, TaskReceipt).data for t, _, v, h in producer.sent if t == topics.RECEIPTS]
+    assert delivered.status == ReceiptStatus.succeeded and delivered.counts == {"erased": 1}
