@@ -119,16 +119,16 @@ def _decode_all(
     records: Sequence[Record], model: type[Any], consumer: str, batch: _Batch
 ) -> list[tuple[Record, codec.Envelope[Any]]]:
     out = []
-    seen: set[str] = set()
+    seen: set[tuple[str, str]] = set()
     for rec in records:
         try:
             env = codec.decode(rec.value, rec.headers, model)
         except codec.DecodeError as exc:
             batch.dead_letter(rec, consumer, exc.kind, str(exc))
             continue
-        if env.id in seen:  # same event twice in one batch: the inbox would count it once
+        if (env.source, env.id) in seen:  # same event twice in one batch: the inbox would count it once
             continue
-        seen.add(env.id)
+        seen.add((env.source, env.id))
         out.append((rec, env))
     return out
 
@@ -155,8 +155,8 @@ class Coordinator:
         decoded = _decode_all(records, model, consumer, batch)
         now = datetime.now(UTC)
         async with self.pool.acquire() as conn, conn.transaction():
-            fresh = await outbox.claim_inbox(conn, consumer, [env.id for _, env in decoded])
-            decoded = [(rec, env) for rec, env in decoded if env.id in fresh]
+            fresh = await outbox.claim_inbox(conn, consumer, [(env.source, env.id) for _, env in decoded])
+            decoded = [(rec, env) for rec, env in decoded if (env.source, env.id) in fresh]
             if decoded:
                 await apply(conn, decoded, batch, now)
             await append(conn, batch.timeline)

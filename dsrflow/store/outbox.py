@@ -54,14 +54,18 @@ async def add(conn: asyncpg.Connection, messages: Iterable[OutboxMessage]) -> in
     return len(rows)
 
 
-async def claim_inbox(conn: asyncpg.Connection, consumer: str, event_ids: Sequence[str]) -> set[str]:
-    """Record event ids as processed by ``consumer``; returns those not seen before."""
-    if not event_ids:
+async def claim_inbox(
+    conn: asyncpg.Connection, consumer: str, events: Sequence[tuple[str, str]]
+) -> set[tuple[str, str]]:
+    """Record events, as (source, id), as processed by ``consumer``; returns those not seen before."""
+    if not events:
         return set()
     rows = await conn.fetch(
-        """INSERT INTO inbox (consumer, event_id) SELECT $1, unnest($2::text[])
-           ON CONFLICT DO NOTHING RETURNING event_id""",
+        """INSERT INTO inbox (consumer, source, event_id)
+           SELECT $1, s, e FROM unnest($2::text[], $3::text[]) AS t(s, e)
+           ON CONFLICT DO NOTHING RETURNING source, event_id""",
         consumer,
-        list(event_ids),
+        [source for source, _ in events],
+        [event_id for _, event_id in events],
     )
-    return {r["event_id"] for r in rows}
+    return {(r["source"], r["event_id"]) for r in rows}

@@ -441,3 +441,17 @@ async def test_an_export_from_another_case_never_enters_a_bundle(coordinator: Co
     case = await pool.fetchrow("SELECT * FROM cases")
     assert case["status"] == "failed" and case["bundle"] is None
     assert "not one of this case's" in orjson.loads(case["outcome"])["bundle_error"]
+
+
+async def test_same_event_id_from_two_sources_is_two_events(coordinator: Coordinator, pool: asyncpg.Pool) -> None:
+    """CloudEvents ids are unique per source: another app's id "1" is not a redelivery."""
+    def from_source(source: str, request_id: str) -> Record:
+        req = RightsRequested.model_validate({"request_id": request_id, "right": "erasure", "verified": True,
+                                              "subject": {"identifiers": {"email": "lan.nguyen@example.vn"}}})
+        value, headers = codec.encode(req, source=source, event_id="1")
+        return record(topics.REQUESTS, value, headers, request_id.encode())
+
+    await coordinator.handle_requests([from_source("privacy-centre", "pc-1")])
+    await coordinator.handle_requests([from_source("mobile-app", "app-1"), from_source("privacy-centre", "pc-1")])
+    assert {r["request_id"] for r in await pool.fetch("SELECT request_id FROM cases")} == {"pc-1", "app-1"}
+    assert await pool.fetchval("SELECT count(*) FROM case_timeline WHERE kind = 'duplicate_request'") == 0
