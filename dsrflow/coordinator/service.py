@@ -356,6 +356,12 @@ class Coordinator:
                 updates.append((t["task_id"], t["status"], t["attempt"], t["dispatched_at"]))
             await conn.executemany(
                 "UPDATE tasks SET status=$2, attempt=$3, dispatched_at=$4, updated_at=now() WHERE task_id=$1", updates)
+            statuses: dict[uuid.UUID, dict[str, str]] = {}
+            for r in await conn.fetch("SELECT case_id, system, status FROM tasks WHERE case_id = ANY($1::uuid[])",
+                                      list(cases)):
+                statuses.setdefault(r["case_id"], {})[r["system"]] = r["status"]
+            for case_id in sorted({r["case_id"] for r in due}):  # tell the DPO's tools what changed
+                batch.messages.append(_case_event(_case_view(cases[case_id]), statuses.get(case_id, {}), now))
             await append(conn, batch.timeline)
             await outbox.add(conn, batch.messages)
             return len(updates)
@@ -460,8 +466,10 @@ def _fan_out(case: dict[str, Any], systems: Sequence[SystemDeclaration], batch: 
     else:
         ids = {IdentifierType(k): v for k, v in case["subject"].items()}
         plan = planner.plan(right, ids, systems)
-        if plan or right not in ACTION_FOR_RIGHT:
-            status = CaseStatus.in_progress  # without fan-out the DPO answers it, against its deadline
+        if plan or right not in ACTION_FOR_RIGHT or not systems:
+            # without fan-out the DPO answers it, against its deadline; with no system registered
+            # at all, nobody could have looked: the case stays open rather than claim "nothing held"
+            status = CaseStatus.in_progress
         else:
             status = CaseStatus.completed  # no registered system holds data we could search for
     case["status"] = str(status)
@@ -475,6 +483,8 @@ def _fan_out(case: dict[str, Any], systems: Sequence[SystemDeclaration], batch: 
         batch.messages.append(_task_event(task, case, {str(k): v for k, v in p.identifiers.items()}))
     if status == CaseStatus.awaiting_verification:
         batch.timeline.append(Entry(case["case_id"], "awaiting_verification", {}, now))
+    elif not systems and right in ACTION_FOR_RIGHT:
+        batch.timeline.append(Entry(case["case_id"], "no_systems_registered", {}, now))
     if plan:
         batch.timeline.append(Entry(case["case_id"], "tasks_dispatched", {"systems": [p.system for p in plan]}, now))
     if status == CaseStatus.completed:

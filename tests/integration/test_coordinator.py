@@ -269,6 +269,8 @@ async def test_task_without_receipt_is_redispatched_then_stalled_and_a_late_rece
     assert await coordinator.sweep_stalled(much_later) == 2
     tasks = await tasks_of(pool, "slow-1")
     assert {t["status"] for t in tasks.values()} == {"stalled"}
+    last = await pool.fetchrow("SELECT value FROM outbox WHERE topic = 'dsr.cases.v1' ORDER BY id DESC LIMIT 1")
+    assert orjson.loads(last["value"])["tasks"] == {"crm": "stalled", "billing": "stalled"}
     assert (await pool.fetchrow("SELECT status FROM cases"))["status"] == "in_progress"
     await coordinator.handle_receipts([receipt(tasks["crm"], "not_found"), receipt(tasks["billing"], "not_found")])
     assert (await pool.fetchrow("SELECT status FROM cases"))["status"] == "completed"
@@ -455,3 +457,18 @@ async def test_same_event_id_from_two_sources_is_two_events(coordinator: Coordin
     await coordinator.handle_requests([from_source("mobile-app", "app-1"), from_source("privacy-centre", "pc-1")])
     assert {r["request_id"] for r in await pool.fetch("SELECT request_id FROM cases")} == {"pc-1", "app-1"}
     assert await pool.fetchval("SELECT count(*) FROM case_timeline WHERE kind = 'duplicate_request'") == 0
+
+
+async def test_with_no_system_registered_a_case_stays_open_instead_of_claiming_nothing_held(
+    case_store: str, tmp_path: Path
+) -> None:
+    pool = await asyncpg.create_pool(case_store, min_size=1, max_size=1)
+    try:
+        settings = Settings(pg_dsn=case_store, kafka_bootstrap="unused:9092", state_dir=tmp_path)
+        await Coordinator(settings, pool, export_store=MemoryExportStore()).handle_requests([request("erasure")])
+        case = await pool.fetchrow("SELECT * FROM cases")
+        assert case["status"] == "in_progress" and case["completed_at"] is None
+        kinds = [r["kind"] for r in await pool.fetch("SELECT kind FROM case_timeline ORDER BY position")]
+        assert kinds == ["received", "no_systems_registered"]
+    finally:
+        await pool.close()
