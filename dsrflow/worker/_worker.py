@@ -49,8 +49,11 @@ REDACTED = "[redacted]"
 
 def _redact(text: str, task: TaskAssigned) -> str:
     """Belt and braces: a handler's message should hold no personal data, but never let the
-    task's own identifiers through even if it does."""
-    for value in task.identifiers.values():
+    task's own identifiers, nor the corrected values of a rectification, through even if it does."""
+    values = [*task.identifiers.values(), *(task.changes or {}).values()]
+    for value in values:
+        if len(value) < 3:  # too short to be personal, and replacing it would shred the message
+            continue
         variants = {value}
         digits = re.sub(r"\D", "", value)
         if len(digits) >= 8:  # a phone number may be echoed without its '+'

@@ -157,6 +157,19 @@ async def test_task_error_message_never_echoes_identifiers() -> None:
     assert receipt.error.count("[redacted]") == 3
 
 
+async def test_task_error_message_never_echoes_the_corrected_values_of_a_rectification() -> None:
+    task = make_task("shop", "rectify", {"email": EMAIL}, changes={"address": "12 Phố Hàng Bạc, Hà Nội"})
+    w = Worker(declaration(Action.rectify))
+
+    @w.handler(Action.rectify)
+    async def rectify(ctx: TaskContext) -> Result:
+        raise TaskError("address 12 Phố Hàng Bạc, Hà Nội is too long for the address column")
+
+    receipt = await run_task(w, task)
+    assert receipt.error is not None and "Hàng Bạc" not in receipt.error
+    assert receipt.error == "TaskError: address [redacted] is too long for the address column"
+
+
 async def test_transient_library_errors_are_retryable() -> None:
     receipt = await run_task(
         failing_worker(ConnectionResetError("peer reset")), make_task("shop", "erase", {"email": EMAIL})
