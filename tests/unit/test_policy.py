@@ -357,3 +357,11 @@ def test_data_file_schema_is_strict() -> None:
         JurisdictionRules.model_validate(_minimal(timezone="Mars/Olympus"))
     with pytest.raises(ValidationError):
         JurisdictionRules.model_validate(_minimal(deadline_days=30))  # unknown key
+
+
+def test_vn_culture_day_counts_as_a_working_day_until_it_is_a_labor_code_holiday() -> None:
+    # Received Sun 22 Nov 2026. Counting starts Mon 23 (working day 1); Tue 24 Nov, Vietnam Culture
+    # Day, is counted as working (day 2) because it is not yet a Labor Code public holiday.
+    assert policy.working_calendar("VN").is_working_day(date(2026, 11, 24))
+    d = policy.deadlines(Right.access, "VN", datetime(2026, 11, 22, 10, 0, tzinfo=ZoneInfo("Asia/Ho_Chi_Minh")))
+    assert d.ack_due_at.astimezone(ZoneInfo("Asia/Ho_Chi_Minh")).date() == date(2026, 11, 24)
