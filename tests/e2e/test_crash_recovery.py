@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
+import orjson
 import pytest
 
 from dsrflow import demo, launcher
@@ -87,9 +88,14 @@ async def test_killed_coordinator_and_worker_lose_nothing_and_double_nothing(
             if not verify(rows):
                 bad_chains.append(r["case_id"])
         assert bad_chains == []
-        # every case's bundle holds both systems' exports
-        missing = await conn.fetchval("SELECT count(*) FROM cases WHERE bundle IS NULL")
-        assert missing == 0
+        # every case's bundle holds the exports of exactly the systems that hold the person
+        from dsrflow.exports import read_bundle
+
+        for r in await conn.fetch("SELECT request_id, bundle FROM cases"):
+            ref = orjson.loads(r["bundle"])["ref"]
+            manifest, _ = read_bundle((settings.exports / ref).read_bytes())  # checks every sha256
+            person = PEOPLE[int(r["request_id"].removeprefix("crash-")) % len(PEOPLE)]
+            assert {f["system"] for f in manifest["files"]} == set(person.systems), r["request_id"]
         # redelivered receipts were absorbed by the inbox, not dead-lettered as unknown
         dlq = await demo.dead_letters(settings, timeout=3)
         assert [d for d in dlq if d.get("dlq_error_type") == "unknown_task"] == []

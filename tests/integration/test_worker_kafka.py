@@ -1,5 +1,7 @@
 """A worker on a real broker and a real case store: tasks in, receipts out, bad records dead-lettered,
-offsets committed only after delivery, and the worker still running after bad input."""
+the batch's offsets committed, and the worker still running after bad input. (That the commit
+comes only after the broker acknowledged every receipt is tested in tests/unit/test_worker_sdk.py,
+where a producer can be made to fail on cue.)"""
 
 from __future__ import annotations
 
