@@ -9,6 +9,7 @@ event dsrflow accepts.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
@@ -163,9 +164,35 @@ def dead_letter_headers(original: Sequence[tuple[str, bytes]] | None, record: De
     return headers
 
 
+#: Past this size a dead-lettered value is cut (the broker would refuse the record, and one
+#: refused record must not block everything behind it); the original stays in its own topic
+#: for that topic's retention, found by dlq_original_topic/partition/offset, and is
+#: identified by the dlq_value_sha256 and dlq_value_size headers.
+DLQ_MAX_VALUE = 512 * 1024
+DLQ_KEPT_PREFIX = 64 * 1024
+
+
+def dead_letter(
+    value: bytes | None, original_headers: Sequence[tuple[str, bytes]] | None, record: DeadLetter
+) -> tuple[bytes, Headers]:
+    """Value and headers of a dead-lettered record: the original bytes (cut past
+    :data:`DLQ_MAX_VALUE`), the original headers, then the ``dlq_*`` fields."""
+    value = value or b""
+    headers = dead_letter_headers(original_headers, record)
+    if len(value) > DLQ_MAX_VALUE:
+        headers += [
+            ("dlq_value_size", str(len(value)).encode()),
+            ("dlq_value_sha256", hashlib.sha256(value).hexdigest().encode()),
+            ("dlq_value_truncated", b"true"),
+        ]
+        value = value[:DLQ_KEPT_PREFIX]
+    return value, headers
+
+
 def read_dead_letter(headers: Iterable[tuple[str, bytes | None]] | Mapping[str, bytes | None]) -> DeadLetter:
     """Parse the ``dlq_*`` headers of a dead-lettered record."""
     h = header_map(headers)
+    fields = DeadLetter.model_fields
     return DeadLetter.model_validate(
-        {k[len(DLQ_PREFIX) :]: v for k, v in h.items() if k.startswith(DLQ_PREFIX)}
+        {k[len(DLQ_PREFIX) :]: v for k, v in h.items() if k.startswith(DLQ_PREFIX) and k[len(DLQ_PREFIX) :] in fields}
     )

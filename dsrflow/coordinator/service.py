@@ -68,9 +68,8 @@ class _Batch:
             failed_at=datetime.now(UTC),
         )
         headers = list(rec.headers.items()) if isinstance(rec.headers, Mapping) else list(rec.headers)
-        self.messages.append(
-            OutboxMessage(topics.DEADLETTER, rec.key, rec.value or b"", codec.dead_letter_headers(headers, record))
-        )
+        value, dl_headers = codec.dead_letter(rec.value, headers, record)
+        self.messages.append(OutboxMessage(topics.DEADLETTER, rec.key, value, dl_headers))
         log.warning("dead-lettered %s[%d]@%d: %s", rec.topic, rec.partition, rec.offset, kind)
 
 

@@ -94,8 +94,9 @@ class _Runner:
     async def run(self) -> None:
         worker = self.worker
         worker.check()
-        await self.register()
+        # The topic first: a system registered without its topic would get tasks the relay cannot deliver.
         await self.ensure_topic()
+        await self.register()
         async with worker.lifespan(self.settings):
             opts = self.settings.kafka_client_options()
             # A batch may take ceil(max_batch / concurrency) rounds of task_timeout at worst.
@@ -239,12 +240,9 @@ class _Runner:
             record.offset,
             kind,
         )
-        delivery: asyncio.Future[Any] = await self.producer.send(
-            topics.DEADLETTER,
-            record.value,
-            key=record.key,
-            headers=codec.dead_letter_headers(original, letter),
-        )
+        value, headers = codec.dead_letter(record.value, original, letter)
+        delivery: asyncio.Future[Any] = await self.producer.send(topics.DEADLETTER, value, key=record.key,
+                                                                 headers=headers)
         return delivery
 
     async def _commit(self, batch: Batch) -> None:

@@ -100,3 +100,20 @@ def test_dead_letter_headers_round_trip() -> None:
     headers = codec.dead_letter_headers([("ce_id", b"abc")], record)
     assert ("ce_id", b"abc") in headers
     assert codec.read_dead_letter(headers) == record
+
+
+def test_an_oversized_dead_letter_keeps_a_prefix_and_names_the_whole() -> None:
+    import hashlib
+    from datetime import UTC, datetime
+
+    record = DeadLetter(original_topic="dsr.requests.v1", original_partition=0, original_offset=7,
+                        consumer="c", error_type="bad_json", error="e", failed_at=datetime(2026, 1, 1, tzinfo=UTC))
+    small, _ = codec.dead_letter(b"{oops", [], record)
+    assert small == b"{oops"
+    big_value = b"x" * (codec.DLQ_MAX_VALUE + 1)
+    value, headers = codec.dead_letter(big_value, [("ce_id", b"1")], record)
+    h = codec.header_map(headers)
+    assert value == big_value[: codec.DLQ_KEPT_PREFIX]
+    assert h["dlq_value_size"] == str(len(big_value)) and h["dlq_value_truncated"] == "true"
+    assert h["dlq_value_sha256"] == hashlib.sha256(big_value).hexdigest()
+    assert codec.read_dead_letter(headers) == record
