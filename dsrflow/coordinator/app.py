@@ -169,7 +169,15 @@ async def _dead_letter_until_done(c: Coordinator, record: Record, consumer: str,
 
 
 def run(settings: Settings) -> None:
-    """Run the coordinator in the foreground until SIGINT/SIGTERM."""
+    """Run the coordinator in the foreground until SIGINT/SIGTERM.
+
+    Its own topics are created first if missing (as ``dsrflow topics apply`` would): a broker
+    that auto-creates topics would otherwise make them on first use, with its own partition
+    count and retention."""
+    report = asyncio.run(topics.apply(settings.kafka_client_options(), topics.specs_for([]),
+                                      replication_factor=settings.topic_replication_factor))
+    for name, diffs in report.drift.items():
+        log.warning("topic %s differs from topics/: %s", name, "; ".join(diffs))
     app = create_app(settings)
     worker = faust.Worker(app, loglevel=settings.log_level, quiet=True)
     worker.execute_from_commandline()
