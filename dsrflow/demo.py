@@ -46,6 +46,8 @@ class Step:
     verified: bool = True
     #: published by a plain Kafka client with only the required ce_* headers, as kcat would
     raw_client: bool = False
+    #: no new request: the DPO verifies the identity of the case the step with this label opened
+    verifies: str | None = None
     request_id: str = field(default_factory=lambda: f"demo-{uuid.uuid4().hex[:12]}")
     expect_tasks: dict[str, str] = field(default_factory=dict)
 
@@ -82,6 +84,9 @@ def waves() -> list[list[Step]]:
         [
             Step("erasure, person with invoices", Right.erasure, "both", CaseStatus.completed_with_exceptions,
                  expect_tasks={"crm": "succeeded", "billing": "retained"}),
+            Step("  ... the DPO verifies that identity", Right.erasure, "billing_only",
+                 CaseStatus.completed_with_exceptions, expect_tasks={"crm": "not_found", "billing": "retained"},
+                 verifies="erasure, identity not yet verified"),
         ],
         [
             Step("access after erasure", Right.access, "both", CaseStatus.completed,
@@ -117,6 +122,17 @@ async def prepare(settings: Settings) -> None:
     await setup_billing(system_dsn("billing", settings))
     await topics.apply(settings.kafka_client_options(), topics.specs_for(list(SYSTEMS)),
                        replication_factor=settings.topic_replication_factor)
+
+
+async def verify_case(settings: Settings, case_id: uuid.UUID) -> None:
+    """What ``dsrflow cases verify`` does: the DPO confirms the subject's identity."""
+    from .coordinator import Coordinator
+
+    pool = await asyncpg.create_pool(settings.dsn, min_size=1, max_size=1)
+    try:
+        await Coordinator(settings, pool).verify(case_id, by="dpo@demo")
+    finally:
+        await pool.close()
 
 
 async def publish_raw(settings: Settings, key: str, value: bytes) -> None:
@@ -165,8 +181,14 @@ async def run_scenario(
     results: list[CaseResult] = []
     try:
         for n, wave in enumerate(waves(), 1):
-            reqs = [_request(s) for s in wave if not s.raw_client]
+            reqs = [_request(s) for s in wave if not s.raw_client and not s.verifies]
             await submit(settings, reqs)
+            for s in wave:
+                if s.verifies:
+                    earlier = next(r for r in results if r.step.label == s.verifies)
+                    assert earlier.case_id is not None, f"no case for {s.verifies!r} to verify"
+                    s.request_id = earlier.step.request_id
+                    await verify_case(settings, earlier.case_id)
             for s in wave:
                 if s.raw_client:
                     from examples.people import SUBJECTS

@@ -78,9 +78,13 @@ async def test_access_erasure_duplicate_and_invalid_end_to_end(e2e_settings: Set
         assert retained and retained[0]["system"] == "billing"
         assert "Accounting" in retained[0]["legal_basis"] and retained[0]["records"] >= kept
 
-        # The request that was not verified waits and touched nothing.
-        assert await billing.fetchval("SELECT count(*) FROM customers WHERE email = $1 AND anonymised_at IS NULL",
-                                      SUBJECTS["billing_only"].email) == 1
+        # The request that was not verified waited until the DPO verified it; then it ran.
+        waited = by_label["erasure, identity not yet verified"]
+        kinds = [r["kind"] for r in await store.fetch(
+            "SELECT kind FROM case_timeline WHERE case_id = $1 ORDER BY position", waited.case_id)]
+        assert kinds[:4] == ["received", "awaiting_verification", "verified", "tasks_dispatched"]
+        assert await billing.fetchval("SELECT count(*) FROM customers WHERE id = $1 AND anonymised_at IS NOT NULL",
+                                      SUBJECTS["billing_only"].customer_id) == 1
 
         # Duplicate: one case, noted on its timeline; the timeline's hash chain is intact.
         assert await demo.duplicate_ignored(settings, access.step.request_id)
