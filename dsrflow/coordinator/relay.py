@@ -4,7 +4,11 @@ One relay publishes at a time (a PostgreSQL advisory lock), so events for a key 
 order they were written even when several coordinators run; the others stand by. A crash
 between publish and mark re-publishes (at-least-once), which consumers absorb through their
 inbox. A row the broker refuses for good (too large, a topic that never appears) is set aside
-as failed after a few tries, with its error, so it cannot hold up every event behind it.
+as failed, with its error, so it cannot hold up every event behind it.
+
+The lock orders publishing while relays can reach PostgreSQL: a relay cut off in the middle of
+a send could still deliver that send late, after its successor took over (fencing it would need
+a transactional producer, which the embedded broker lacks).
 """
 
 from __future__ import annotations
@@ -12,11 +16,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from datetime import timedelta
 from typing import Any
 
 import asyncpg
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import (
+    CorruptRecordException,
+    InvalidMessageError,
+    MessageSizeTooLargeError,
+    RecordTooLargeError,
+)
 
 from ..settings import Settings
 from ..store.outbox import NOTIFY_CHANNEL, headers_from_json
@@ -24,18 +34,24 @@ from ..store.outbox import NOTIFY_CHANNEL, headers_from_json
 log = logging.getLogger("dsrflow.relay")
 
 _LOCK_ID = 0x64737272  # "dsrr": the relay's advisory lock
+#: A row for a topic the broker lacks is set aside only after this many passes AND this long since
+#: its first miss, so a topic that appears a moment late (metadata lag, a brief ACL gap) loses nothing.
 MAX_ROW_ATTEMPTS = 5
+SET_ASIDE_AFTER = timedelta(minutes=5)
 
 
-def _permanent(exc: BaseException) -> bool:
-    """Errors a retry cannot fix (aiokafka marks the others retriable)."""
-    return isinstance(exc, KafkaError) and not exc.retriable
+#: Errors about one record that no retry can fix. Anything else (a fenced or failed producer, an
+#: authorisation error, a timeout) is about the producer or the cluster: the relay rebuilds its
+#: producer and tries again, rather than set aside every row behind a broken producer.
+_ROW_ERRORS = (MessageSizeTooLargeError, RecordTooLargeError, CorruptRecordException, InvalidMessageError)
 
 
 class OutboxRelay:
     def __init__(self, settings: Settings, *, batch_size: int = 500, poll_interval: float = 1.0,
-                 standby_interval: float = 2.0) -> None:
+                 standby_interval: float = 2.0, set_aside_after: timedelta = SET_ASIDE_AFTER) -> None:
         self.settings = settings
+        self.set_aside_after = set_aside_after
+        self._failures = 0
         self.batch_size = batch_size
         self.poll_interval = poll_interval
         self.standby_interval = standby_interval
@@ -49,14 +65,13 @@ class OutboxRelay:
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Relay until ``stop`` is set. Never raises for a broker or database outage: it waits it out."""
         stop = stop or asyncio.Event()
-        failures = 0
         while not stop.is_set():
             try:
                 await self._run_connected(stop)
                 return
             except Exception as exc:  # noqa: BLE001 - database or broker away: nothing unsent was marked sent
-                failures += 1
-                delay = min(30.0, 0.5 * 2 ** min(failures, 6))
+                self._failures += 1
+                delay = min(30.0, 0.5 * 2 ** min(self._failures, 6))
                 log.warning("relay: %s; reconnecting in %.1fs", type(exc).__name__, delay)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), delay)
@@ -80,6 +95,7 @@ class OutboxRelay:
                 # Cleared before the pass: a NOTIFY that lands during it wakes the next wait at once.
                 self._wake.clear()
                 sent = await self.relay_once(conn, producer)
+                self._failures = 0  # a pass went through: the next outage starts its backoff afresh
                 if sent < self.batch_size:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wait(stop), self.poll_interval)
@@ -109,7 +125,7 @@ class OutboxRelay:
         """
         async with conn.transaction():
             rows = await conn.fetch(
-                """SELECT id, topic, key, value, headers, attempts FROM outbox
+                """SELECT id, topic, key, value, headers, attempts, first_failed_at, now() AS now FROM outbox
                    WHERE sent_at IS NULL AND failed_at IS NULL
                    ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED""",
                 self.batch_size,
@@ -122,8 +138,9 @@ class OutboxRelay:
                 known = (await producer.client.fetch_all_metadata()).topics()  # raises if the broker is away
                 for r in rows:
                     if r["topic"] not in known:
-                        failed.append((r["id"], r["attempts"] + 1 >= MAX_ROW_ATTEMPTS,
-                                       f"topic {r['topic']} does not exist"))
+                        first = r["first_failed_at"] or r["now"]
+                        final = r["attempts"] + 1 >= MAX_ROW_ATTEMPTS and r["now"] - first >= self.set_aside_after
+                        failed.append((r["id"], final, f"topic {r['topic']} does not exist"))
                 missing = {row_id for row_id, _, _ in failed}
                 rows = [r for r in rows if r["id"] not in missing]
             sent: list[int] = []
@@ -135,14 +152,15 @@ class OutboxRelay:
                     try:
                         await (await self._send(producer, r))
                     except Exception as exc:
-                        if not _permanent(exc):
-                            raise  # the broker is away: roll back, back off, count nothing
+                        if not isinstance(exc, _ROW_ERRORS):
+                            raise  # the broker or the producer is at fault: roll back, rebuild, count nothing
                         failed.append((r["id"], True, f"{type(exc).__name__}: {exc}"[:1000]))
                     else:
                         sent.append(r["id"])
             await conn.execute("UPDATE outbox SET sent_at = now() WHERE id = ANY($1::bigint[])", sent)
             await conn.executemany(
                 """UPDATE outbox SET attempts = attempts + 1, error = $3,
+                       first_failed_at = coalesce(first_failed_at, now()),
                        failed_at = CASE WHEN $2 THEN now() END WHERE id = $1""",
                 failed,
             )

@@ -323,6 +323,8 @@ async def test_prune_drops_old_sent_outbox_rows_and_old_inbox_ids_only(
 async def test_relay_sets_aside_a_row_the_broker_refuses_and_publishes_the_rest(
     pool: asyncpg.Pool, broker: str, broker_kind: str, case_store: str, tmp_path: Path
 ) -> None:
+    from datetime import timedelta
+
     from aiokafka import AIOKafkaProducer
 
     from dsrflow.coordinator import relay as relay_mod
@@ -340,7 +342,7 @@ async def test_relay_sets_aside_a_row_the_broker_refuses_and_publishes_the_rest(
     producer = AIOKafkaProducer(**settings.producer_options(), request_timeout_ms=5000)
     await producer.start()
     try:
-        relay = OutboxRelay(settings)
+        relay = OutboxRelay(settings, set_aside_after=timedelta(0))  # the grace period is tested below
         async with pool.acquire() as conn:
             await relay.relay_once(conn, producer)
             rows = {r["key"]: r for r in await conn.fetch("SELECT * FROM outbox")}
@@ -472,3 +474,38 @@ async def test_with_no_system_registered_a_case_stays_open_instead_of_claiming_n
         assert kinds == ["received", "no_systems_registered"]
     finally:
         await pool.close()
+
+
+async def test_relay_gives_a_missing_topic_time_and_never_blames_rows_for_a_broken_producer(
+    pool: asyncpg.Pool, broker: str, broker_kind: str, case_store: str, tmp_path: Path
+) -> None:
+    from aiokafka import AIOKafkaProducer
+    from aiokafka.errors import OutOfOrderSequenceNumber
+
+    from dsrflow.coordinator import relay as relay_mod
+    from dsrflow.store.outbox import OutboxMessage, add
+
+    settings = Settings(pg_dsn=case_store, kafka_bootstrap=broker, state_dir=tmp_path,
+                        kafka_idempotent_producer=broker_kind != "tansu")
+    await topics.apply(settings.kafka_client_options(), topics.specs_for([]))
+    async with pool.acquire() as conn:
+        await add(conn, [OutboxMessage("dsr.tasks.latecomer.v1", b"k", b"{}", [])])
+    producer = AIOKafkaProducer(**settings.producer_options(), request_timeout_ms=5000)
+    await producer.start()
+    try:
+        relay = OutboxRelay(settings)  # default grace: minutes
+        async with pool.acquire() as conn:
+            for _ in range(relay_mod.MAX_ROW_ATTEMPTS + 2):  # many passes, in well under the grace period
+                await relay.relay_once(conn, producer)
+            row = await conn.fetchrow("SELECT * FROM outbox")
+            assert row["failed_at"] is None and row["attempts"] == relay_mod.MAX_ROW_ATTEMPTS + 2
+            await conn.execute("DELETE FROM outbox")
+
+            await add(conn, [OutboxMessage(topics.CASES, str(i).encode(), b"{}", []) for i in range(3)])
+            producer._message_accumulator.fail_all(OutOfOrderSequenceNumber())  # the producer is broken
+            with pytest.raises(OutOfOrderSequenceNumber):
+                await relay.relay_once(conn, producer)
+            assert await conn.fetchval("SELECT count(*) FROM outbox WHERE failed_at IS NULL AND sent_at IS NULL") == 3
+            assert relay.set_aside == 0
+    finally:
+        await producer.stop()
