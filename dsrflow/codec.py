@@ -191,7 +191,8 @@ def dead_letter(
 
 def read_dead_letter(headers: Iterable[tuple[str, bytes | None]] | Mapping[str, bytes | None]) -> DeadLetter:
     """Parse the ``dlq_*`` headers of a dead-lettered record."""
-    h = header_map(headers)
+    items = headers.items() if isinstance(headers, Mapping) else headers
+    h = header_map([(k, v) for k, v in items if k.startswith(DLQ_PREFIX)])  # the original's may be any bytes
     fields = DeadLetter.model_fields
     return DeadLetter.model_validate(
         {k[len(DLQ_PREFIX) :]: v for k, v in h.items() if k.startswith(DLQ_PREFIX) and k[len(DLQ_PREFIX) :] in fields}

@@ -9,6 +9,7 @@ acks a batch only after its transaction committed). We do not use its
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -157,13 +158,33 @@ async def _with_retry(c: Coordinator, handler: Any, consumer: str, records: list
 
 
 async def _dead_letter_until_done(c: Coordinator, record: Record, consumer: str, reason: str) -> None:
+    """Dead-letter a record, waiting out outages. Should the record itself be unstorable, a
+    letter without its original headers goes instead: it still names topic, partition and offset."""
     delay = 0.5
     while True:
         try:
             await c.dead_letter(record, consumer, "processing_error", reason)
             return
         except Exception as exc:  # noqa: BLE001 - stall rather than ack a record that went nowhere
+            if not is_transient(exc):
+                log.error("dead letter unstorable (%s); sending it without the original headers", where(exc))
+                record = dataclasses.replace(record, headers=[])
+                reason = f"{reason}; original headers dropped ({type(exc).__name__})"
+                continue
             log.warning("dead-lettering failed (%s); retrying in %.1fs", type(exc).__name__, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+
+async def _apply_topics(settings: Settings) -> topics.ApplyReport:
+    """Create the coordinator's topics, waiting out a broker that is not up yet."""
+    delay = 0.5
+    while True:
+        try:
+            return await topics.apply(settings.kafka_client_options(), topics.specs_for([]),
+                                      replication_factor=settings.topic_replication_factor)
+        except Exception as exc:  # noqa: BLE001 - KafkaConnectionError and friends
+            log.warning("broker unreachable (%s); retrying in %.1fs", type(exc).__name__, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 10.0)
 
@@ -174,8 +195,7 @@ def run(settings: Settings) -> None:
     Its own topics are created first if missing (as ``dsrflow topics apply`` would): a broker
     that auto-creates topics would otherwise make them on first use, with its own partition
     count and retention."""
-    report = asyncio.run(topics.apply(settings.kafka_client_options(), topics.specs_for([]),
-                                      replication_factor=settings.topic_replication_factor))
+    report = asyncio.run(_apply_topics(settings))
     for name, diffs in report.drift.items():
         log.warning("topic %s differs from topics/: %s", name, "; ".join(diffs))
     app = create_app(settings)

@@ -31,14 +31,14 @@ def message(topic: str, key: str | None, event: Event, *, source: str, subject: 
 
 
 def _headers_json(headers: codec.Headers) -> str:
-    # Header values may be arbitrary bytes (a dead-lettered record's own headers):
-    # hex keeps them exact through jsonb.
-    return orjson.dumps([[k, v.hex()] for k, v in headers]).decode()
+    # Names and values may be anything a foreign client sent (a dead-lettered record keeps its own
+    # headers), including bytes jsonb refuses such as NUL: hex keeps both exact and storable.
+    return orjson.dumps([[k.encode("utf-8", "surrogateescape").hex(), v.hex()] for k, v in headers]).decode()
 
 
 def headers_from_json(data: str | list[list[str]]) -> codec.Headers:
     items = orjson.loads(data) if isinstance(data, str) else data
-    return [(k, bytes.fromhex(v)) for k, v in items]
+    return [(bytes.fromhex(k).decode("utf-8", "surrogateescape"), bytes.fromhex(v)) for k, v in items]
 
 
 async def add(conn: asyncpg.Connection, messages: Iterable[OutboxMessage]) -> int:

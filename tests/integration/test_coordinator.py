@@ -122,7 +122,7 @@ async def test_invalid_and_unknown_records_are_dead_lettered_with_their_bytes(
     _, headers = codec.encode(RightsRequested.model_validate(
         {"request_id": "x", "right": "access", "subject": {"identifiers": {"email": "a@b.vn"}}}), source="t")
     bad = [
-        record(topics.REQUESTS, b"{not json", headers, b"k1"),
+        record(topics.REQUESTS, b"{not json", [*headers, ("x\x00y", b"\x00a")], b"k1"),
         record(topics.REQUESTS, b'{"request_id":"x"}', [("ce_id", b"1")], b"k2"),
         request(jurisdiction="ZZ"),
     ]
@@ -134,6 +134,8 @@ async def test_invalid_and_unknown_records_are_dead_lettered_with_their_bytes(
     kinds = [codec.read_dead_letter(headers_from_json(r["headers"])).error_type for r in dead]
     assert kinds == ["bad_json", "missing_header", "unknown_jurisdiction"]
     assert dead[0]["key"] == b"k1"
+    # a foreign client's header, NUL bytes and all, survives the outbox exactly
+    assert ("x\x00y", b"\x00a") in headers_from_json(dead[0]["headers"])
 
     # a receipt for a task nobody assigned
     ghost = TaskReceipt(task_id=uuid.uuid4(), case_id=uuid.uuid4(), system="crm", attempt=1, status="succeeded",
