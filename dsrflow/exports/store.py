@@ -23,6 +23,7 @@ local store would refuse.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -155,6 +156,10 @@ class ExportStore(ABC):
     def _delete(self, key: str) -> bool: ...
 
 
+#: read errors no retry can fix
+_UNREADABLE = frozenset({errno.EACCES, errno.EPERM, errno.ENAMETOOLONG, errno.ELOOP})
+
+
 class LocalExportStore(ExportStore):
     """Files under ``root``. Writes are atomic (temporary file, fsync, rename), so a reader never
     sees half an export. Files are private to the owner: exports hold personal data."""
@@ -192,8 +197,13 @@ class LocalExportStore(ExportStore):
     def _read(self, key: str) -> bytes:
         try:
             return self.path(key).read_bytes()
-        except (FileNotFoundError, IsADirectoryError):
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise ArtifactNotFound(f"no export under {key!r}") from None
+        except OSError as exc:
+            if exc.errno in _UNREADABLE:
+                # Waiting will not help: fail what needed the export, not everything behind it.
+                raise ExportError(f"export under {key!r} cannot be read: {exc.strerror}") from None
+            raise  # ENOSPC, EIO, a network mount's timeout: may pass, so the caller retries
 
     def _exists(self, key: str) -> bool:
         return self.path(key).is_file()

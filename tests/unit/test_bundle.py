@@ -207,3 +207,28 @@ def test_read_bundle_detects_tampering(store: ExportStore) -> None:
         read_bundle(buf.getvalue())
     with pytest.raises(BundleError):
         read_bundle(b"not a zip")
+
+
+def test_local_store_read_errors_that_cannot_pass_are_export_errors(tmp_path: Path) -> None:
+    from dsrflow.exports import ArtifactNotFound, ExportError
+
+    store = LocalExportStore(tmp_path)
+    store.put("cases/c/s/t-1.json", b"{}", records=0)
+    with pytest.raises(ArtifactNotFound):  # a path through a file: nothing there
+        store.get("cases/c/s/t-1.json/inner.json")
+    import errno
+
+    def denied(self: Path) -> bytes:
+        raise PermissionError(errno.EACCES, "Permission denied")  # as root, chmod cannot make this happen
+
+    def io_error(self: Path) -> bytes:
+        raise OSError(errno.EIO, "Input/output error")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Path, "read_bytes", denied)
+        with pytest.raises(ExportError, match="cannot be read"):
+            store.get("cases/c/s/t-1.json")
+        mp.setattr(Path, "read_bytes", io_error)
+        with pytest.raises(OSError) as exc:  # may pass: left for the caller to retry
+            store.get("cases/c/s/t-1.json")
+        assert not isinstance(exc.value, ExportError)
