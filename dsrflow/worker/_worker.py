@@ -49,18 +49,23 @@ REDACTED = "[redacted]"
 
 def _redact(text: str, task: TaskAssigned) -> str:
     """Belt and braces: a handler's message should hold no personal data, but never let the
-    task's own identifiers, nor the corrected values of a rectification, through even if it does."""
-    values = [*task.identifiers.values(), *(task.changes or {}).values()]
-    for value in values:
-        if len(value) < 3:  # too short to be personal, and replacing it would shred the message
+    task's own identifiers, nor the corrected values of a rectification, through even if it does.
+
+    All values go into one pattern, longest first, so a value inside another ("Lan" inside
+    "Nguyễn Thị Lan") cannot leave the rest of the longer one behind."""
+    variants: set[str] = set()
+    for value in [*task.identifiers.values(), *(task.changes or {}).values()]:
+        if len(value) < 2:  # one character is no one's data, and replacing it would shred the message
             continue
-        variants = {value}
+        variants.add(value)
         digits = re.sub(r"\D", "", value)
         if len(digits) >= 8:  # a phone number may be echoed without its '+'
             variants.add(digits)
-        for v in sorted(variants, key=len, reverse=True):
-            text = re.sub(re.escape(v), REDACTED, text, flags=re.IGNORECASE)
-    return text
+    if not variants:
+        return text
+    # Whole words only: "An" is a name to hide, but not the "an" in "cannot".
+    pattern = "|".join(re.escape(v) for v in sorted(variants, key=len, reverse=True))
+    return re.sub(rf"(?<!\w)(?:{pattern})(?!\w)", REDACTED, text, flags=re.IGNORECASE)
 
 
 def _where(exc: BaseException) -> str:

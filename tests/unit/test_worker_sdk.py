@@ -170,6 +170,19 @@ async def test_task_error_message_never_echoes_the_corrected_values_of_a_rectifi
     assert receipt.error == "TaskError: address [redacted] is too long for the address column"
 
 
+async def test_redaction_takes_whole_values_before_their_parts_and_keeps_short_names_out() -> None:
+    task = make_task("shop", "rectify", {"email": EMAIL},
+                     changes={"first_name": "Lan", "full_name": "Nguyễn Thị Lan", "given": "An"})
+    w = Worker(declaration(Action.rectify))
+
+    @w.handler(Action.rectify)
+    async def rectify(ctx: TaskContext) -> Result:
+        raise TaskError("cannot store bad name Nguyễn Thị Lan / An")
+
+    receipt = await run_task(w, task)
+    assert receipt.error == "TaskError: cannot store bad name [redacted] / [redacted]"
+
+
 async def test_transient_library_errors_are_retryable() -> None:
     receipt = await run_task(
         failing_worker(ConnectionResetError("peer reset")), make_task("shop", "erase", {"email": EMAIL})
