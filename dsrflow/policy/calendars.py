@@ -43,18 +43,28 @@ class WorkingCalendar:
     weekend: frozenset[int] = frozenset({5, 6})
     extra_holidays: frozenset[date] = frozenset()
     extra_working_days: frozenset[date] = frozenset()
+    #: library holidays (by name, their "(observed)" days included) that the law does not make days off
+    not_holidays: frozenset[str] = frozenset()
+
+    def _public(self, year: int) -> dict[date, str]:
+        if self.country is None:
+            return {}
+        return {
+            d: n for d, n in public_holidays(self.country, self.subdivision, year).items()
+            if not any(n == x or n.startswith(x + " (") for x in self.not_holidays)
+        }
 
     def is_working_day(self, day: date) -> bool:
         if day in self.extra_working_days:
             return True
         if day in self.extra_holidays or day.weekday() in self.weekend:
             return False
-        return self.country is None or day not in public_holidays(self.country, self.subdivision, day.year)
+        return day not in self._public(day.year)
 
     def holidays(self, year: int) -> dict[date, str]:
         """Every non-weekend non-working day of ``year`` (library holidays plus the data file's
         extra holidays, minus its extra working days), with names; for display and checking."""
-        days = dict(public_holidays(self.country, self.subdivision, year)) if self.country else {}
+        days = self._public(year)
         days.update({d: "extra holiday (jurisdiction data)" for d in self.extra_holidays if d.year == year})
         return {d: n for d, n in sorted(days.items()) if d not in self.extra_working_days}
 

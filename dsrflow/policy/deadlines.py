@@ -98,12 +98,20 @@ class DatedNote(_Strict):
     note: str = Field(min_length=1, description="why: the decision that made this day special")
 
 
+class NamedNote(_Strict):
+    name: str = Field(min_length=1)
+    note: str = Field(min_length=1, description="why")
+
+
 class CalendarSpec(_Strict):
     holidays: str | None = Field(default=None, description="country code for the holidays library")
     subdivision: str | None = None
     weekend: list[str] = ["sat", "sun"]
     extra_holidays: list[DatedNote] = []
     extra_working_days: list[DatedNote] = []
+    not_holidays: list[NamedNote] = Field(
+        default=[], description="library holidays, by name, that are not days off (yet) in this jurisdiction"
+    )
 
 
 class RightGroup(_Strict):
@@ -176,6 +184,7 @@ def _prepare(rules: JurisdictionRules) -> _Jurisdiction:
         weekend=weekdays(spec.weekend),
         extra_holidays=frozenset(n.date for n in spec.extra_holidays),
         extra_working_days=frozenset(n.date for n in spec.extra_working_days),
+        not_holidays=frozenset(n.name for n in spec.not_holidays),
     )
     group_of = {right: group for group in rules.groups.values() for right in group.rights}
     return _Jurisdiction(rules=rules, tz=ZoneInfo(rules.timezone), calendar=cal, group_of=group_of)
