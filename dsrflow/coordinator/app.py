@@ -88,12 +88,14 @@ def create_app(settings: Settings) -> faust.App:
     async def intake(stream: faust.StreamT[bytes]) -> None:
         c = await coordinator()
         async for events in stream.take_events(BATCH, within=WITHIN):  # type: ignore[attr-defined]
+            log.info("intake: %d record(s)", len(events))
             await _with_retry(c, c.handle_requests, INTAKE, _records(events))
 
     @app.agent(receipts)
     async def aggregate(stream: faust.StreamT[bytes]) -> None:
         c = await coordinator()
         async for events in stream.take_events(BATCH, within=WITHIN):  # type: ignore[attr-defined]
+            log.info("receipts: %d record(s)", len(events))
             await _with_retry(c, c.handle_receipts, AGGREGATOR, _records(events))
 
     @app.timer(interval=SWEEP_INTERVAL)  # type: ignore[untyped-decorator]

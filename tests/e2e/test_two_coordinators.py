@@ -35,6 +35,14 @@ async def test_two_coordinators_complete_every_case_once(e2e_settings: Settings,
         with launcher.running(settings, demo.SYSTEMS, log_dir=logs, cwd=ROOT, extra_env=extra) as services:
             services.start("coordinator-2", ["coordinator"], launcher.service_env(settings, extra), ROOT)
             await launcher.wait_registered(settings.dsn, demo.SYSTEMS, services)
+            # both in the group before the burst, so the partitions are shared while it runs
+            deadline = time.monotonic() + 90
+            while not all("coordinator ready" in (logs / f"{n}.log").read_text()
+                          for n in ("coordinator", "coordinator-2")):
+                assert time.monotonic() < deadline, "the coordinators did not both start"
+                services.check_alive()
+                await asyncio.sleep(0.5)
+            await asyncio.sleep(3)  # the rebalance that coordinator-2 triggered settles
             await submit(settings, [
                 RightsRequested(request_id=f"two-{i}", right="access", verified=True, received_at=datetime.now(UTC),
                                 subject={"identifiers": PEOPLE[i % len(PEOPLE)].identifiers()})  # type: ignore[arg-type]
@@ -55,5 +63,8 @@ async def test_two_coordinators_complete_every_case_once(e2e_settings: Settings,
         active = [name for name in ("coordinator", "coordinator-2")
                   if "relay active" in (logs / f"{name}.log").read_text()]
         assert len(active) == 1, active
+        for name in ("coordinator", "coordinator-2"):  # each consumed its share
+            log = (logs / f"{name}.log").read_text()
+            assert "intake: " in log and "receipts: " in log, name
     finally:
         await conn.close()
