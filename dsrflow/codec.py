@@ -170,15 +170,24 @@ def dead_letter_headers(original: Sequence[tuple[str, bytes]] | None, record: De
 #: identified by the dlq_value_sha256 and dlq_value_size headers.
 DLQ_MAX_VALUE = 512 * 1024
 DLQ_KEPT_PREFIX = 64 * 1024
+#: Past this total size the original headers are left out (their count is kept).
+DLQ_MAX_HEADERS = 64 * 1024
 
 
 def dead_letter(
     value: bytes | None, original_headers: Sequence[tuple[str, bytes]] | None, record: DeadLetter
 ) -> tuple[bytes, Headers]:
     """Value and headers of a dead-lettered record: the original bytes (cut past
-    :data:`DLQ_MAX_VALUE`), the original headers, then the ``dlq_*`` fields."""
+    :data:`DLQ_MAX_VALUE`), the original headers (left out past :data:`DLQ_MAX_HEADERS`),
+    then the ``dlq_*`` fields."""
     value = value or b""
+    original_headers = list(original_headers or [])
+    dropped = 0
+    if sum(len(k) + len(v) for k, v in original_headers) > DLQ_MAX_HEADERS:
+        dropped, original_headers = len(original_headers), []
     headers = dead_letter_headers(original_headers, record)
+    if dropped:
+        headers.append(("dlq_original_headers_dropped", str(dropped).encode()))
     if len(value) > DLQ_MAX_VALUE:
         headers += [
             ("dlq_value_size", str(len(value)).encode()),

@@ -117,3 +117,16 @@ def test_an_oversized_dead_letter_keeps_a_prefix_and_names_the_whole() -> None:
     assert h["dlq_value_size"] == str(len(big_value)) and h["dlq_value_truncated"] == "true"
     assert h["dlq_value_sha256"] == hashlib.sha256(big_value).hexdigest()
     assert codec.read_dead_letter(headers) == record
+
+
+def test_oversized_original_headers_are_left_out_and_counted() -> None:
+    from datetime import UTC, datetime
+
+    record = DeadLetter(original_topic="t", original_partition=0, original_offset=1, consumer="c",
+                        error_type="bad_json", error="e", failed_at=datetime(2026, 1, 1, tzinfo=UTC))
+    huge = [("ce_id", b"1"), ("junk", b"x" * (codec.DLQ_MAX_HEADERS + 1))]
+    _, headers = codec.dead_letter(b"{", huge, record)
+    h = codec.header_map(headers)
+    assert "junk" not in h and "ce_id" not in h and h["dlq_original_headers_dropped"] == "2"
+    _, kept = codec.dead_letter(b"{", [("ce_id", b"1")], record)
+    assert ("ce_id", b"1") in kept
