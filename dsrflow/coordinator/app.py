@@ -84,19 +84,19 @@ def create_app(settings: Settings) -> faust.App:
     requests = app.topic(topics.REQUESTS, key_type=bytes, value_type=bytes)
     receipts = app.topic(topics.RECEIPTS, key_type=bytes, value_type=bytes)
 
-    @app.agent(requests)
-    async def intake(stream: faust.StreamT[bytes]) -> None:
+    async def consume(stream: faust.StreamT[bytes], label: str, consumer: str, handler: str) -> None:
         c = await coordinator()
         async for events in stream.take_events(BATCH, within=WITHIN):  # type: ignore[attr-defined]
-            log.info("intake: %d record(s)", len(events))
-            await _with_retry(c, c.handle_requests, INTAKE, _records(events))
+            log.info("%s: %d record(s)", label, len(events))
+            await _with_retry(c, getattr(c, handler), consumer, _records(events))
+
+    @app.agent(requests)
+    async def intake(stream: faust.StreamT[bytes]) -> None:
+        await consume(stream, "intake", INTAKE, "handle_requests")
 
     @app.agent(receipts)
     async def aggregate(stream: faust.StreamT[bytes]) -> None:
-        c = await coordinator()
-        async for events in stream.take_events(BATCH, within=WITHIN):  # type: ignore[attr-defined]
-            log.info("receipts: %d record(s)", len(events))
-            await _with_retry(c, c.handle_receipts, AGGREGATOR, _records(events))
+        await consume(stream, "receipts", AGGREGATOR, "handle_receipts")
 
     @app.timer(interval=SWEEP_INTERVAL)  # type: ignore[untyped-decorator]
     async def sweep() -> None:
