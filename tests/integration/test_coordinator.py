@@ -8,6 +8,7 @@ import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import orjson
@@ -42,6 +43,26 @@ async def pool(case_store: str) -> AsyncIterator[asyncpg.Pool]:
 def coordinator(pool: asyncpg.Pool, case_store: str, tmp_path: Path) -> Coordinator:
     settings = Settings(pg_dsn=case_store, kafka_bootstrap="unused:9092", state_dir=tmp_path, max_task_attempts=2)
     return Coordinator(settings, pool, export_store=MemoryExportStore())
+
+
+@pytest.fixture
+async def kafka_settings(broker: str, broker_kind: str, case_store: str, tmp_path: Path) -> Settings:
+    """Settings on the real broker, with dsrflow's topics (and the two test systems' task topics) in place."""
+    settings = Settings(pg_dsn=case_store, kafka_bootstrap=broker, state_dir=tmp_path,
+                        kafka_idempotent_producer=broker_kind != "tansu")
+    await topics.apply(settings.kafka_client_options(), topics.specs_for(["crm", "billing"]))
+    return settings
+
+
+@pytest.fixture
+async def relay_producer(kafka_settings: Settings) -> AsyncIterator[Any]:
+    """A producer configured as the relay's, with a short request timeout."""
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(**kafka_settings.producer_options(), request_timeout_ms=5000)
+    await producer.start()
+    yield producer
+    await producer.stop()
 
 
 _offsets = iter(range(10**6))
@@ -218,11 +239,9 @@ async def test_tampered_export_fails_the_case_not_the_coordinator(coordinator: C
 
 
 async def test_outbox_relay_publishes_to_kafka_and_marks_sent(
-    coordinator: Coordinator, pool: asyncpg.Pool, broker: str, broker_kind: str, case_store: str, tmp_path: Path
+    coordinator: Coordinator, pool: asyncpg.Pool, kafka_settings: Settings
 ) -> None:
-    settings = Settings(pg_dsn=case_store, kafka_bootstrap=broker, state_dir=tmp_path,
-                        kafka_idempotent_producer=broker_kind != "tansu")
-    await topics.apply(settings.kafka_client_options(), topics.specs_for(["crm", "billing"]))
+    settings = kafka_settings
     rec = request(request_id=f"relay-{uuid.uuid4().hex[:6]}")
     await coordinator.handle_requests([rec])
     n = await pool.fetchval("SELECT count(*) FROM outbox WHERE sent_at IS NULL")
@@ -323,49 +342,37 @@ async def test_prune_drops_old_sent_outbox_rows_and_old_inbox_ids_only(
 
 
 async def test_relay_sets_aside_a_row_the_broker_refuses_and_publishes_the_rest(
-    pool: asyncpg.Pool, broker: str, broker_kind: str, case_store: str, tmp_path: Path
+    pool: asyncpg.Pool, kafka_settings: Settings, relay_producer: Any
 ) -> None:
     from datetime import timedelta
-
-    from aiokafka import AIOKafkaProducer
 
     from dsrflow.coordinator import relay as relay_mod
     from dsrflow.store.outbox import OutboxMessage, add
 
-    settings = Settings(pg_dsn=case_store, kafka_bootstrap=broker, state_dir=tmp_path,
-                        kafka_idempotent_producer=broker_kind != "tansu")
-    await topics.apply(settings.kafka_client_options(), topics.specs_for([]))
+    settings, producer = kafka_settings, relay_producer
     async with pool.acquire() as conn:
         await add(conn, [
             OutboxMessage(topics.DEADLETTER, b"huge", b"x" * 3_000_000, []),  # over the 1 MB request limit
             OutboxMessage("dsr.tasks.nosuchsystem.v1", b"k", b"{}", []),  # a topic that does not exist
             OutboxMessage(topics.CASES, b"ok", b"{}", []),
         ])
-    producer = AIOKafkaProducer(**settings.producer_options(), request_timeout_ms=5000)
-    await producer.start()
-    try:
-        relay = OutboxRelay(settings, set_aside_after=timedelta(0))  # the grace period is tested below
-        async with pool.acquire() as conn:
+    relay = OutboxRelay(settings, set_aside_after=timedelta(0))  # the grace period is tested below
+    async with pool.acquire() as conn:
+        await relay.relay_once(conn, producer)
+        rows = {r["key"]: r for r in await conn.fetch("SELECT * FROM outbox")}
+        assert rows[b"ok"]["sent_at"] is not None  # the good row was not held up
+        assert rows[b"huge"]["failed_at"] is not None and "MessageSizeTooLarge" in rows[b"huge"]["error"]
+        assert rows[b"k"]["failed_at"] is None and rows[b"k"]["attempts"] == 1  # may yet be created
+        for _ in range(relay_mod.MAX_ROW_ATTEMPTS - 1):
             await relay.relay_once(conn, producer)
-            rows = {r["key"]: r for r in await conn.fetch("SELECT * FROM outbox")}
-            assert rows[b"ok"]["sent_at"] is not None  # the good row was not held up
-            assert rows[b"huge"]["failed_at"] is not None and "MessageSizeTooLarge" in rows[b"huge"]["error"]
-            assert rows[b"k"]["failed_at"] is None and rows[b"k"]["attempts"] == 1  # may yet be created
-            for _ in range(relay_mod.MAX_ROW_ATTEMPTS - 1):
-                await relay.relay_once(conn, producer)
-            row = await conn.fetchrow("SELECT * FROM outbox WHERE key = 'k'")
-            assert row["failed_at"] is not None and "does not exist" in row["error"]
-            assert relay.set_aside == 2 and relay.published == 1
-            assert await relay.relay_once(conn, producer) == 0  # nothing left to try
-    finally:
-        await producer.stop()
+        row = await conn.fetchrow("SELECT * FROM outbox WHERE key = 'k'")
+        assert row["failed_at"] is not None and "does not exist" in row["error"]
+        assert relay.set_aside == 2 and relay.published == 1
+        assert await relay.relay_once(conn, producer) == 0  # nothing left to try
 
 
-async def test_only_one_relay_publishes_at_a_time(
-    pool: asyncpg.Pool, broker: str, broker_kind: str, case_store: str, tmp_path: Path
-) -> None:
-    settings = Settings(pg_dsn=case_store, kafka_bootstrap=broker, state_dir=tmp_path,
-                        kafka_idempotent_producer=broker_kind != "tansu")
+async def test_only_one_relay_publishes_at_a_time(pool: asyncpg.Pool, kafka_settings: Settings) -> None:
+    settings = kafka_settings
     a, b = OutboxRelay(settings, standby_interval=0.1), OutboxRelay(settings, standby_interval=0.1)
     stop = asyncio.Event()
     runs = [asyncio.create_task(a.run(stop)), asyncio.create_task(b.run(stop))]
@@ -479,35 +486,27 @@ async def test_with_no_system_registered_a_case_stays_open_instead_of_claiming_n
 
 
 async def test_relay_gives_a_missing_topic_time_and_never_blames_rows_for_a_broken_producer(
-    pool: asyncpg.Pool, broker: str, broker_kind: str, case_store: str, tmp_path: Path
+    pool: asyncpg.Pool, kafka_settings: Settings, relay_producer: Any
 ) -> None:
-    from aiokafka import AIOKafkaProducer
     from aiokafka.errors import OutOfOrderSequenceNumber
 
     from dsrflow.coordinator import relay as relay_mod
     from dsrflow.store.outbox import OutboxMessage, add
 
-    settings = Settings(pg_dsn=case_store, kafka_bootstrap=broker, state_dir=tmp_path,
-                        kafka_idempotent_producer=broker_kind != "tansu")
-    await topics.apply(settings.kafka_client_options(), topics.specs_for([]))
+    settings, producer = kafka_settings, relay_producer
     async with pool.acquire() as conn:
         await add(conn, [OutboxMessage("dsr.tasks.latecomer.v1", b"k", b"{}", [])])
-    producer = AIOKafkaProducer(**settings.producer_options(), request_timeout_ms=5000)
-    await producer.start()
-    try:
-        relay = OutboxRelay(settings)  # default grace: minutes
-        async with pool.acquire() as conn:
-            for _ in range(relay_mod.MAX_ROW_ATTEMPTS + 2):  # many passes, in well under the grace period
-                await relay.relay_once(conn, producer)
-            row = await conn.fetchrow("SELECT * FROM outbox")
-            assert row["failed_at"] is None and row["attempts"] == relay_mod.MAX_ROW_ATTEMPTS + 2
-            await conn.execute("DELETE FROM outbox")
+    relay = OutboxRelay(settings)  # default grace: minutes
+    async with pool.acquire() as conn:
+        for _ in range(relay_mod.MAX_ROW_ATTEMPTS + 2):  # many passes, in well under the grace period
+            await relay.relay_once(conn, producer)
+        row = await conn.fetchrow("SELECT * FROM outbox")
+        assert row["failed_at"] is None and row["attempts"] == relay_mod.MAX_ROW_ATTEMPTS + 2
+        await conn.execute("DELETE FROM outbox")
 
-            await add(conn, [OutboxMessage(topics.CASES, str(i).encode(), b"{}", []) for i in range(3)])
-            producer._message_accumulator.fail_all(OutOfOrderSequenceNumber())  # the producer is broken
-            with pytest.raises(OutOfOrderSequenceNumber):
-                await relay.relay_once(conn, producer)
-            assert await conn.fetchval("SELECT count(*) FROM outbox WHERE failed_at IS NULL AND sent_at IS NULL") == 3
-            assert relay.set_aside == 0
-    finally:
-        await producer.stop()
+        await add(conn, [OutboxMessage(topics.CASES, str(i).encode(), b"{}", []) for i in range(3)])
+        producer._message_accumulator.fail_all(OutOfOrderSequenceNumber())  # the producer is broken
+        with pytest.raises(OutOfOrderSequenceNumber):
+            await relay.relay_once(conn, producer)
+        assert await conn.fetchval("SELECT count(*) FROM outbox WHERE failed_at IS NULL AND sent_at IS NULL") == 3
+        assert relay.set_aside == 0
