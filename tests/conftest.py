@@ -144,3 +144,40 @@ async def case_store(pg_server: str, make_database: Callable[..., Awaitable[str]
             await migrate(await create_database(pg_server, name))
             _case_template[pg_server] = name
     return await make_database("case", template=_case_template[pg_server])
+
+
+# -- a client no one here wrote ---------------------------------------------------
+CODECS = ("gzip", "snappy", "lz4", "zstd")
+
+
+def librdkafka_produce(
+    bootstrap: str,
+    topic: str,
+    records: list[tuple[bytes, bytes, list[tuple[str, bytes]]]],
+    *,
+    compression: str = "none",
+) -> None:
+    """Produce ``(key, value, headers)`` records with confluent-kafka (librdkafka, the C client
+    under the Go, .NET and Node clients too), compressed with ``compression``, and wait until the
+    broker has every one of them (acks=all)."""
+    from confluent_kafka import KafkaException, Producer
+
+    errors: list[str] = []
+    producer = Producer({
+        "bootstrap.servers": bootstrap,
+        "compression.type": compression,
+        "acks": "all",
+        "enable.idempotence": True,
+        "linger.ms": 20,  # several records per batch: a compressed batch holds more than one
+        "message.timeout.ms": 30_000,
+    })
+
+    def delivered(err: Any, msg: Any) -> None:
+        if err is not None:
+            errors.append(str(err))
+
+    for key, value, headers in records:
+        producer.produce(topic, value=value, key=key, headers=headers, on_delivery=delivered)
+    left = producer.flush(60)
+    if left or errors:
+        raise KafkaException(f"librdkafka: {left} record(s) undelivered, errors: {errors}")
