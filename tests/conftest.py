@@ -2,7 +2,7 @@
 first use and once per session.
 
 - ``broker``: bootstrap address of the test broker (``DSRFLOW_TEST_BROKER``: apache,
-  tansu or host:port; default Apache Kafka when java and mvn are on PATH; with CI=true
+  tansu or host:port; default Apache Kafka when Java 17+ and Maven are at hand; with CI=true
   only Apache Kafka will do), see :mod:`dsrflow.testing.brokers`;
 - ``broker_kind``: "apache", "tansu" or "external", for tests that meet a Tansu limit;
 - ``pg_server``: DSN of the session's PostgreSQL (``postgres`` database), or

