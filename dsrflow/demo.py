@@ -1,9 +1,10 @@
 """``dsrflow demo``: the whole flow on the embedded stack, with the two reference systems.
 
-Starts a fresh embedded stack, runs the coordinator and the CRM and billing workers as
-processes, submits requests from realistic subjects in waves, shows progress, prints each
-case's outcome and bundle, checks the reference systems' own databases, and tears
-everything down. Exits 0 only when every case reached the outcome it should.
+Starts a fresh embedded stack (on Apache Kafka, so kcat and every other client can join in),
+runs the coordinator and the CRM and billing workers as processes, submits requests from
+realistic subjects in waves, shows progress, prints each case's outcome and bundle, checks the
+reference systems' own databases, and tears everything down. Exits 0 only when every case
+reached the outcome it should.
 
 The scenario (:func:`run_scenario`) is shared with the end-to-end test and runs on any
 broker and PostgreSQL the settings point at.
@@ -319,11 +320,11 @@ def main(base: Settings) -> int:
         shutil.rmtree(state_dir)
     _print(f"starting the embedded stack in {state_dir} ...")
     t0 = time.monotonic()
-    stack.up(state_dir)
+    info = stack.up(state_dir)
     try:
         settings = Settings(state_dir=state_dir, kafka_bootstrap=None, pg_dsn=None, export_dir=None,
                             log_level="INFO")
-        _print(f"  broker {settings.bootstrap}, PostgreSQL {settings.dsn}")
+        _print(f"  broker {settings.bootstrap} ({info['broker']}), PostgreSQL {settings.dsn}")
         asyncio.run(prepare(settings))
         _print("case store migrated; CRM and billing databases seeded; topics applied")
         with launcher.running(settings, SYSTEMS, log_dir=state_dir / "logs") as services:
