@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dsrflow import codec, demo, launcher  # noqa: E402
-from dsrflow.cli import submit  # noqa: E402
+from dsrflow.client import submit  # noqa: E402
 from dsrflow.events import RightsRequested  # noqa: E402
 from dsrflow.settings import Settings  # noqa: E402
 from dsrflow.stack.postgres import EmbeddedPostgres, create_database  # noqa: E402

@@ -11,6 +11,12 @@
     dsrflow cases verify ID --by WHO      identity verified: fan an awaiting case out
     dsrflow api                           serve the DPO HTTP API
     dsrflow demo                          the end-to-end demo on the embedded stack
+
+`stack status`, `cases list` and `cases show` take --json for machine-readable output.
+Settings come from DSRFLOW_* variables (see dsrflow/settings.py); each command reads only
+the ones it uses. A failure is one line on stderr, `error: ...`, with exit code 1 (2 for
+bad arguments). The services (coordinator, worker, api) wait up to DSRFLOW_STARTUP_TIMEOUT
+for their broker and case store at start.
 """
 
 from __future__ import annotations
@@ -19,48 +25,145 @@ import argparse
 import asyncio
 import dataclasses
 import logging
+import os
+import re
+import socket
 import sys
+import traceback
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import orjson
 
 from . import topics
+from .client import DEFAULT_TIMEOUT, broker_error, case_store_error, case_store_pool, connect_case_store
+from .client import submit as submit  # re-exported: dsrflow.cli.submit predates dsrflow.client
+from .errors import ConfigError, DsrflowError, InvalidInput, validation_summary
 from .rights import CaseStatus, Right
-from .settings import Settings, StackNotRunning, get_settings
+from .settings import Settings, get_settings
+
+log = logging.getLogger("dsrflow.cli")
+
+_SYSTEM_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")  # events.SystemName
 
 
-def _print(obj: Any) -> None:
-    sys.stdout.write(orjson.dumps(obj, option=orjson.OPT_INDENT_2, default=str).decode() + "\n")
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, bytes | bytearray | memoryview):
+        return bytes(obj).hex()
+    return str(obj)
+
+
+def _print_json(obj: Any) -> None:
+    sys.stdout.write(orjson.dumps(obj, option=orjson.OPT_INDENT_2, default=_json_default).decode() + "\n")
+
+
+def _when(value: datetime | None) -> str:
+    return value.isoformat(timespec="seconds") if value is not None else "-"
+
+
+def _compact(obj: Any) -> str:
+    return orjson.dumps(obj, default=_json_default).decode()
 
 
 # -- stack -----------------------------------------------------------------
-def cmd_stack(args: argparse.Namespace, settings: Settings) -> int:
-    from . import stack
+def _stack_module() -> Any:
+    try:
+        from . import stack
 
+        stack.status  # noqa: B018 - imports the embedded stack's modules now, to report a missing extra
+        return stack
+    except ModuleNotFoundError as exc:
+        raise ConfigError(
+            f"the embedded stack needs the 'embedded' extra ({exc.name} is not installed): "
+            "pip install 'dsrflow[embedded]'"
+        ) from exc
+
+
+def _stack_failures() -> tuple[type[BaseException], ...]:
+    """The embedded stack's own "cannot start" exceptions (found by name: they live in dsrflow.stack)."""
+    import importlib
+
+    found: list[type[BaseException]] = []
+    for module, name in (("embedded", "StackError"), ("kafka", "KafkaUnavailable"), ("_proc", "ServiceStartError")):
+        try:
+            found.append(getattr(importlib.import_module(f"dsrflow.stack.{module}"), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(found)
+
+
+def cmd_stack(args: argparse.Namespace, settings: Settings) -> int:
+    stack = _stack_module()
+    state_dir = settings.state_dir.resolve()
     if args.action == "up":
-        info = stack.up(settings.state_dir)
+        try:
+            info = stack.up(settings.state_dir, broker=args.broker)
+        except _stack_failures() as exc:
+            first = (str(exc).splitlines() or [type(exc).__name__])[0]
+            if first.endswith("; log tail:"):  # the tail itself is many lines: point at the logs instead
+                first = f"{first.removesuffix('; log tail:')} (logs in {state_dir})"
+            raise DsrflowError(f"the embedded stack did not start: {first}") from exc
+        if args.json:
+            _print_json({"kafka_bootstrap": info["kafka_bootstrap"], "pg_dsn": info["pg_dsn"],
+                         "state_dir": str(state_dir)})
+            return 0
         print("embedded stack is up; connection settings:")
         print(f"  DSRFLOW_KAFKA_BOOTSTRAP={info['kafka_bootstrap']}")
         print(f"  DSRFLOW_PG_DSN={info['pg_dsn']}")
-        print(f"  state directory: {settings.state_dir.resolve()}")
+        print(f"  state directory: {state_dir}")
         return 0
     if args.action == "down":
         stopped = stack.down(settings.state_dir)
-        print("embedded stack stopped" if stopped else "embedded stack was not running")
+        if args.json:
+            _print_json({"stopped": bool(stopped), "state_dir": str(state_dir)})
+        else:
+            print("embedded stack stopped" if stopped else "embedded stack was not running")
         return 0
-    _print(stack.status(settings.state_dir))
-    return 0
+    status: dict[str, Any] = stack.status(settings.state_dir)
+    services: dict[str, dict[str, Any]] = status.get("services") or {}
+    anything = bool(status.get("stack_file")) or any(s.get("running") or s.get("pid") for s in services.values())
+    if args.json:
+        _print_json(status)
+    elif anything:
+        broker = f" (broker: {status['broker']})" if status.get("broker") else ""
+        print(f"embedded stack in {status.get('state_dir', state_dir)}: "
+              + ("running" if status.get("running") else "NOT fully running") + broker)
+        for name, s in sorted(services.items()):
+            state = "running" if s.get("running") else "stopped"
+            pid = f"pid {s['pid']}" if s.get("pid") else "no pid"
+            note = f"  ({s['note']})" if s.get("note") else ""
+            print(f"  {name:<9} {state:<8} {pid:<10} {s.get('address') or '-'}{note}")
+        if status.get("running"):
+            print(f"  DSRFLOW_KAFKA_BOOTSTRAP={status.get('kafka_bootstrap')}")
+            print(f"  DSRFLOW_PG_DSN={status.get('pg_dsn')}")
+    if status.get("running"):
+        return 0
+    if not anything:
+        raise DsrflowError(f"no embedded stack is running in {state_dir}: run `dsrflow stack up`")
+    stopped = ", ".join(n for n, s in sorted(services.items()) if not s.get("running")) or "unknown"
+    raise DsrflowError(f"the embedded stack in {state_dir} is not fully running ({stopped} stopped): "
+                       "run `dsrflow stack up`")
 
 
 # -- db, topics ------------------------------------------------------------
 def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
     from .store import migrate
 
-    applied = asyncio.run(migrate(settings.dsn))
+    async def go() -> list[Any]:
+        conn = await connect_case_store(settings)  # a clear error, within seconds, if it is not there
+        await conn.close()
+        try:
+            return await migrate(settings.dsn)
+        except Exception as exc:  # noqa: BLE001 - mapped, or re-raised as it was
+            mapped = case_store_error(settings, exc)
+            if mapped is None:
+                raise
+            raise mapped from exc
+
+    applied = asyncio.run(go())
     for m in applied:
         print(f"applied {m.version:04d}_{m.name}")
     print("case store is up to date" if not applied else f"{len(applied)} migration(s) applied")
@@ -68,17 +171,25 @@ def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _registered_systems(settings: Settings) -> list[str]:
+    """Systems registered in the case store ([] before `dsrflow db migrate`)."""
     import asyncpg
 
     from .registry import active_systems
 
-    conn = await asyncpg.connect(settings.dsn)
+    conn = await connect_case_store(settings)
     try:
         return [s.name for s in await active_systems(conn)]
     except asyncpg.UndefinedTableError:
         return []
     finally:
         await conn.close()
+
+
+def _check_system_name(name: str, what: str = "system name") -> str:
+    if not _SYSTEM_NAME.match(name):
+        raise InvalidInput(f"{what} {name!r} is not valid: lowercase letters, digits, '_' and '-', "
+                           "starting with a letter")
+    return name
 
 
 def cmd_topics(args: argparse.Namespace, settings: Settings) -> int:
@@ -90,13 +201,35 @@ def cmd_topics(args: argparse.Namespace, settings: Settings) -> int:
                      if not (directory / n).exists() or (directory / n).read_bytes() != body]
             for n in stale:
                 print(f"schema drift: topics/schemas/{n} differs from the models", file=sys.stderr)
-            return 1 if stale else 0
+            if stale:
+                raise DsrflowError(f"{len(stale)} schema(s) in topics/schemas/ differ from the models: "
+                                   "run `dsrflow topics schemas`")
+            return 0
         for path in topics.write_schemas():
             print(f"wrote {path}")
         return 0
-    systems = sorted(set(args.system or []) | set(asyncio.run(_registered_systems(settings))))
-    report = asyncio.run(topics.apply(settings.kafka_client_options(), topics.specs_for(systems),
-                                      replication_factor=settings.topic_replication_factor))
+    requested = {_check_system_name(s, "--system") for s in args.system or []}
+
+    async def go() -> topics.ApplyReport:
+        systems = set(requested)
+        # Registered systems' task topics too, when there is a case store to ask. Without one
+        # configured, the declared topics and the --system ones are all there is to apply.
+        if settings.case_store_configured:
+            systems |= set(await _registered_systems(settings))
+        options = {**settings.kafka_client_options(), "request_timeout_ms": int(DEFAULT_TIMEOUT * 1000)}
+        try:
+            return await asyncio.wait_for(
+                topics.apply(options, topics.specs_for(sorted(systems)),
+                             replication_factor=settings.topic_replication_factor),
+                timeout=3 * DEFAULT_TIMEOUT,
+            )
+        except Exception as exc:  # noqa: BLE001 - mapped, or re-raised as it was
+            mapped = broker_error(settings, exc, DEFAULT_TIMEOUT)
+            if mapped is None:
+                raise
+            raise mapped from exc
+
+    report = asyncio.run(go())
     for name in report.created:
         print(f"created   {name}")
     for name in report.unchanged:
@@ -104,7 +237,10 @@ def cmd_topics(args: argparse.Namespace, settings: Settings) -> int:
     for name, diffs in report.drift.items():
         for d in diffs:
             print(f"DRIFT     {name}: {d}")
-    return 2 if report.drift else 0
+    if report.drift:
+        print(f"error: {len(report.drift)} topic(s) differ from topics/ (see DRIFT above)", file=sys.stderr)
+        return 2
+    return 0
 
 
 # -- services --------------------------------------------------------------
@@ -118,21 +254,47 @@ def cmd_coordinator(args: argparse.Namespace, settings: Settings) -> int:
 
 def load_worker(name: str, app: str | None) -> Any:
     """Find a system's worker: ``--app module:attr``, else the ``dsrflow.workers`` entry point
-    NAME, else the reference system ``examples.NAME.worker:worker`` (from the current directory)."""
+    NAME, else the reference system ``examples.NAME.worker:worker`` (from the current directory).
+
+    Raises :class:`~dsrflow.errors.InvalidInput` when there is none, or it cannot be imported."""
     from importlib.metadata import entry_points
 
     from .worker import load_worker as load
 
+    _check_system_name(name, "worker name")
+    default = app is None
     if app is None:
         eps = [ep for ep in entry_points(group="dsrflow.workers") if ep.name == name]
         if eps:
-            return eps[0].load()
+            try:
+                return eps[0].load()
+            except Exception as exc:  # noqa: BLE001 - any import failure is the entry point's
+                raise InvalidInput(f"the dsrflow.workers entry point {name!r} ({eps[0].value}) cannot be "
+                                   f"loaded: {type(exc).__name__}: {exc}") from exc
         app = f"examples.{name}.worker:worker"
+    module, _, attr = app.partition(":")
     if str(Path.cwd()) not in sys.path:
         sys.path.insert(0, str(Path.cwd()))
-    worker = load(app)
+    try:
+        worker = load(app)
+    except ModuleNotFoundError as exc:
+        missing = exc.name or ""
+        if missing and (module == missing or module.startswith(missing + ".")):
+            if default:
+                raise InvalidInput(
+                    f"no worker for system {name!r}: no dsrflow.workers entry point {name!r} and no module "
+                    f"{module} here; give --app module:attribute"
+                ) from exc
+            raise InvalidInput(f"--app {app}: no module named {missing!r}") from exc
+        raise InvalidInput(f"--app {app}: importing {module} failed: {exc}") from exc
+    except AttributeError as exc:
+        raise InvalidInput(f"--app {app}: module {module} has no attribute {attr or 'worker'!r}") from exc
+    except TypeError as exc:  # not a Worker
+        raise InvalidInput(f"--app {app}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - whatever the module raised while importing
+        raise InvalidInput(f"--app {app}: importing {module} failed: {type(exc).__name__}: {exc}") from exc
     if worker.name != name:
-        raise SystemExit(f"error: {app} is the worker of system {worker.name!r}, not {name!r}")
+        raise InvalidInput(f"{app} is the worker of system {worker.name!r}, not {name!r}")
     return worker
 
 
@@ -142,108 +304,223 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
-    from .api import serve
+def _check_can_listen(host: str, port: int) -> None:
+    """Fail now, with one line, if the API's address is taken or not ours to bind."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(f"DSRFLOW_API_HOST {host!r} does not resolve") from exc
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            raise DsrflowError(f"the API cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
 
-    asyncio.run(serve(settings))
+
+def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
+    from ._startup import check_case_store
+    from .api import ApiTokenMissing, create_app, serve
+
+    try:
+        create_app(settings)  # refuses without DSRFLOW_API_TOKEN
+    except ApiTokenMissing as exc:
+        raise ConfigError(str(exc)) from exc
+    _check_can_listen(settings.api_host, settings.api_port)
+    asyncio.run(check_case_store(settings, log=logging.getLogger("dsrflow.api")))
+    try:
+        asyncio.run(serve(settings))
+    except SystemExit as exc:  # uvicorn exits 1 when it cannot start; it has logged why
+        if exc.code not in (None, 0):
+            raise DsrflowError(f"the API on {settings.api_host}:{settings.api_port} could not start "
+                               "(see the log line above)") from None
     return 0
 
 
 # -- submit, cases -----------------------------------------------------------
-async def submit(settings: Settings, requests: Sequence[Any]) -> list[str]:
-    """Publish RightsRequested events (acks=all); returns their event ids."""
-    from aiokafka import AIOKafkaProducer
+def _request_field(loc: tuple[Any, ...]) -> str:
+    """The command-line option behind a RightsRequested field, for error messages."""
+    if loc[:2] == ("subject", "identifiers"):
+        # one identifier's option, or none: the identifiers' own messages name the identifier
+        return "--" + str(loc[2]).replace("_", "-") if len(loc) > 2 else ""
+    flags = {"request_id": "--request-id", "jurisdiction": "--jurisdiction", "changes": "--change",
+             "right": "--right"}
+    if loc and loc[0] in flags:
+        return flags[loc[0]]
+    return ".".join(str(p) for p in loc)
 
-    from . import codec
 
-    producer = AIOKafkaProducer(**settings.producer_options())
-    await producer.start()
-    ids = []
-    try:
-        futures = []
-        for req in requests:
-            value, headers = codec.encode(req, source="dsrflow/cli")
-            ids.append(dict(headers)["ce_id"].decode())
-            futures.append(await producer.send(topics.REQUESTS, value=value, key=req.request_id.encode(),
-                                               headers=headers))
-        await asyncio.gather(*futures)
-    finally:
-        await producer.stop()
-    return ids
+def _changes(pairs: list[str] | None) -> dict[str, str] | None:
+    if not pairs:
+        return None
+    out = {}
+    for pair in pairs:
+        field, sep, value = pair.partition("=")
+        if not sep or not field.strip():
+            # The value is not echoed: it is a corrected piece of personal data.
+            raise InvalidInput("--change needs field=value, e.g. --change address='12 Lý Thường Kiệt'")
+        out[field.strip()] = value
+    return out
 
 
 def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
+    from pydantic import ValidationError
+
     from .events import RightsRequested
+    from .policy import jurisdictions
 
     identifiers = {k: v for k, v in (("email", args.email), ("phone", args.phone),
                                        ("customer_id", args.customer_id)) if v}
     if not identifiers:
-        print("error: give at least one of --email, --phone, --customer-id", file=sys.stderr)
-        return 2
-    changes = dict(c.split("=", 1) for c in args.change) if args.change else None
-    req = RightsRequested(
-        request_id=args.request_id or f"cli-{uuid.uuid4()}",
-        right=Right(args.right),
-        subject={"identifiers": identifiers},  # type: ignore[arg-type]
-        jurisdiction=args.jurisdiction,
-        received_at=datetime.now(UTC),
-        verified=args.verified,
-        channel="cli",
-        changes=changes,
-    )
+        raise InvalidInput("give at least one of --email, --phone, --customer-id")
+    changes = _changes(args.change)
+    jurisdiction = args.jurisdiction or settings.jurisdiction
+    if jurisdiction not in jurisdictions():
+        where = "--jurisdiction" if args.jurisdiction else "DSRFLOW_JURISDICTION"
+        raise InvalidInput(f"unknown jurisdiction {jurisdiction!r} ({where}): dsrflow has "
+                           f"{', '.join(jurisdictions())}")
+    try:
+        req = RightsRequested(
+            request_id=args.request_id or f"cli-{uuid.uuid4()}",
+            right=Right(args.right),
+            subject={"identifiers": identifiers},  # type: ignore[arg-type]
+            jurisdiction=jurisdiction,
+            received_at=datetime.now(UTC),
+            verified=args.verified,
+            channel="cli",
+            changes=changes,
+        )
+    except ValidationError as exc:
+        raise InvalidInput("invalid request: " + validation_summary(exc, _request_field)) from exc
     asyncio.run(submit(settings, [req]))
     print(f"submitted {req.right} request {req.request_id}")
     return 0
 
 
-def cmd_cases(args: argparse.Namespace, settings: Settings) -> int:
-    import asyncpg
+def _case_id(args: argparse.Namespace) -> uuid.UUID:
+    if not args.case_id:
+        raise InvalidInput(f"cases {args.action} needs a case id (see `dsrflow cases list`)")
+    try:
+        return uuid.UUID(args.case_id)
+    except ValueError:
+        # Not echoed: whatever was pasted here may be an email or a phone number.
+        raise InvalidInput("the case id is not a UUID (like 3f2a5c1e-8d4b-4f6a-9c2e-7b1d0e9f4a21); "
+                           "see `dsrflow cases list`") from None
 
+
+def _summary_json(c: Any) -> dict[str, Any]:
+    return dataclasses.asdict(c)
+
+
+def _print_case(case: Any, tasks: list[Any], timeline: list[Any], verified: bool) -> None:
+    s = case.summary
+    overdue = "  OVERDUE" if s.overdue else ""
+    rows = [
+        ("case", str(s.case_id)),
+        ("request", s.request_id),
+        ("right", f"{s.right} ({s.jurisdiction})"),
+        ("status", f"{s.status}{overdue}"),
+        ("received", _when(s.received_at)),
+        ("ack due", _when(s.ack_due_at)),
+        ("due", _when(s.due_at)),
+        ("completed", _when(s.completed_at)),
+        ("verified", "yes" if case.verified else "no"),
+        ("channel", case.channel or "-"),
+        ("subject", ", ".join(f"{k}={v}" for k, v in sorted(case.subject.items()))),
+    ]
+    if case.changes:
+        rows.append(("changes", _compact(case.changes)))
+    if case.purposes:
+        rows.append(("purposes", ", ".join(map(str, case.purposes))))
+    if case.outcome:
+        rows.append(("outcome", _compact(case.outcome)))
+    if case.bundle:
+        rows.append(("bundle", _compact(case.bundle)))
+    for label, value in rows:
+        print(f"{label:<10} {value}")
+    print(f"tasks ({len(tasks)})")
+    for t in tasks:
+        extra = f"  error: {t.error}" if t.error else ""
+        print(f"  {t.system:<16} {t.action:<10} {t.status:<12} attempt {t.attempt}  "
+              f"completed {_when(t.completed_at)}{extra}")
+    chain = "hash chain verified" if verified else "HASH CHAIN BROKEN"
+    print(f"timeline ({len(timeline)} entries, {chain})")
+    for e in timeline:
+        print(f"  {e.position:>3}  {_when(e.at)}  {e.kind:<22} hash {e.hash.hex()}  {_compact(e.detail)}")
+
+
+def cmd_cases(args: argparse.Namespace, settings: Settings) -> int:
     from .store import queries
 
-    async def verify() -> int:
-        from .coordinator.service import CaseNotFound, Coordinator, InvalidTransition
-
-        pool = await asyncpg.create_pool(settings.dsn, min_size=1, max_size=1)
-        try:
-            status = await Coordinator(settings, pool).verify(uuid.UUID(args.case_id), by=args.by)
-        except (CaseNotFound, InvalidTransition) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-        finally:
-            await pool.close()
-        print(f"case {args.case_id} verified: {status}")
-        return 0
-
     if args.action == "verify":
-        return asyncio.run(verify())
+        return _cases_verify(args, settings)
+    case_id = _case_id(args) if args.action == "show" else None
 
     async def go() -> int:
-        conn = await asyncpg.connect(settings.dsn)
+        conn = await connect_case_store(settings)
         now = datetime.now(UTC)
         try:
             if args.action == "list":
-                page = await queries.list_cases(conn, now=now, status=args.status, right=args.right,
-                                                limit=args.limit)
+                page = await queries.list_cases(
+                    conn, now=now, status=CaseStatus(args.status) if args.status else None,
+                    right=Right(args.right) if args.right else None, limit=args.limit,
+                )
+                if args.json:
+                    _print_json([_summary_json(c) for c in page.items])
+                    return 0
                 for c in page.items:
                     flag = " OVERDUE" if c.overdue else ""
                     print(f"{c.case_id}  {c.right:<18} {c.status:<26} due {c.due_at:%Y-%m-%d}{flag}  {c.request_id}")
                 if not page.items:
                     print("no cases")
                 return 0
-            case = await queries.get_case(conn, uuid.UUID(args.case_id), now=now)
-            if case is None:
-                print(f"no case {args.case_id}", file=sys.stderr)
-                return 1
-            tasks = await queries.case_tasks(conn, case.summary.case_id)
-            timeline = await queries.case_timeline(conn, case.summary.case_id)
-            _print({**dataclasses.asdict(case), "tasks": [dataclasses.asdict(t) for t in tasks],
-                    "timeline": [dataclasses.asdict(t) for t in timeline]})
-            return 0
+            assert case_id is not None
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                case = await queries.get_case(conn, case_id, now=now)
+                if case is None:
+                    raise DsrflowError(f"no case {case_id}")
+                tasks = await queries.case_tasks(conn, case_id)
+                timeline = await queries.case_timeline(conn, case_id)
         finally:
             await conn.close()
+        from .store.timeline import verify
+
+        verified = verify(dataclasses.asdict(e) for e in timeline)
+        if args.json:
+            _print_json({**dataclasses.asdict(case), "tasks": [dataclasses.asdict(t) for t in tasks],
+                         "timeline": [dataclasses.asdict(e) for e in timeline], "timeline_verified": verified})
+        else:
+            _print_case(case, tasks, timeline, verified)
+        return 0
 
     return asyncio.run(go())
+
+
+def _cases_verify(args: argparse.Namespace, settings: Settings) -> int:
+
+    from .coordinator.service import CaseNotFound, Coordinator, InvalidTransition
+
+    case_id = _case_id(args)
+    by = (args.by or "").strip()
+    if not by:
+        raise InvalidInput("cases verify needs --by (who verified the identity)")
+
+    async def go() -> str:
+        pool = await case_store_pool(settings)
+        try:
+            return str(await Coordinator(settings, pool).verify(case_id, by=by))
+        except (CaseNotFound, InvalidTransition) as exc:
+            raise DsrflowError(str(exc)) from exc
+        finally:
+            await pool.close()
+
+    status = asyncio.run(go())
+    if args.json:
+        _print_json({"case_id": str(case_id), "status": status})
+    else:
+        print(f"case {case_id} verified: {status}")
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
@@ -252,14 +529,34 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     return demo_main(settings)
 
 
+# -- parser, main --------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments are one line, ``error: ...``, like every other failure (exit code 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise InvalidInput(f"{message} (see `{self.prog} --help`)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="dsrflow", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    sub = p.add_subparsers(dest="command", required=True)
+    """The argument parser. Reads no settings: ``--help`` works whatever the environment holds."""
+    p = _Parser(prog="dsrflow", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("stack", help="embedded PostgreSQL and broker")
     s.add_argument("action", choices=["up", "down", "status"])
+    s.add_argument("--broker", choices=["apache", "tansu"], default="apache",
+                   help="up: Apache Kafka (needs Java 17+; the default) or the memory-only Tansu broker")
+    s.add_argument("--json", action="store_true", help="print JSON (status: the full status document)")
     s.set_defaults(func=cmd_stack)
 
     s = sub.add_parser("db", help="case store")
@@ -289,7 +586,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--phone")
     s.add_argument("--customer-id")
     s.add_argument("--request-id")
-    s.add_argument("--jurisdiction", default=get_settings().jurisdiction)
+    s.add_argument("--jurisdiction", help="default: DSRFLOW_JURISDICTION (VN)")
     s.add_argument("--verified", action="store_true", help="identity was verified upstream")
     s.add_argument("--change", action="append", help="rectification: field=value")
     s.set_defaults(func=cmd_submit)
@@ -300,7 +597,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--by", help="verify: who verified the subject's identity (recorded on the timeline)")
     s.add_argument("--status", choices=[c.value for c in CaseStatus])
     s.add_argument("--right", choices=[r.value for r in Right])
-    s.add_argument("--limit", type=int, default=50)
+    s.add_argument("--limit", type=_positive_int, default=50)
+    s.add_argument("--json", action="store_true", help="print JSON: an array (list) or the case (show)")
     s.set_defaults(func=cmd_cases)
 
     s = sub.add_parser("demo", help="end-to-end demo on the embedded stack")
@@ -308,23 +606,60 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    settings = get_settings()
+_SERVICES = frozenset({"coordinator", "worker", "api", "demo"})
+
+
+def _configure_logging(settings: Settings, command: str) -> None:
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.command == "cases" and args.action in ("show", "verify") and not args.case_id:
-        print(f"error: cases {args.action} needs a case id", file=sys.stderr)
-        return 2
-    if args.command == "cases" and args.action == "verify" and not args.by:
-        print("error: cases verify needs --by (who verified the identity)", file=sys.stderr)
-        return 2
+    if command not in _SERVICES and settings.log_level != "DEBUG":
+        # A one-shot command reports a broker it cannot reach in its one error line; aiokafka
+        # would log each failed connection attempt as well.
+        logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+
+
+def _explain(exc: BaseException, settings: Settings | None) -> DsrflowError | None:
+    """The DsrflowError that explains ``exc``, when there is one."""
+    if isinstance(exc, DsrflowError):
+        return exc
+    if settings is None:
+        return None
     try:
+        if type(exc).__module__.startswith("aiokafka"):
+            return broker_error(settings, exc)
+        if type(exc).__module__.startswith("asyncpg"):
+            import asyncpg
+
+            if isinstance(exc, asyncpg.UndefinedTableError):
+                return ConfigError(f"the case store at {settings.case_store_location} has no dsrflow tables: "
+                                   "run `dsrflow db migrate`")
+            return case_store_error(settings, exc)
+    except DsrflowError as inner:  # the address itself is not configured
+        return inner
+    return None
+
+
+def _fail(exc: BaseException, settings: Settings | None) -> int:
+    level = settings.log_level if settings is not None else os.environ.get("DSRFLOW_LOG_LEVEL", "")
+    if level.strip().upper() == "DEBUG":
+        traceback.print_exception(exc)
+    explained = _explain(exc, settings)
+    message = str(explained) if explained is not None else f"unexpected {type(exc).__name__}: {exc}"
+    sys.stdout.flush()
+    print("error: " + " ".join(message.split()), file=sys.stderr)
+    return 2 if isinstance(explained, InvalidInput) else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings: Settings | None = None
+    try:
+        args = build_parser().parse_args(argv)
+        settings = get_settings()
+        _configure_logging(settings, args.command)
         return int(args.func(args, settings) or 0)
-    except StackNotRunning as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # noqa: BLE001 - every failure ends as one line on stderr
+        return _fail(exc, settings)
 
 
 if __name__ == "__main__":

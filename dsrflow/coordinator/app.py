@@ -179,16 +179,26 @@ async def _dead_letter_until_done(c: Coordinator, record: Record, consumer: str,
 
 
 async def _apply_topics(settings: Settings) -> topics.ApplyReport:
-    """Create the coordinator's topics, waiting out a broker that is not up yet."""
-    delay = 0.5
-    while True:
-        try:
-            return await topics.apply(settings.kafka_client_options(), topics.specs_for([]),
-                                      replication_factor=settings.topic_replication_factor)
-        except Exception as exc:  # noqa: BLE001 - KafkaConnectionError and friends
-            log.warning("broker unreachable (%s); retrying in %.1fs", type(exc).__name__, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 10.0)
+    """Create the coordinator's topics, waiting out a broker that is not up yet, for at most
+    ``settings.startup_timeout``; then :class:`~dsrflow.errors.BrokerUnavailable`."""
+    from .._startup import wait_for_broker
+
+    async def attempt() -> topics.ApplyReport:
+        return await topics.apply(settings.kafka_client_options(), topics.specs_for([]),
+                                  replication_factor=settings.topic_replication_factor)
+
+    return await wait_for_broker(settings, attempt, log=log)
+
+
+async def _prepare(settings: Settings) -> topics.ApplyReport:
+    """What must hold before faust starts: the topics exist and the case store answers (each
+    waited for up to ``settings.startup_timeout``). The relay's own wait for the database
+    (inside faust) then only covers an outage that starts later."""
+    from .._startup import check_case_store
+
+    report = await _apply_topics(settings)
+    await check_case_store(settings, log=log)
+    return report
 
 
 def run(settings: Settings) -> None:
@@ -196,8 +206,9 @@ def run(settings: Settings) -> None:
 
     Its own topics are created first if missing (as ``dsrflow topics apply`` would): a broker
     that auto-creates topics would otherwise make them on first use, with its own partition
-    count and retention."""
-    report = asyncio.run(_apply_topics(settings))
+    count and retention. A broker or case store that does not answer within
+    ``settings.startup_timeout`` raises a :class:`~dsrflow.errors.ServiceUnavailable`."""
+    report = asyncio.run(_prepare(settings))
     for name, diffs in report.drift.items():
         log.warning("topic %s differs from topics/: %s", name, "; ".join(diffs))
     app = create_app(settings)

@@ -26,6 +26,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 from aiokafka.errors import KafkaError
 
 from .. import codec, registry, topics
+from .._startup import wait_for_broker, wait_for_case_store
 from ..codec import DecodeError
 from ..events import DeadLetter, TaskAssigned, TaskReceipt
 from ..exports.store import ExportStore, LocalExportStore
@@ -77,21 +78,32 @@ class _Runner:
         self._settled: dict[tuple[uuid.UUID, int], TaskReceipt] = {}
 
     async def register(self) -> None:
-        conn = await asyncpg.connect(self.settings.dsn)
-        try:
-            await registry.register(conn, self.worker.system)
-        finally:
-            await conn.close()
+        """Register the system in the case store, waiting for PostgreSQL up to startup_timeout."""
+
+        async def attempt() -> None:
+            conn = await asyncpg.connect(self.settings.dsn, timeout=10)
+            try:
+                await registry.register(conn, self.worker.system)
+            finally:
+                await conn.close()
+
+        await wait_for_case_store(self.settings, attempt, log=log)
 
     async def ensure_topic(self) -> None:
+        """Create the system's task topic, waiting for the broker up to startup_timeout."""
         spec = topics.declared()[topics.TASKS_TEMPLATE].for_system(self.worker.name)
-        report = await topics.apply(
-            self.settings.kafka_client_options(), [spec], replication_factor=self.settings.topic_replication_factor
-        )
+
+        async def attempt() -> topics.ApplyReport:
+            return await topics.apply(self.settings.kafka_client_options(), [spec],
+                                      replication_factor=self.settings.topic_replication_factor)
+
+        report = await wait_for_broker(self.settings, attempt, log=log)
         for name, diffs in report.drift.items():
             log.warning("topic %s differs from its declaration: %s", name, "; ".join(diffs))
 
     async def run(self) -> None:
+        """Raises :class:`~dsrflow.errors.ServiceUnavailable` when the broker or the case store
+        does not answer within ``settings.startup_timeout``."""
         worker = self.worker
         worker.check()
         # The topic first: a system registered without its topic would get tasks the relay cannot deliver.

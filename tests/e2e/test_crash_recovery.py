@@ -15,7 +15,7 @@ import orjson
 import pytest
 
 from dsrflow import demo, launcher
-from dsrflow.cli import submit
+from dsrflow.client import submit
 from dsrflow.events import RightsRequested
 from dsrflow.settings import Settings
 from dsrflow.store.timeline import verify

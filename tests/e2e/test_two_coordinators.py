@@ -13,7 +13,7 @@ import asyncpg
 import pytest
 
 from dsrflow import demo, launcher
-from dsrflow.cli import submit
+from dsrflow.client import submit
 from dsrflow.events import RightsRequested
 from dsrflow.settings import Settings
 

@@ -1,0 +1,99 @@
+"""dsrflow's own exceptions, under one root.
+
+Catch :class:`DsrflowError` to handle every failure dsrflow explains itself; its message is
+one line meant for a person, with no personal data and no secrets (a database is named
+``host:port/dbname``, never by its DSN). The command line prints it as ``error: <message>``.
+
+What can go wrong::
+
+    DsrflowError
+    ├── ConfigError               a setting is missing or invalid (names the DSRFLOW_* variable)
+    │   └── StackNotRunning       no connection setting and no embedded stack (dsrflow.settings)
+    ├── InvalidInput              bad arguments: a case id that is no UUID, an unknown
+    │                             jurisdiction, a worker that cannot be found (CLI exit code 2)
+    ├── ServiceUnavailable        a service dsrflow needs did not answer in time
+    │   ├── BrokerUnavailable     no Kafka broker answers at the bootstrap address
+    │   └── CaseStoreUnavailable  PostgreSQL is unreachable or refuses the connection
+    └── TopicMissing              a topic dsrflow needs does not exist (`dsrflow topics apply`)
+
+Other modules still raise their own exceptions (``CaseNotFound``, ``ApiTokenMissing``,
+``UnknownJurisdiction``, ...); they are not under this root yet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+__all__ = [
+    "BrokerUnavailable",
+    "CaseStoreUnavailable",
+    "ConfigError",
+    "DsrflowError",
+    "InvalidInput",
+    "ServiceUnavailable",
+    "TopicMissing",
+    "validation_summary",
+]
+
+
+class DsrflowError(Exception):
+    """The root of dsrflow's exceptions. ``str(exc)`` is one line fit to show a person."""
+
+
+class ConfigError(DsrflowError):
+    """A setting is missing or invalid. The message names the ``DSRFLOW_*`` variable."""
+
+
+class InvalidInput(DsrflowError):
+    """The arguments are wrong: the caller can fix them. The CLI exits with code 2."""
+
+
+class ServiceUnavailable(DsrflowError):
+    """A service dsrflow needs (the Kafka broker, the case store) did not answer in time."""
+
+
+class BrokerUnavailable(ServiceUnavailable):
+    """No Kafka broker answers at the bootstrap address."""
+
+    def __init__(self, bootstrap: str, reason: str | None = None) -> None:
+        self.bootstrap = bootstrap
+        self.reason = reason
+        super().__init__(f"no Kafka broker answers at {bootstrap}" + (f" ({reason})" if reason else ""))
+
+
+class CaseStoreUnavailable(ServiceUnavailable):
+    """The case store (PostgreSQL) is unreachable, or refuses the connection.
+
+    ``location`` is ``host:port/dbname``: never the DSN, which may hold a password."""
+
+    def __init__(self, location: str, reason: str | None = None, *, refused: bool = False) -> None:
+        self.location = location
+        self.reason = reason
+        if refused:
+            message = f"case store at {location} refused the connection" + (f": {reason}" if reason else "")
+        else:
+            message = f"case store unreachable at {location}" + (f" ({reason})" if reason else "")
+        super().__init__(message)
+
+
+class TopicMissing(DsrflowError):
+    """A topic dsrflow needs does not exist on the broker."""
+
+    def __init__(self, topic: str, bootstrap: str) -> None:
+        self.topic = topic
+        self.bootstrap = bootstrap
+        super().__init__(f"topic {topic} does not exist on {bootstrap}: run `dsrflow topics apply`")
+
+
+def validation_summary(exc: Any, name: Callable[[tuple[Any, ...]], str] | None = None) -> str:
+    """One line from a pydantic ``ValidationError``: where and what, never the input value
+    (it may be personal data or a secret). ``name`` turns an error's ``loc`` into a label
+    (an empty label, as for a model-level error, leaves just the message)."""
+    label = name or (lambda loc: ".".join(str(p) for p in loc))
+    parts = []
+    for err in exc.errors(include_url=False, include_input=False):
+        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        where = label(tuple(err.get("loc", ())))
+        parts.append(f"{where}: {msg}" if where else msg)
+    return "; ".join(parts) or "invalid input"

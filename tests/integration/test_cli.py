@@ -1,0 +1,476 @@
+"""The command line as a person meets it: every command run as a real process, against a real
+broker and PostgreSQL, or against a port where nothing listens.
+
+A failure must be one line on stderr starting ``error: `` (services may log before it), a
+non-zero exit code, no traceback, no minute of retries, and no password or personal data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+import orjson
+import pytest
+from aiokafka import AIOKafkaConsumer
+from aiokafka.admin import AIOKafkaAdminClient
+
+from dsrflow import codec, topics
+from dsrflow.coordinator import Coordinator, Record
+from dsrflow.events import RightsRequested
+from dsrflow.exports import MemoryExportStore
+from dsrflow.registry import SystemDeclaration, register
+from dsrflow.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+PASSWORD = "s3cr3t-pw"  # in every DSN below; must never be printed
+EMAIL = "lan.nguyen@example.vn"
+CASE_ID = "3f2a5c1e-8d4b-4f6a-9c2e-7b1d0e9f4a21"
+#: a log line of a service: "2026-05-01 10:00:00,123 WARNING dsrflow.worker: ..."
+LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL) [\w.]+: ")
+ONE_SHOT_S = 15.0  # a one-shot command must answer within this, whatever is down
+SERVICE_S = 25.0  # a service with DSRFLOW_STARTUP_TIMEOUT=2
+
+
+@dataclass
+class Run:
+    code: int
+    stdout: str
+    stderr: str
+    seconds: float
+
+    @property
+    def last(self) -> str:
+        lines = self.stderr.strip().splitlines()
+        return lines[-1] if lines else ""
+
+
+def closed_port() -> int:
+    """A loopback port where nothing listens (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def dsrflow(*args: str, tmp: Path, env: dict[str, str] | None = None, cwd: Path = ROOT,
+            timeout: float = 90) -> Run:
+    """Run ``python -m dsrflow.cli ARGS`` with no DSRFLOW_* from this environment but ``env``."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("DSRFLOW_")}
+    clean.update(DSRFLOW_STATE_DIR=str(tmp / "state"), PYTHONUNBUFFERED="1")
+    clean.update(env or {})
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, "-m", "dsrflow.cli", *args], env=clean, cwd=cwd, capture_output=True,
+                       text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    return Run(p.returncode, p.stdout, p.stderr, time.monotonic() - t0)
+
+
+def assert_error(run: Run, *mentions: str, code: int = 1, one_line: bool = True, within: float = ONE_SHOT_S,
+                 never: tuple[str, ...] = (PASSWORD,)) -> str:
+    """The run failed the way a person expects; returns its error line."""
+    out = run.stdout + run.stderr
+    assert "Traceback" not in out, out
+    assert run.code == code, (run.code, out)
+    assert run.last.startswith("error: "), out
+    lines = run.stderr.strip().splitlines()
+    if one_line:
+        assert len(lines) == 1, out
+    else:
+        assert all(LOG_LINE.match(line) for line in lines[:-1]), out
+    for m in mentions:
+        assert m in run.last, (m, run.last)
+    for secret in never:
+        assert secret not in out, (secret, out)
+    assert run.seconds < within, (run.seconds, out)
+    return run.last
+
+
+@pytest.fixture
+def down() -> dict[str, str]:
+    """Settings pointing at a port where neither Kafka nor PostgreSQL answers."""
+    port = closed_port()
+    return {"DSRFLOW_KAFKA_BOOTSTRAP": f"127.0.0.1:{port}",
+            "DSRFLOW_PG_DSN": f"postgresql://dsr:{PASSWORD}@127.0.0.1:{port}/dsrflow",
+            "DSRFLOW_STARTUP_TIMEOUT": "2", "DSRFLOW_API_TOKEN": "t0ken", "PORT": str(port)}
+
+
+# -- no services needed ----------------------------------------------------------
+def test_help_works_even_with_broken_settings(tmp_path: Path) -> None:
+    broken = {"DSRFLOW_API_PORT": "abc", "DSRFLOW_KAFKA_SECURITY_PROTOCOL": "bogus"}
+    for args in (["--help"], ["submit", "--help"], ["cases", "--help"]):
+        run = dsrflow(*args, tmp=tmp_path, env=broken)
+        assert run.code == 0 and "usage: dsrflow" in run.stdout and run.stderr == "", run
+
+
+@pytest.mark.parametrize(("variable", "value", "says"), [
+    ("DSRFLOW_API_PORT", "abc", "valid integer"),
+    ("DSRFLOW_KAFKA_SECURITY_PROTOCOL", "bogus", "'PLAINTEXT', 'SSL', 'SASL_PLAINTEXT' or 'SASL_SSL'"),
+    ("DSRFLOW_STARTUP_TIMEOUT", "soon", "timedelta"),
+    ("DSRFLOW_STARTUP_TIMEOUT", "0", "more than 0"),
+    ("DSRFLOW_LOG_LEVEL", "loud", "DEBUG, INFO"),
+    ("DSRFLOW_PG_DSN", f"mysql://dsr:{PASSWORD}@db/dsrflow", "postgresql://"),
+])
+def test_invalid_settings_name_the_variable(tmp_path: Path, variable: str, value: str, says: str) -> None:
+    for args in (["cases", "list"], ["coordinator"]):
+        run = dsrflow(*args, tmp=tmp_path, env={variable: value})
+        assert_error(run, f"invalid setting {variable}", says)
+
+
+def test_stack_status_without_a_stack(tmp_path: Path) -> None:
+    state = str((tmp_path / "state").resolve())
+    assert_error(dsrflow("stack", "status", tmp=tmp_path), "no embedded stack", state, "dsrflow stack up")
+    run = dsrflow("stack", "status", "--json", tmp=tmp_path)
+    assert_error(run, "no embedded stack")
+    status = orjson.loads(run.stdout)
+    assert status["running"] is False and status["state_dir"] == state
+
+
+def test_no_connection_setting_and_no_stack_names_the_setting_each_command_needs(tmp_path: Path) -> None:
+    for args, variable in [
+        (["topics", "apply"], "DSRFLOW_KAFKA_BOOTSTRAP"),
+        (["submit", "--right", "access", "--email", EMAIL], "DSRFLOW_KAFKA_BOOTSTRAP"),
+        (["db", "migrate"], "DSRFLOW_PG_DSN"),
+        (["cases", "list"], "DSRFLOW_PG_DSN"),
+        (["cases", "show", CASE_ID], "DSRFLOW_PG_DSN"),
+    ]:
+        line = assert_error(dsrflow(*args, tmp=tmp_path), f"no {variable} set", "dsrflow stack up",
+                            never=(EMAIL,))
+        assert "/" not in line.split(" set ")[0], line  # only the one it needs
+
+
+@pytest.mark.parametrize(("args", "mentions"), [
+    ([], ["required: COMMAND"]),
+    (["nonsense"], ["invalid choice: 'nonsense'"]),
+    (["submit", "--right", "access"], ["--email, --phone, --customer-id"]),
+    (["submit", "--right", "sideways", "--email", EMAIL], ["argument --right"]),
+    (["submit", "--right", "rectification", "--email", EMAIL, "--change", "address"], ["--change needs field=value"]),
+    (["submit", "--right", "rectification", "--email", EMAIL], ["needs 'changes'"]),
+    (["submit", "--right", "access", "--email", EMAIL, "--jurisdiction", "XX"], ["unknown jurisdiction 'XX'", "VN"]),
+    (["submit", "--right", "access", "--email", "lan.nguyen-at-example.vn"], ["email identifier must contain '@'"]),
+    (["submit", "--right", "access", "--phone", "+84 12"], ["phone identifier", "8 digits"]),
+    (["submit", "--right", "access", "--email", EMAIL, "--request-id", "has space"], ["--request-id"]),
+    (["cases", "show"], ["needs a case id"]),
+    (["cases", "show", EMAIL], ["not a UUID"]),
+    (["cases", "verify", CASE_ID], ["needs --by"]),
+    (["cases", "verify", CASE_ID, "--by", "  "], ["needs --by"]),
+    (["cases", "list", "--limit", "0"], ["--limit", "at least 1"]),
+    (["cases", "list", "--limit", "-5"], ["--limit", "at least 1"]),
+    (["cases", "list", "--limit", "many"], ["--limit", "not a whole number"]),
+    (["topics", "apply", "--system", "Bad Name"], ["--system 'Bad Name' is not valid"]),
+    (["worker", "nosuch"], ["no worker for system 'nosuch'", "--app"]),
+    (["worker", "Bad/Name"], ["worker name 'Bad/Name' is not valid"]),
+    (["worker", "crm", "--app", "no_such_module.worker:worker"], ["no module named 'no_such_module'"]),
+    (["worker", "crm", "--app", "json:nope"], ["module json has no attribute 'nope'"]),
+    (["worker", "crm", "--app", "json:dumps"], ["not a dsrflow Worker"]),
+    (["worker", "billing", "--app", "examples.crm.worker:worker"], ["worker of system 'crm', not 'billing'"]),
+])
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path: Path, down: dict[str, str], args: list[str],
+                                                mentions: list[str]) -> None:
+    # Services "down" as well: bad input is reported before anything is contacted.
+    run = dsrflow(*args, tmp=tmp_path, env=down)
+    assert_error(run, *mentions, code=2, never=(PASSWORD, EMAIL, "lan.nguyen-at-example.vn", "+84 12"))
+
+
+def test_api_without_a_token_or_a_free_port(tmp_path: Path, down: dict[str, str]) -> None:
+    no_token = {k: v for k, v in down.items() if k != "DSRFLOW_API_TOKEN"}
+    assert_error(dsrflow("api", tmp=tmp_path, env=no_token), "DSRFLOW_API_TOKEN")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        run = dsrflow("api", tmp=tmp_path, env={**down, "DSRFLOW_API_PORT": str(port)})
+    assert_error(run, f"cannot listen on 127.0.0.1:{port}", "in use")
+
+
+# -- a broker or case store that does not answer -----------------------------------
+@pytest.mark.parametrize(("args", "service"), [
+    (["db", "migrate"], "pg"),
+    (["topics", "apply"], "pg"),  # a case store is configured: its registered systems are wanted
+    (["submit", "--right", "access", "--email", EMAIL, "--verified"], "kafka"),
+    (["cases", "list"], "pg"),
+    (["cases", "list", "--json"], "pg"),
+    (["cases", "show", CASE_ID], "pg"),
+    (["cases", "verify", CASE_ID, "--by", "dpo@example.vn"], "pg"),
+])
+def test_one_shot_commands_with_a_service_down(tmp_path: Path, down: dict[str, str], args: list[str],
+                                               service: str) -> None:
+    port = down["PORT"]
+    run = dsrflow(*args, tmp=tmp_path, env=down)
+    if service == "pg":
+        assert_error(run, f"case store unreachable at 127.0.0.1:{port}/dsrflow", "connection refused",
+                     never=(PASSWORD, "dsr:", EMAIL))
+    else:
+        assert_error(run, f"no Kafka broker answers at 127.0.0.1:{port}", never=(PASSWORD, EMAIL))
+    assert run.stdout == ""
+
+
+def test_debug_log_level_adds_the_traceback(tmp_path: Path, down: dict[str, str]) -> None:
+    run = dsrflow("cases", "list", tmp=tmp_path, env={**down, "DSRFLOW_LOG_LEVEL": "DEBUG"})
+    assert run.code == 1 and "Traceback" in run.stderr, run
+    assert run.last.startswith(f"error: case store unreachable at 127.0.0.1:{down['PORT']}/dsrflow"), run
+
+
+def test_topics_apply_without_a_case_store_needs_only_kafka(tmp_path: Path, down: dict[str, str]) -> None:
+    kafka_only = {"DSRFLOW_KAFKA_BOOTSTRAP": down["DSRFLOW_KAFKA_BOOTSTRAP"]}
+    assert_error(dsrflow("topics", "apply", tmp=tmp_path, env=kafka_only),
+                 f"no Kafka broker answers at 127.0.0.1:{down['PORT']}")
+
+
+@pytest.mark.parametrize("args", [["coordinator"], ["worker", "crm"]])
+def test_services_give_up_on_a_broker_after_the_startup_timeout(tmp_path: Path, down: dict[str, str],
+                                                                args: list[str]) -> None:
+    run = dsrflow(*args, tmp=tmp_path, env=down)
+    assert_error(run, f"no Kafka broker answers at 127.0.0.1:{down['PORT']}", "waited 2s", "DSRFLOW_STARTUP_TIMEOUT",
+                 one_line=False, within=SERVICE_S)
+    assert "WARNING" in run.stderr and "retrying" in run.stderr  # it did wait, saying so
+    assert run.seconds >= 2
+
+
+def test_api_gives_up_on_the_case_store_after_the_startup_timeout(tmp_path: Path, down: dict[str, str]) -> None:
+    run = dsrflow("api", tmp=tmp_path, env={**down, "DSRFLOW_API_PORT": str(closed_port())})
+    assert_error(run, f"case store unreachable at 127.0.0.1:{down['PORT']}/dsrflow", "waited 2s", one_line=False,
+                 within=SERVICE_S)
+    assert run.seconds >= 2
+
+
+@pytest.mark.parametrize("args", [["coordinator"], ["worker", "crm"]])
+def test_services_give_up_on_the_case_store_after_the_startup_timeout(
+    tmp_path: Path, down: dict[str, str], broker: str, args: list[str]
+) -> None:
+    run = dsrflow(*args, tmp=tmp_path, env={**down, "DSRFLOW_KAFKA_BOOTSTRAP": broker})
+    assert_error(run, f"case store unreachable at 127.0.0.1:{down['PORT']}/dsrflow", "waited 2s", one_line=False,
+                 within=SERVICE_S)
+
+
+def test_a_database_that_does_not_exist(tmp_path: Path, pg_server: str) -> None:
+    dsn = pg_server.rsplit("/", 1)[0] + "/no_such_db"
+    run = dsrflow("cases", "list", tmp=tmp_path, env={"DSRFLOW_PG_DSN": dsn})
+    assert_error(run, "refused the connection", "no_such_db")
+
+
+async def test_cases_on_a_database_without_migrations(
+    tmp_path: Path, make_database: Callable[..., Awaitable[str]]
+) -> None:
+    dsn = await make_database("bare")
+    run = await asyncio.to_thread(dsrflow, "cases", "list", tmp=tmp_path, env={"DSRFLOW_PG_DSN": dsn})
+    assert_error(run, "no dsrflow tables", "dsrflow db migrate")
+    run = await asyncio.to_thread(dsrflow, "db", "migrate", tmp=tmp_path, env={"DSRFLOW_PG_DSN": dsn})
+    assert run.code == 0 and "migration(s) applied" in run.stdout, run
+    run = await asyncio.to_thread(dsrflow, "cases", "list", "--json", tmp=tmp_path, env={"DSRFLOW_PG_DSN": dsn})
+    assert run.code == 0 and orjson.loads(run.stdout) == [], run
+
+
+# -- the real broker -----------------------------------------------------------------
+async def _topic_names(bootstrap: str) -> set[str]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        return set(await admin.list_topics())
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+async def requests_topic_absent(broker_kind: str) -> AsyncIterator[str]:
+    """A broker of its own, without dsr.requests.v1 (the session's broker is shared: deleting a
+    topic there would pull it from under other tests)."""
+    if broker_kind != "apache":
+        pytest.skip("starts a second Apache Kafka")
+    from dsrflow.stack.kafka import ApacheKafka
+
+    kafka = ApacheKafka()
+    await asyncio.to_thread(kafka.start)
+    try:
+        yield kafka.bootstrap
+    finally:
+        await asyncio.to_thread(kafka.stop)
+
+
+async def _keys_on_requests(bootstrap: str, wanted: str) -> list[bytes]:
+    consumer = AIOKafkaConsumer(topics.REQUESTS, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                                group_id=None, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        deadline = time.monotonic() + 20
+        keys: list[bytes] = []
+        while time.monotonic() < deadline and wanted.encode() not in keys:
+            batch = await consumer.getmany(timeout_ms=500)
+            keys += [r.key for records in batch.values() for r in records if r.key is not None]
+        return keys
+    finally:
+        await consumer.stop()
+
+
+async def test_submit_to_a_missing_topic_then_topics_apply_without_a_database(
+    tmp_path: Path, requests_topic_absent: str, broker_kind: str
+) -> None:
+    bootstrap = requests_topic_absent
+    env = {"DSRFLOW_KAFKA_BOOTSTRAP": bootstrap,
+           "DSRFLOW_KAFKA_IDEMPOTENT_PRODUCER": "false" if broker_kind == "tansu" else "true"}
+    request_id = f"cli-test-{uuid.uuid4().hex[:12]}"
+    submit = ["submit", "--right", "access", "--email", EMAIL, "--verified", "--request-id", request_id]
+
+    run = await asyncio.to_thread(dsrflow, *submit, tmp=tmp_path, env=env)
+    assert_error(run, f"topic {topics.REQUESTS} does not exist on {bootstrap}", "dsrflow topics apply",
+                 never=(EMAIL,))
+
+    applied = await asyncio.to_thread(dsrflow, "topics", "apply", "--system", "clitest", tmp=tmp_path, env=env)
+    assert applied.code == 0, applied
+    assert f"created   {topics.REQUESTS}" in applied.stdout
+    assert topics.tasks_topic("clitest") in applied.stdout
+    assert {topics.REQUESTS, topics.tasks_topic("clitest")} <= await _topic_names(bootstrap)
+
+    run = await asyncio.to_thread(dsrflow, *submit, tmp=tmp_path, env=env)
+    assert run.code == 0 and f"submitted access request {request_id}" in run.stdout, run
+    assert request_id.encode() in await _keys_on_requests(bootstrap, request_id)
+
+
+# -- cases on a real case store ---------------------------------------------------------
+@pytest.fixture
+async def cases(case_store: str, tmp_path: Path) -> AsyncIterator[dict[str, uuid.UUID]]:
+    """Two cases opened by the real coordinator service: one in progress, one awaiting verification."""
+    pool = await asyncpg.create_pool(case_store, min_size=1, max_size=2)
+    try:
+        async with pool.acquire() as conn:
+            await register(conn, SystemDeclaration(name="crm", identifier_types=("email",),
+                                                   actions=("export", "erase")))
+        settings = Settings(pg_dsn=case_store, kafka_bootstrap="unused:9092", state_dir=tmp_path)
+        coordinator = Coordinator(settings, pool, export_store=MemoryExportStore())
+        out = {}
+        for n, (label, verified) in enumerate([("open", True), ("awaiting", False)]):
+            req = RightsRequested.model_validate({
+                "request_id": f"cli-{label}-{uuid.uuid4().hex[:8]}", "right": "erasure", "verified": verified,
+                "subject": {"identifiers": {"email": EMAIL}}})
+            value, headers = codec.encode(req, source="test")
+            await coordinator.handle_requests([Record(topics.REQUESTS, 0, n, req.request_id.encode(), value,
+                                                      headers)])
+            out[label] = await pool.fetchval("SELECT case_id FROM cases WHERE request_id = $1", req.request_id)
+        yield out
+    finally:
+        await pool.close()
+
+
+async def test_cases_show_prints_hashes_as_hex(tmp_path: Path, case_store: str, cases: dict[str, uuid.UUID]) -> None:
+    case_id = cases["open"]
+    env = {"DSRFLOW_PG_DSN": case_store}
+    conn = await asyncpg.connect(case_store)
+    try:
+        rows = await conn.fetch("SELECT kind, hash, prev_hash FROM case_timeline WHERE case_id = $1 ORDER BY position",
+                                case_id)
+    finally:
+        await conn.close()
+    assert rows
+
+    run = await asyncio.to_thread(dsrflow, "cases", "show", str(case_id), tmp=tmp_path, env=env)
+    assert run.code == 0 and run.stderr == "", run
+    assert not re.search(r"(?<!\w)b['\"]", run.stdout) and "\\x" not in run.stdout  # no b'\x..' reprs
+    assert f"case       {case_id}" in run.stdout and "status     in_progress" in run.stdout
+    assert "hash chain verified" in run.stdout
+    for r in rows:
+        assert bytes(r["hash"]).hex() in run.stdout
+    assert "crm" in run.stdout  # its task
+
+    run = await asyncio.to_thread(dsrflow, "cases", "show", str(case_id), "--json", tmp=tmp_path, env=env)
+    assert run.code == 0, run
+    doc = orjson.loads(run.stdout)
+    assert doc["summary"]["case_id"] == str(case_id) and doc["timeline_verified"] is True
+    assert [(e["kind"], e["hash"], e["prev_hash"]) for e in doc["timeline"]] == [
+        (r["kind"], bytes(r["hash"]).hex(), bytes(r["prev_hash"]).hex()) for r in rows]
+    assert [t["system"] for t in doc["tasks"]] == ["crm"]
+
+    missing = str(uuid.uuid4())
+    assert_error(await asyncio.to_thread(dsrflow, "cases", "show", missing, tmp=tmp_path, env=env),
+                 f"no case {missing}")
+
+
+async def test_cases_list_json_and_verify(tmp_path: Path, case_store: str, cases: dict[str, uuid.UUID]) -> None:
+    env = {"DSRFLOW_PG_DSN": case_store}
+    run = await asyncio.to_thread(dsrflow, "cases", "list", "--json", tmp=tmp_path, env=env)
+    assert run.code == 0, run
+    listed = orjson.loads(run.stdout)
+    assert isinstance(listed, list) and {c["case_id"] for c in listed} == {str(c) for c in cases.values()}
+    assert {c["status"] for c in listed} == {"in_progress", "awaiting_verification"}
+
+    run = await asyncio.to_thread(dsrflow, "cases", "list", "--limit", "1", tmp=tmp_path, env=env)
+    assert run.code == 0 and len(run.stdout.strip().splitlines()) == 1, run
+
+    awaiting = str(cases["awaiting"])
+    run = await asyncio.to_thread(dsrflow, "cases", "verify", awaiting, "--by", "dpo@example.vn", tmp=tmp_path,
+                                  env=env)
+    assert run.code == 0 and f"case {awaiting} verified: in_progress" in run.stdout, run
+    again = await asyncio.to_thread(dsrflow, "cases", "verify", awaiting, "--by", "dpo@example.vn", tmp=tmp_path,
+                                    env=env)
+    assert_error(again, "not awaiting verification", one_line=False)
+    ghost = str(uuid.uuid4())
+    assert_error(await asyncio.to_thread(dsrflow, "cases", "verify", ghost, "--by", "dpo", tmp=tmp_path, env=env),
+                 f"no case {ghost}")
+
+
+async def test_api_starts_on_a_reachable_case_store_and_stops_cleanly(tmp_path: Path, case_store: str) -> None:
+    import signal
+
+    import httpx
+
+    port = closed_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DSRFLOW_")}
+    env.update(DSRFLOW_STATE_DIR=str(tmp_path / "state"), DSRFLOW_PG_DSN=case_store, DSRFLOW_API_TOKEN="t0ken",
+               DSRFLOW_API_PORT=str(port), DSRFLOW_STARTUP_TIMEOUT="5")
+    proc = subprocess.Popen([sys.executable, "-m", "dsrflow.cli", "api"], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        async with httpx.AsyncClient() as http:
+            while True:
+                assert proc.poll() is None, proc.communicate()
+                try:
+                    r = await http.get(f"http://127.0.0.1:{port}/healthz")
+                    if r.status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() < deadline, "the API did not answer"
+                await asyncio.sleep(0.2)
+            r = await http.get(f"http://127.0.0.1:{port}/v1/cases", headers={"Authorization": "Bearer t0ken"})
+            assert r.status_code == 200 and r.json()["items"] == []
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = await asyncio.to_thread(proc.communicate, timeout=30)
+    # uvicorn shuts down gracefully, then re-raises the SIGTERM it caught
+    assert proc.returncode in (0, -signal.SIGTERM), err
+    assert "Application shutdown complete" in err
+    assert "Traceback" not in out + err and "error:" not in err
+
+
+async def test_client_checks_fail_fast_with_dsrflow_errors(tmp_path: Path, broker: str, case_store: str) -> None:
+    from dsrflow import client
+    from dsrflow.errors import BrokerUnavailable, CaseStoreUnavailable, TopicMissing
+
+    port = closed_port()
+    up = Settings(state_dir=tmp_path, kafka_bootstrap=broker, pg_dsn=case_store)
+    await topics.apply(up.kafka_client_options(), topics.specs_for([]))
+    await client.check_broker(up, [topics.RECEIPTS])
+    with pytest.raises(TopicMissing, match="topic dsr.nope.v1 does not exist"):
+        await client.check_broker(up, ["dsr.nope.v1"])
+    await (await client.connect_case_store(up)).close()
+
+    gone = Settings(state_dir=tmp_path, kafka_bootstrap=f"127.0.0.1:{port}",
+                    pg_dsn=f"postgresql://dsr:{PASSWORD}@127.0.0.1:{port}/dsrflow")
+    t0 = time.monotonic()
+    with pytest.raises(BrokerUnavailable, match=f"127.0.0.1:{port}"):
+        await client.check_broker(gone, timeout=2)
+    with pytest.raises(CaseStoreUnavailable) as info:
+        await client.connect_case_store(gone, timeout=2)
+    assert PASSWORD not in str(info.value)
+    with pytest.raises(BrokerUnavailable):
+        await client.submit(gone, [RightsRequested.model_validate(
+            {"request_id": "never-sent", "right": "access", "subject": {"identifiers": {"email": EMAIL}}})], timeout=2)
+    assert time.monotonic() - t0 < 15
