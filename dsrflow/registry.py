@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import timedelta
-from typing import Any
+from typing import Any, Literal
 
 import asyncpg
 import orjson
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .events import SystemName
 from .rights import Action, IdentifierType
@@ -29,31 +29,53 @@ class Retention(BaseModel):
 
 
 class SystemDeclaration(BaseModel):
-    """What a system holds and what it can do."""
+    """What a system holds and what it can do, and what an information request is answered from
+    (Decree 356/2025 Art 4(1), GDPR Art 13-15): purposes, recipients and processors, storage
+    country, sensitive categories, retention and backup retention."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: SystemName
     identifier_types: tuple[IdentifierType, ...] = Field(min_length=1)
     categories: tuple[str, ...] = ()
-    actions: tuple[Action, ...] = Field(min_length=1)
+    actions: tuple[Action, ...] = ()
     retention: tuple[Retention, ...] = ()
     description: str | None = None
+    purposes: tuple[str, ...] = Field(default=(), description="fideslang data uses, e.g. marketing.communications")
+    recipients: tuple[str, ...] = Field(default=(), description="to whom the data is disclosed")
+    processors: tuple[str, ...] = Field(default=(), description="processors and sub-processors that handle it")
+    operated_by: Literal["controller", "processor", "third_party"] = Field(
+        default="controller",
+        description="a processor or third party makes a case take the law's longer via-processor deadline",
+    )
+    storage_country: str | None = Field(default=None, pattern=r"^[A-Z]{2}$", description="ISO 3166 country code")
+    sensitive_categories: tuple[str, ...] = Field(default=(), description="Decree 356/2025 Art 4(1) categories held")
+    backup_retention: timedelta | None = Field(default=None, description="how long backups keep erased data")
+    worker: bool = Field(default=True, description="false: no worker acts for it; every task is manual")
+
+    @model_validator(mode="after")
+    def _a_worker_acts(self) -> SystemDeclaration:
+        if self.worker and not self.actions:
+            raise ValueError("a system with a worker must declare at least one action")
+        return self
 
     def supports(self, action: Action) -> bool:
-        return action in self.actions
+        return self.worker and action in self.actions
 
 
 async def register(conn: asyncpg.Connection, system: SystemDeclaration) -> None:
-    """Insert or update a system's declaration. Idempotent."""
+    """Insert or update a system's declaration. Idempotent. The coordinator's sweep then plans the
+    tasks the system was not yet given: open cases, and lasting effects still in force."""
     await conn.execute(
         """
-        INSERT INTO systems (name, identifier_types, categories, actions, retention, description, active)
-        VALUES ($1, $2, $3, $4, $5::jsonb, $6, true)
+        INSERT INTO systems (name, identifier_types, categories, actions, retention, description, declaration,
+                             active)
+        VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7::jsonb, true)
         ON CONFLICT (name) DO UPDATE SET
             identifier_types = EXCLUDED.identifier_types, categories = EXCLUDED.categories,
             actions = EXCLUDED.actions, retention = EXCLUDED.retention,
-            description = EXCLUDED.description, active = true, updated_at = now()
+            description = EXCLUDED.description, declaration = EXCLUDED.declaration, active = true,
+            updated_at = now()
         """,
         system.name,
         [str(t) for t in system.identifier_types],
@@ -61,11 +83,17 @@ async def register(conn: asyncpg.Connection, system: SystemDeclaration) -> None:
         [str(a) for a in system.actions],
         orjson.dumps([r.model_dump(mode="json") for r in system.retention]).decode(),
         system.description,
+        system.model_dump_json(),
     )
 
 
 def _from_row(row: asyncpg.Record | dict[str, Any]) -> SystemDeclaration:
-    retention = row["retention"]
+    declaration = row.get("declaration") if isinstance(row, dict) else row["declaration"]
+    if isinstance(declaration, str):
+        declaration = orjson.loads(declaration)
+    if declaration:
+        return SystemDeclaration.model_validate(declaration)
+    retention = row["retention"]  # registered before declarations were kept whole
     if isinstance(retention, str):
         retention = orjson.loads(retention)
     return SystemDeclaration(

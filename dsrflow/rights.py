@@ -18,6 +18,8 @@ class Right(StrEnum):
     withdraw_consent = "withdraw_consent"
     opt_out_marketing = "opt_out_marketing"
     opt_out_sale_share = "opt_out_sale_share"
+    opt_out_tracking = "opt_out_tracking"  # VN Law 91/2025 Art 29(3)-(4): cookies, device identifiers
+    automated_decision_objection = "automated_decision_objection"  # Decree 356/2025 Art 10(3)
     complaint = "complaint"
     request_protective_measures = "request_protective_measures"
 
@@ -32,6 +34,10 @@ class Action(StrEnum):
     revoke_consent = "revoke_consent"
     suppress_marketing = "suppress_marketing"
     suppress_sale_share = "suppress_sale_share"
+    suppress_tracking = "suppress_tracking"
+    stop_automated = "stop_automated"
+    #: the DPO lifts a restriction (a command on the original restriction case)
+    lift_restriction = "lift_restriction"
 
 
 #: The worker action each right fans out to; rights absent here have no fan-out
@@ -46,10 +52,32 @@ ACTION_FOR_RIGHT: dict[Right, Action] = {
     Right.withdraw_consent: Action.revoke_consent,
     Right.opt_out_marketing: Action.suppress_marketing,
     Right.opt_out_sale_share: Action.suppress_sale_share,
+    Right.opt_out_tracking: Action.suppress_tracking,
+    Right.automated_decision_objection: Action.stop_automated,
 }
 
-#: Rights whose fulfilment must not wait for identity verification.
-NO_VERIFICATION: frozenset[Right] = frozenset({Right.opt_out_marketing, Right.opt_out_sale_share})
+#: Rights whose fulfilment must not wait for identity verification: an opt-out only suppresses,
+#: so anyone may ask it, with unverified identifiers (CCPA even forbids verifying a sale opt-out).
+NO_VERIFICATION: frozenset[Right] = frozenset(
+    {Right.opt_out_marketing, Right.opt_out_sale_share, Right.opt_out_tracking}
+)
+
+#: Rights whose effect lasts: they also reach systems that register after the case was opened,
+#: for as long as the effect is in force (a restriction until it is lifted).
+LASTING: frozenset[Right] = frozenset({
+    Right.restriction, Right.objection, Right.withdraw_consent, Right.opt_out_marketing,
+    Right.opt_out_sale_share, Right.opt_out_tracking, Right.automated_decision_objection,
+})
+
+#: Purposes (fideslang data-use keys, by prefix) that make an action concern a system. A system
+#: that declares purposes and none of these is not asked (billing is not asked to stop marketing);
+#: one that declares no purposes at all is asked, to be safe.
+ACTION_PURPOSES: dict[Action, tuple[str, ...]] = {
+    Action.suppress_marketing: ("marketing",),
+    Action.suppress_sale_share: ("third_party_sharing", "marketing.advertising.third_party"),
+    Action.suppress_tracking: ("analytics", "marketing.advertising", "personalize"),
+    Action.stop_automated: ("personalize", "automated_decision"),
+}
 
 
 class IdentifierType(StrEnum):
@@ -60,6 +88,8 @@ class IdentifierType(StrEnum):
     customer_id = "customer_id"
     user_id = "user_id"
     national_id = "national_id"
+    cookie_id = "cookie_id"  # Law 91/2025 Art 29: tracking by cookie and device identifiers
+    device_id = "device_id"
 
 
 class CaseStatus(StrEnum):
@@ -79,19 +109,23 @@ TERMINAL_CASE: frozenset[CaseStatus] = frozenset(
 
 
 class TaskStatus(StrEnum):
-    pending = "pending"
-    dispatched = "dispatched"
+    pending = "pending"  # planned, not sent yet
+    dispatched = "dispatched"  # sent to the system's worker, no final receipt yet
     succeeded = "succeeded"
     not_found = "not_found"
-    retained = "retained"
+    retained = "retained"  # done, and some data kept with its legal basis
+    conflict = "conflict"  # the identifiers point to different people: nothing done, the DPO decides
     refused = "refused"
     failed = "failed"
-    stalled = "stalled"
+    stalled = "stalled"  # no receipt after the last attempt (a late receipt still completes it)
+    manual = "manual"  # waiting for a person: the system has no worker or cannot do the action
+    skipped = "skipped"  # the DPO skipped it, with a reason
 
 
-TERMINAL_TASK: frozenset[TaskStatus] = frozenset(
-    {TaskStatus.succeeded, TaskStatus.not_found, TaskStatus.retained, TaskStatus.refused, TaskStatus.failed}
-)
+TERMINAL_TASK: frozenset[TaskStatus] = frozenset({
+    TaskStatus.succeeded, TaskStatus.not_found, TaskStatus.retained, TaskStatus.conflict, TaskStatus.refused,
+    TaskStatus.failed, TaskStatus.skipped,
+})
 
 
 class ReceiptStatus(StrEnum):
@@ -100,5 +134,6 @@ class ReceiptStatus(StrEnum):
     succeeded = "succeeded"
     not_found = "not_found"
     retained = "retained"
+    conflict = "conflict"
     refused = "refused"
     failed = "failed"

@@ -11,9 +11,12 @@ retention rules), supplies one handler per action, and runs::
 
     @crm.handler(Action.export)
     async def export(ctx: TaskContext) -> Result:
-        rows = await find(ctx.identifiers)
-        if not rows:
+        m = ctx.match(await find_any(ctx.identifiers), {"email": "email"})  # every identifier must agree
+        if m.conflict:
+            return Result.conflict(m.reason())
+        if m.not_found:
             return Result.not_found()
+        rows = m.records
         artifact = await ctx.export(rows, records=len(rows))
         return Result.succeeded(counts={"located": len(rows)}, artifacts=[artifact])
 
@@ -22,6 +25,7 @@ retention rules), supplies one handler per action, and runs::
 Test handlers without Kafka with :func:`dsrflow.testing.worker.run_task`.
 """
 
+from ..identity import SubjectMatch, match_subject
 from ._context import TaskContext
 from ._result import Result, RetryableError, TaskError
 from ._worker import DEFAULT_RETRY_ON, Handler, Hook, Worker
@@ -32,10 +36,12 @@ __all__ = [
     "Hook",
     "Result",
     "RetryableError",
+    "SubjectMatch",
     "TaskContext",
     "TaskError",
     "Worker",
     "load_worker",
+    "match_subject",
 ]
 
 

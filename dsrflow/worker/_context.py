@@ -5,17 +5,20 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
 from ..events import Artifact, TaskAssigned
 from ..exports.store import ExportStore, export_key
+from ..identity import SubjectMatch, match_subject
 from ..registry import SystemDeclaration
 from ..rights import IdentifierType
+
+R = TypeVar("R")
 
 
 def _json_default(obj: Any) -> Any:
@@ -51,6 +54,12 @@ class TaskContext:
     def identifiers(self) -> dict[IdentifierType, str]:
         declared = set(self.system.identifier_types)
         return {k: v for k, v in self.task.identifiers.items() if k in declared}
+
+    def match(self, records: Iterable[R], fields: Mapping[IdentifierType, str] | Mapping[str, str]) -> SubjectMatch[R]:
+        """The records this task may act on: :func:`dsrflow.identity.match_subject` with the task's
+        identifiers. ``records`` are the candidates found by any identifier; ``fields`` names the
+        record field of each identifier type. On ``conflict``, return ``Result.conflict(m.reason())``."""
+        return match_subject(self.identifiers, records, fields)
 
     async def export(self, data: Any, *, records: int, media_type: str = "application/json") -> Artifact:
         """Write an export to the export store and return its claim check for the receipt.

@@ -93,6 +93,13 @@ class Result:
         )
 
     @classmethod
+    def conflict(cls, reason: str = "the task's identifiers point to different people; nothing was done") -> Result:
+        """The task's identifiers point to different people (see :func:`dsrflow.identity.match_subject`):
+        nothing was exported, erased or changed, and the DPO decides. No personal data in ``reason``;
+        ``SubjectMatch.reason()`` gives one."""
+        return cls(ReceiptStatus.conflict, reason=reason)
+
+    @classmethod
     def refused(cls, reason: str) -> Result:
         """The system will not perform this action (unsupported, not allowed). No personal data in
         ``reason``."""

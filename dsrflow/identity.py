@@ -1,0 +1,147 @@
+"""Identifiers of a data subject: one normal form for each type, and the rule that decides
+which records a set of identifiers may act on.
+
+Normal forms (requests, tasks and the worker SDK's matching all use these):
+
+- email: trimmed and lower-cased;
+- phone: E.164 (``+84912345678``), parsed with Google's libphonenumber (the ``phonenumbers``
+  package). A number written the local way (``0912 345 678``) is read in the region of the
+  request's jurisdiction (Vietnam by default), so it finds the person a system stores as
+  ``+84912345678``;
+- every other type: trimmed.
+
+The matching rule (:func:`match_subject`): a worker acts only on records that *all* of the
+task's identifiers agree on. A record agrees when, for every identifier type of the task, its
+value is that identifier or is unknown (empty). When the identifiers find records that disagree
+(the verified email of one person and the phone of another, say), they point to different
+people: the task ends as ``conflict`` for the DPO, and nobody's data is exported or erased.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import phonenumbers
+
+from .rights import IdentifierType
+
+__all__ = ["DEFAULT_REGION", "SubjectMatch", "match_subject", "normalise", "normalise_phone", "region_of"]
+
+DEFAULT_REGION = "VN"
+R = TypeVar("R")
+
+
+def region_of(jurisdiction: str | None) -> str | None:
+    """The phone region of a jurisdiction code: ``VN`` -> ``VN``, ``US-CA`` -> ``US``; None where
+    a jurisdiction spans several countries (``EU``): local numbers then need their ``+`` prefix."""
+    if not jurisdiction:
+        return DEFAULT_REGION
+    country = jurisdiction.split("-", 1)[0].upper()
+    return country if country in phonenumbers.SUPPORTED_REGIONS else None
+
+
+def normalise_phone(value: str, region: str | None = DEFAULT_REGION) -> str:
+    """A phone number in E.164. Raises ValueError (without the number: it is personal data)."""
+    text = value.strip()
+    if text.startswith("00"):
+        text = "+" + text[2:]
+    try:
+        number = phonenumbers.parse(text, None if text.startswith("+") else region)
+    except phonenumbers.NumberParseException:
+        raise ValueError("phone identifier is not a phone number"
+                         + ("" if region or text.startswith("+") else " (give it with its +country code)")) from None
+    if not phonenumbers.is_possible_number(number):
+        raise ValueError("phone identifier is not a possible phone number")
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+
+def normalise(kind: IdentifierType | str, value: str, *, region: str | None = DEFAULT_REGION) -> str:
+    """``value`` in the normal form of its identifier type (see the module docstring)."""
+    kind = IdentifierType(kind)
+    if kind == IdentifierType.email:
+        email = value.strip().lower()
+        local, at, domain = email.rpartition("@")
+        if not at or not local or "." not in domain:
+            raise ValueError("email identifier is not an email address")
+        return email
+    if kind == IdentifierType.phone:
+        return normalise_phone(value, region)
+    return value.strip()
+
+
+def _stored(kind: IdentifierType, value: Any, region: str | None) -> str | None:
+    """A stored value in normal form, or None when unknown (empty) or unreadable."""
+    if value is None:
+        return None
+    text = str(value).strip()
+    if not text:
+        return None
+    try:
+        return normalise(kind, text, region=region)
+    except ValueError:
+        return text  # compared as stored: it cannot equal a normalised identifier by accident
+
+
+@dataclass(frozen=True, slots=True)
+class SubjectMatch(Generic[R]):
+    """What a task's identifiers found in a system's records.
+
+    ``found``: every record that any identifier found. ``records``: the ones to act on (every
+    identifier agrees on each of them); empty when ``conflict``. ``conflict``: some found record
+    disagrees with one of the identifiers, so they point to different people.
+    """
+
+    found: list[R] = field(default_factory=list)
+    records: list[R] = field(default_factory=list)
+    conflict: bool = False
+    #: identifier types on which a found record disagreed (no values: for the receipt's reason)
+    disagreeing: tuple[IdentifierType, ...] = ()
+
+    @property
+    def not_found(self) -> bool:
+        return not self.found
+
+    def reason(self) -> str:
+        """A receipt reason without personal data."""
+        kinds = ", ".join(sorted(str(k) for k in self.disagreeing)) or "identifiers"
+        return (f"the task's identifiers point to different people ({kinds} disagree across "
+                f"{len(self.found)} record(s)); nothing was done")
+
+
+def match_subject(
+    identifiers: Mapping[IdentifierType, str] | Mapping[str, str],
+    records: Iterable[R],
+    fields: Mapping[IdentifierType, str] | Mapping[str, str],
+    *,
+    region: str | None = DEFAULT_REGION,
+    get: Callable[[R, str], Any] | None = None,
+) -> SubjectMatch[R]:
+    """Apply the matching rule to ``records``, the candidates a system's query found by *any* of
+    the identifiers (``WHERE email = $1 OR phone = $2``).
+
+    ``fields`` maps each identifier type to the record's field that holds it (for example
+    ``{"email": "email", "phone": "phone"}``); identifier types without a field are not compared.
+    Records are mappings (dicts, asyncpg records) unless ``get(record, field)`` reads them.
+    Stored values are normalised the same way as the identifiers before they are compared.
+    """
+    read = get or (lambda rec, name: rec[name])  # type: ignore[index]
+    wanted = {IdentifierType(k): normalise(k, v, region=region) for k, v in identifiers.items()}
+    columns = {IdentifierType(k): name for k, name in fields.items() if IdentifierType(k) in wanted}
+    found: list[R] = []
+    agreeing: list[R] = []
+    disagreeing: set[IdentifierType] = set()
+    for rec in records:
+        values = {kind: _stored(kind, read(rec, name), region) for kind, name in columns.items()}
+        if not any(values[kind] == wanted[kind] for kind in columns):
+            continue  # not found by any identifier: not a candidate at all
+        found.append(rec)
+        against = {kind for kind, value in values.items() if value is not None and value != wanted[kind]}
+        if against:
+            disagreeing |= against
+        else:
+            agreeing.append(rec)
+    if disagreeing:
+        return SubjectMatch(found=found, records=[], conflict=True, disagreeing=tuple(sorted(disagreeing)))
+    return SubjectMatch(found=found, records=agreeing)

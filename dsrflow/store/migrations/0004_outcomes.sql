@@ -1,0 +1,25 @@
+-- Outcomes: every right, manual tasks, per-identifier verification, representatives, lasting effects,
+-- whole system declarations, and CHECK constraints on the statuses the code's enums name.
+
+ALTER TABLE systems ADD COLUMN declaration jsonb NOT NULL DEFAULT '{}';
+
+ALTER TABLE cases ADD COLUMN verification jsonb;      -- [{identifier, method, verified_by, verified_at}]
+ALTER TABLE cases ADD COLUMN requester jsonb;         -- who asked, when not the subject (agent, guardian)
+ALTER TABLE cases ADD COLUMN lifted_at timestamptz;   -- a lasting effect (restriction, ...) lifted
+ALTER TABLE cases ADD CONSTRAINT cases_status_check CHECK (status IN (
+    'received', 'awaiting_verification', 'in_progress', 'on_hold', 'completed', 'completed_with_exceptions',
+    'denied', 'failed'));
+
+ALTER TABLE tasks ADD COLUMN kind text NOT NULL DEFAULT 'worker';
+ALTER TABLE tasks ADD COLUMN reason text;             -- why a person must act (manual tasks)
+ALTER TABLE tasks ADD COLUMN changes jsonb;           -- rectification: the corrections this system holds
+ALTER TABLE tasks ADD COLUMN decided_by text;         -- who completed, declined or skipped it
+ALTER TABLE tasks ADD COLUMN note text;
+ALTER TABLE tasks ADD CONSTRAINT tasks_kind_check CHECK (kind IN ('worker', 'manual'));
+ALTER TABLE tasks ADD CONSTRAINT tasks_status_check CHECK (status IN (
+    'pending', 'dispatched', 'succeeded', 'not_found', 'retained', 'conflict', 'refused', 'failed', 'stalled',
+    'manual', 'skipped'));
+-- Lifting a restriction sends a second task to the same system on the same case.
+ALTER TABLE tasks DROP CONSTRAINT tasks_case_id_system_key;
+ALTER TABLE tasks ADD CONSTRAINT tasks_case_system_action_key UNIQUE (case_id, system, action);
+CREATE INDEX tasks_manual_idx ON tasks (case_id) WHERE status = 'manual';
