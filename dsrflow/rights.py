@@ -137,3 +137,23 @@ class ReceiptStatus(StrEnum):
     conflict = "conflict"
     refused = "refused"
     failed = "failed"
+
+
+#: Rectification: the short field names a request may use for its corrections, and the fideslang
+#: category each belongs to. A correction goes only to the systems that declare its category;
+#: a request may also name the category itself. Tasks carry the names the request used.
+CHANGE_FIELDS: dict[str, str] = {
+    "name": "user.name",
+    "email": "user.contact.email",
+    "phone": "user.contact.phone_number",
+    "address": "user.contact.address",
+    "date_of_birth": "user.demographic.date_of_birth",
+}
+
+
+def change_category(field: str) -> str | None:
+    """The fideslang category of a correction's field name (``"address"`` or
+    ``"user.contact.address"``), or None for a name dsrflow does not know."""
+    if field in CHANGE_FIELDS:
+        return CHANGE_FIELDS[field]
+    return field if field.startswith("user.") else None
