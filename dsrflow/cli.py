@@ -9,6 +9,8 @@
     dsrflow submit --right R --email E    publish a RightsRequested event
     dsrflow cases list | show ID          read cases from the case store
     dsrflow cases verify ID --by WHO      identity verified: fan an awaiting case out
+    dsrflow cases lift ID --by WHO        lift a restriction or objection
+    dsrflow tasks list | complete | decline   manual tasks, done by a person
     dsrflow api                           serve the DPO HTTP API
     dsrflow demo                          the end-to-end demo on the embedded stack
 
@@ -42,7 +44,7 @@ from . import topics
 from .client import DEFAULT_TIMEOUT, broker_error, case_store_error, case_store_pool, connect_case_store
 from .client import submit as submit  # re-exported: dsrflow.cli.submit predates dsrflow.client
 from .errors import ConfigError, DsrflowError, InvalidInput, validation_summary
-from .rights import CaseStatus, Right
+from .rights import CaseStatus, IdentifierType, Right, TaskStatus
 from .settings import Settings, get_settings
 
 log = logging.getLogger("dsrflow.cli")
@@ -371,9 +373,10 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
     from .policy import jurisdictions
 
     identifiers = {k: v for k, v in (("email", args.email), ("phone", args.phone),
-                                       ("customer_id", args.customer_id)) if v}
+                                       ("customer_id", args.customer_id), ("cookie_id", args.cookie_id),
+                                       ("device_id", args.device_id)) if v}
     if not identifiers:
-        raise InvalidInput("give at least one of --email, --phone, --customer-id")
+        raise InvalidInput("give at least one of --email, --phone, --customer-id, --cookie-id, --device-id")
     changes = _changes(args.change)
     jurisdiction = args.jurisdiction or settings.jurisdiction
     if jurisdiction not in jurisdictions():
@@ -390,6 +393,7 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
             verified=args.verified,
             channel="cli",
             changes=changes,
+            purposes=args.purpose or None,
         )
     except ValidationError as exc:
         raise InvalidInput("invalid request: " + validation_summary(exc, _request_field)) from exc
@@ -441,9 +445,11 @@ def _print_case(case: Any, tasks: list[Any], timeline: list[Any], verified: bool
         print(f"{label:<10} {value}")
     print(f"tasks ({len(tasks)})")
     for t in tasks:
-        extra = f"  error: {t.error}" if t.error else ""
-        print(f"  {t.system:<16} {t.action:<10} {t.status:<12} attempt {t.attempt}  "
-              f"completed {_when(t.completed_at)}{extra}")
+        extra = "".join(f"  {label}: {value}" for label, value in (
+            ("error", t.error), ("waits because", t.reason if t.status == "manual" else None),
+            ("by", t.decided_by), ("note", t.note)) if value)
+        print(f"  {t.system:<16} {t.action:<18} {t.kind:<6} {t.status:<12} attempt {t.attempt}  "
+              f"completed {_when(t.completed_at)}  task {t.task_id}{extra}")
     chain = "hash chain verified" if verified else "HASH CHAIN BROKEN"
     print(f"timeline ({len(timeline)} entries, {chain})")
     for e in timeline:
@@ -455,6 +461,8 @@ def cmd_cases(args: argparse.Namespace, settings: Settings) -> int:
 
     if args.action == "verify":
         return _cases_verify(args, settings)
+    if args.action == "lift":
+        return _cases_lift(args, settings)
     case_id = _case_id(args) if args.action == "show" else None
 
     async def go() -> int:
@@ -497,29 +505,98 @@ def cmd_cases(args: argparse.Namespace, settings: Settings) -> int:
     return asyncio.run(go())
 
 
-def _cases_verify(args: argparse.Namespace, settings: Settings) -> int:
-
-    from .coordinator.service import CaseNotFound, Coordinator, InvalidTransition
-
-    case_id = _case_id(args)
-    by = (args.by or "").strip()
-    if not by:
-        raise InvalidInput("cases verify needs --by (who verified the identity)")
+def _decide(settings: Settings, decide: Any) -> str:
+    """Run one DPO decision on a Coordinator over the case store; its refusal is one error line."""
+    from .coordinator.service import Coordinator
+    from .domain.case import CaseError
 
     async def go() -> str:
         pool = await case_store_pool(settings)
         try:
-            return str(await Coordinator(settings, pool).verify(case_id, by=by))
-        except (CaseNotFound, InvalidTransition) as exc:
+            return str(await decide(Coordinator(settings, pool)))
+        except CaseError as exc:
             raise DsrflowError(str(exc)) from exc
         finally:
             await pool.close()
 
-    status = asyncio.run(go())
+    return asyncio.run(go())
+
+
+def _by(args: argparse.Namespace, what: str) -> str:
+    by = (args.by or "").strip()
+    if not by:
+        raise InvalidInput(f"{args.command} {args.action} needs --by ({what})")
+    return by
+
+
+def _cases_verify(args: argparse.Namespace, settings: Settings) -> int:
+    case_id = _case_id(args)
+    by = _by(args, "who verified the identity")
+    identifiers = args.identifier or None
+    status = _decide(settings, lambda c: c.verify(case_id, by=by, identifiers=identifiers))
     if args.json:
         _print_json({"case_id": str(case_id), "status": status})
     else:
         print(f"case {case_id} verified: {status}")
+    return 0
+
+
+def _cases_lift(args: argparse.Namespace, settings: Settings) -> int:
+    case_id = _case_id(args)
+    by = _by(args, "who lifts the restriction")
+    status = _decide(settings, lambda c: c.lift_restriction(case_id, by=by))
+    if args.json:
+        _print_json({"case_id": str(case_id), "status": status})
+    else:
+        print(f"case {case_id}: restriction lifted; each system that restricted is asked to lift it ({status})")
+    return 0
+
+
+def cmd_tasks(args: argparse.Namespace, settings: Settings) -> int:
+    """Manual tasks: the ones a person carries out (no worker, or a worker that cannot do the action)."""
+    from .store import queries
+
+    if args.action == "list":
+        async def listing() -> list[Any]:
+            conn = await connect_case_store(settings)
+            try:
+                return await queries.tasks_by_status(conn, args.status, limit=args.limit)
+            finally:
+                await conn.close()
+
+        rows = asyncio.run(listing())
+        if args.json:
+            _print_json([dataclasses.asdict(t) for t in rows])
+            return 0
+        for t in rows:
+            print(f"{t.task_id}  case {t.case_id}  {t.system:<14} {t.action:<18} {t.status:<8} {t.reason or ''}")
+        if not rows:
+            print(f"no {args.status} tasks")
+        return 0
+    if not args.task_id:
+        raise InvalidInput(f"tasks {args.action} needs a task id (see `dsrflow tasks list`)")
+    try:
+        task_id = uuid.UUID(args.task_id)
+    except ValueError:
+        raise InvalidInput("the task id is not a UUID; see `dsrflow tasks list`") from None
+    by = _by(args, "who did it")
+    note = (args.note or "").strip()
+    if not note:
+        raise InvalidInput(f"tasks {args.action} needs --note (what was done, without personal data)")
+    resolution = (TaskStatus.refused if args.action == "decline"
+                  else TaskStatus.not_found if args.not_found else TaskStatus.succeeded)
+
+    async def resolve(c: Any) -> str:
+        case_id = await queries.task_case(c.pool, task_id)
+        if case_id is None:
+            raise DsrflowError(f"no task {task_id}")
+        return str(await c.resolve_manual_task(case_id, task_id, by=by, resolution=resolution, note=note))
+
+    status = _decide(settings, resolve)
+    if args.json:
+        _print_json({"task_id": str(task_id), "status": str(resolution), "case_status": status})
+    else:
+        print(f"task {task_id}: {resolution}; case {status}")
     return 0
 
 
@@ -585,21 +662,37 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--email")
     s.add_argument("--phone")
     s.add_argument("--customer-id")
+    s.add_argument("--cookie-id")
+    s.add_argument("--device-id")
     s.add_argument("--request-id")
     s.add_argument("--jurisdiction", help="default: DSRFLOW_JURISDICTION (VN)")
     s.add_argument("--verified", action="store_true", help="identity was verified upstream")
-    s.add_argument("--change", action="append", help="rectification: field=value")
+    s.add_argument("--change", action="append", help="rectification: field=value (name, email, phone, address, ...)")
+    s.add_argument("--purpose", action="append", help="objection, withdraw_consent: a purpose (repeat)")
     s.set_defaults(func=cmd_submit)
 
-    s = sub.add_parser("cases", help="read cases")
-    s.add_argument("action", choices=["list", "show", "verify"])
+    s = sub.add_parser("cases", help="read cases; verify an identity; lift a restriction")
+    s.add_argument("action", choices=["list", "show", "verify", "lift"])
     s.add_argument("case_id", nargs="?")
-    s.add_argument("--by", help="verify: who verified the subject's identity (recorded on the timeline)")
+    s.add_argument("--by", help="verify, lift: who decided (recorded on the timeline)")
+    s.add_argument("--identifier", action="append", choices=[t.value for t in IdentifierType],
+                   help="verify: an identifier type that was verified (repeat; default: every one given)")
     s.add_argument("--status", choices=[c.value for c in CaseStatus])
     s.add_argument("--right", choices=[r.value for r in Right])
     s.add_argument("--limit", type=_positive_int, default=50)
     s.add_argument("--json", action="store_true", help="print JSON: an array (list) or the case (show)")
     s.set_defaults(func=cmd_cases)
+
+    s = sub.add_parser("tasks", help="manual tasks: list, complete, decline")
+    s.add_argument("action", choices=["list", "complete", "decline"])
+    s.add_argument("task_id", nargs="?")
+    s.add_argument("--status", choices=[t.value for t in TaskStatus], default="manual", help="list: which tasks")
+    s.add_argument("--by", help="complete, decline: who did it")
+    s.add_argument("--note", help="complete, decline: what was done or why not (no personal data)")
+    s.add_argument("--not-found", action="store_true", help="complete: the system holds nothing of the subject")
+    s.add_argument("--limit", type=_positive_int, default=100)
+    s.add_argument("--json", action="store_true", help="print JSON")
+    s.set_defaults(func=cmd_tasks)
 
     s = sub.add_parser("demo", help="end-to-end demo on the embedded stack")
     s.set_defaults(func=cmd_demo)

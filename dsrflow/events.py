@@ -9,52 +9,86 @@ generated from these models (``dsrflow topics schemas``).
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
+from . import identity
 from .rights import Action, IdentifierType, ReceiptStatus, Right
 
 Identifier = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=320)]
 Token = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")]
 SystemName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_-]{0,62}$")]
 Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+Jurisdiction = Annotated[str, StringConstraints(pattern=r"^[A-Z]{2}(-[A-Z0-9]{1,3})?$")]
+
+# trimmed, non-empty strings of at most so many characters
+Text64 = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]
+Text128 = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=128)]
+Text200 = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
 
 
 class Event(BaseModel):
     """Base of every event: strict about unknown fields, so a typo is an error, not lost data."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    #: hide_input_in_errors: a ValidationError's text never shows the offending value (personal data)
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     #: CloudEvents ``type`` of this event.
     ce_type: ClassVar[str]
 
 
 class Subject(BaseModel):
-    """Who the request is about: identifiers as submitted (personal data)."""
+    """Who the request is about: identifiers (personal data), each in its normal form (see
+    dsrflow.identity): email trimmed and lower-cased, phone in E.164, other types trimmed.
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    A phone written the local way (0912 345 678) is read in the region of the request's
+    jurisdiction. A Subject validated on its own, not as part of a request, reads it in Vietnam.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     identifiers: dict[IdentifierType, Identifier] = Field(
-        description="identifier type -> value, e.g. {'email': 'an.nguyen@example.vn'}",
+        description="identifier type -> value, e.g. {'email': 'an.nguyen@example.vn'}; a phone is read in the "
+        "region of the request's jurisdiction unless it starts with +country code",
         min_length=1,
     )
 
     @field_validator("identifiers")
     @classmethod
     def _normalise(cls, v: dict[IdentifierType, str]) -> dict[IdentifierType, str]:
-        out = dict(v)
-        if IdentifierType.email in out:
-            out[IdentifierType.email] = out[IdentifierType.email].lower()
-            if "@" not in out[IdentifierType.email]:
-                raise ValueError("email identifier must contain '@'")
-        if IdentifierType.phone in out:
-            phone = "".join(ch for ch in out[IdentifierType.phone] if ch.isdigit() or ch == "+")
-            if len(phone.lstrip("+")) < 8:
-                raise ValueError("phone identifier must have at least 8 digits")
-            out[IdentifierType.phone] = phone
-        return out
+        # identity.normalise raises ValueError without the value (it is personal data)
+        return {kind: identity.normalise(kind, value, region=identity.DEFAULT_REGION) for kind, value in v.items()}
+
+
+class IdentifierVerification(BaseModel):
+    """How one of the subject's identifiers was verified (no identifier value: only its type)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
+    identifier: IdentifierType = Field(description="the type of the subject's identifier that was verified")
+    method: Text64 = Field(description="how: email_link, sms_otp, account_login, id_document, in_person, ...")
+    verified_by: Text128 | None = Field(default=None, description="who or which system verified it")
+    verified_at: datetime | None = None
+
+
+class Requester(BaseModel):
+    """Who made the request when it is not (only) the subject: an authorised agent, a parent or
+    guardian. Personal data of the representative."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
+    relationship: Literal["self", "authorised_agent", "parent_guardian"]
+    name: Text200 | None = None
+    contact: Identifier | None = Field(default=None, description="the representative's email or phone")
+    verified: bool = Field(
+        default=False, description="the representative's identity AND their authority to act were checked"
+    )
+    evidence: Text200 | None = Field(
+        default=None, description="what proves the authority, e.g. power_of_attorney, birth_certificate"
+    )
+    verified_by: Text128 | None = Field(default=None, description="who or which system checked the representative")
 
 
 class RightsRequested(Event):
@@ -65,24 +99,105 @@ class RightsRequested(Event):
     request_id: Token = Field(description="the caller's id for this request; the dedupe key")
     right: Right
     subject: Subject
-    jurisdiction: Annotated[str, StringConstraints(pattern=r"^[A-Z]{2}(-[A-Z0-9]{1,3})?$")] = "VN"
+    jurisdiction: Jurisdiction = "VN"
     received_at: datetime | None = Field(
         default=None, description="when the organisation received the request; default: event time"
     )
-    verified: bool = Field(default=False, description="the subject's identity was verified upstream")
+    verified: bool = Field(
+        default=False,
+        description="legacy: the upstream app verified the subject's identity, which counts as every identifier "
+        "verified; ignored when 'verification' is given",
+    )
     channel: str | None = Field(default=None, max_length=64, description="privacy_centre, support_desk, ...")
     changes: dict[str, str] | None = Field(
         default=None, description="rectification only: field -> corrected value"
     )
     purposes: list[str] | None = Field(default=None, description="objection / consent withdrawal: purposes")
+    verification: list[IdentifierVerification] | None = Field(
+        default=None,
+        description="which of the subject's identifiers were verified, each on its own (at most one entry per "
+        "identifier type, each present in subject.identifiers). When given, only the types listed count as "
+        "verified, whatever 'verified' says: verified=true with some types listed verifies only those, and an "
+        "empty list verifies none",
+    )
+    requester: Requester | None = Field(
+        default=None,
+        description="who made the request on the subject's behalf (authorised agent, parent or guardian); "
+        "absent: the subject themself",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _phone_in_jurisdiction(cls, data: Any) -> Any:
+        """Read a local phone number (no ``+``) in the region of the request's jurisdiction, before
+        Subject (which would read it in Vietnam) sees it."""
+        if not isinstance(data, dict):
+            return data
+        subject = data.get("subject")
+        if not isinstance(subject, dict) or not isinstance(subject.get("identifiers"), dict):
+            return data  # a Subject instance is already normalised (in Vietnam, see Subject)
+        identifiers: dict[Any, Any] = subject["identifiers"]
+        key = next((k for k in identifiers if k == IdentifierType.phone), None)
+        phone = identifiers.get(key) if key is not None else None
+        jurisdiction = data.get("jurisdiction", "VN")
+        if not isinstance(phone, str) or not isinstance(jurisdiction, str):
+            return data  # left to field validation
+        region = identity.region_of(jurisdiction)
+        try:
+            normalised = identity.normalise_phone(phone, region)
+        except ValueError as exc:
+            if region is None and not phone.strip().startswith(("+", "00")):
+                raise ValueError(
+                    f"phone identifier has no +country code, and jurisdiction {jurisdiction} spans several "
+                    "countries, so it cannot be read as a local number: give it as +<country code><number>"
+                ) from None
+            raise ValueError(str(exc)) from None
+        return {**data, "subject": {**subject, "identifiers": {**identifiers, key: normalised}}}
 
     @model_validator(mode="after")
-    def _changes_only_for_rectification(self) -> RightsRequested:
+    def _check(self) -> RightsRequested:
         if self.right == Right.rectification and not self.changes:
             raise ValueError("a rectification request needs 'changes'")
         if self.right != Right.rectification and self.changes:
             raise ValueError("'changes' is only allowed for rectification")
+        if self.verification:
+            seen: set[IdentifierType] = set()
+            for v in self.verification:
+                if v.identifier not in self.subject.identifiers:
+                    raise ValueError(f"verification lists {v.identifier}, which is not among the subject's identifiers")
+                if v.identifier in seen:
+                    raise ValueError(f"verification lists {v.identifier} more than once")
+                seen.add(v.identifier)
         return self
+
+    def verified_types(self) -> frozenset[IdentifierType]:
+        """The identifier types that were verified: those ``verification`` lists when it is given;
+        else, for the legacy ``verified=true``, every identifier of the subject (the upstream app
+        vouched for the whole request); else none."""
+        if self.verification is not None:
+            return frozenset(v.identifier for v in self.verification)
+        if self.verified:
+            return frozenset(self.subject.identifiers)
+        return frozenset()
+
+    def verification_record(self) -> list[dict[str, Any]]:
+        """What to store on the case: one JSON-ready entry ``{identifier, method, verified_by,
+        verified_at}`` per verified identifier. The legacy ``verified=true`` gives one entry per
+        identifier of the subject, with method ``upstream`` and no verifier or time."""
+        if self.verification is not None:
+            return [v.model_dump(mode="json") for v in self.verification]
+        if self.verified:
+            return [
+                IdentifierVerification(identifier=kind, method="upstream").model_dump(mode="json")
+                for kind in sorted(self.subject.identifiers)
+            ]
+        return []
+
+    def representative_unverified(self) -> bool:
+        """A representative (not the subject themself) made the request, and their identity and
+        authority have not been checked."""
+        r = self.requester
+        return r is not None and r.relationship != "self" and not r.verified
 
 
 class TaskAssigned(Event):

@@ -32,13 +32,18 @@ __all__ = ["DEFAULT_REGION", "SubjectMatch", "match_subject", "normalise", "norm
 DEFAULT_REGION = "VN"
 R = TypeVar("R")
 
+#: Jurisdiction codes that are not the ISO 3166 code of their country.
+_REGION_ALIASES = {"UK": "GB"}
+
 
 def region_of(jurisdiction: str | None) -> str | None:
-    """The phone region of a jurisdiction code: ``VN`` -> ``VN``, ``US-CA`` -> ``US``; None where
-    a jurisdiction spans several countries (``EU``): local numbers then need their ``+`` prefix."""
+    """The phone region of a jurisdiction code: ``VN`` -> ``VN``, ``US-CA`` -> ``US``, ``UK`` ->
+    ``GB``; None where a jurisdiction spans several countries (``EU``): local numbers then need
+    their ``+`` prefix. No jurisdiction at all: Vietnam."""
     if not jurisdiction:
         return DEFAULT_REGION
-    country = jurisdiction.split("-", 1)[0].upper()
+    country = jurisdiction.split("-", 1)[0].strip().upper()
+    country = _REGION_ALIASES.get(country, country)
     return country if country in phonenumbers.SUPPORTED_REGIONS else None
 
 
@@ -63,7 +68,8 @@ def normalise(kind: IdentifierType | str, value: str, *, region: str | None = DE
     if kind == IdentifierType.email:
         email = value.strip().lower()
         local, at, domain = email.rpartition("@")
-        if not at or not local or "." not in domain:
+        labels = domain.split(".")
+        if not at or not local or len(labels) < 2 or not all(labels) or any(ch.isspace() for ch in email):
             raise ValueError("email identifier is not an email address")
         return email
     if kind == IdentifierType.phone:
@@ -125,10 +131,16 @@ def match_subject(
     ``{"email": "email", "phone": "phone"}``); identifier types without a field are not compared.
     Records are mappings (dicts, asyncpg records) unless ``get(record, field)`` reads them.
     Stored values are normalised the same way as the identifiers before they are compared.
+
+    Raises ValueError when ``fields`` names none of the identifiers' types: nothing could be
+    compared, and answering "not found" would claim a search that did not happen.
     """
     read = get or (lambda rec, name: rec[name])  # type: ignore[index]
     wanted = {IdentifierType(k): normalise(k, v, region=region) for k, v in identifiers.items()}
     columns = {IdentifierType(k): name for k, name in fields.items() if IdentifierType(k) in wanted}
+    if not columns:
+        raise ValueError(f"match_subject: fields name none of the identifier types given "
+                         f"({', '.join(sorted(wanted)) or 'none'})")
     found: list[R] = []
     agreeing: list[R] = []
     disagreeing: set[IdentifierType] = set()

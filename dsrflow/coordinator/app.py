@@ -103,6 +103,7 @@ def create_app(settings: Settings) -> faust.App:
         if ready.is_set():
             try:
                 await state["coordinator"].sweep_stalled()
+                await state["coordinator"].plan_new_systems()
                 await state["coordinator"].prune()
             except Exception as exc:  # noqa: BLE001 - a timer must not die; the next interval retries
                 log.warning("sweep failed (%s); the next interval retries", type(exc).__name__)

@@ -25,6 +25,8 @@ class Executor(Protocol):
 
     async def fetchrow(self, query: str, *args: Any, timeout: float | None = None) -> Any: ...
 
+    async def fetchval(self, query: str, *args: Any, timeout: float | None = None) -> Any: ...
+
 
 _TERMINAL = sorted(s.value for s in TERMINAL_CASE)
 
@@ -100,6 +102,11 @@ class TaskRow:
     completed_at: datetime | None
     result: dict[str, Any] | None
     error: str | None
+    kind: str = "worker"
+    reason: str | None = None
+    decided_by: str | None = None
+    note: str | None = None
+    case_id: UUID | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,27 +208,36 @@ async def get_case(db: Executor, case_id: UUID, *, now: datetime) -> CaseDetail 
     )
 
 
-async def case_tasks(db: Executor, case_id: UUID) -> list[TaskRow]:
-    """The case's tasks, one per system, ordered by system name."""
-    rows = await db.fetch(
-        """SELECT task_id, system, action, status, attempt, dispatched_at, completed_at, result, error
-           FROM tasks WHERE case_id = $1 ORDER BY system""",
-        case_id,
+_TASK_COLUMNS = """task_id, case_id, system, action, status, attempt, dispatched_at, completed_at, result, error,
+                   kind, reason, decided_by, note"""
+
+
+def _task_row(r: Mapping[str, Any]) -> TaskRow:
+    return TaskRow(
+        task_id=r["task_id"], system=r["system"], action=r["action"], status=r["status"], attempt=r["attempt"],
+        dispatched_at=r["dispatched_at"], completed_at=r["completed_at"], result=_json(r["result"]),
+        error=r["error"], kind=r["kind"], reason=r["reason"], decided_by=r["decided_by"], note=r["note"],
+        case_id=r["case_id"],
     )
-    return [
-        TaskRow(
-            task_id=r["task_id"],
-            system=r["system"],
-            action=r["action"],
-            status=r["status"],
-            attempt=r["attempt"],
-            dispatched_at=r["dispatched_at"],
-            completed_at=r["completed_at"],
-            result=_json(r["result"]),
-            error=r["error"],
-        )
-        for r in rows
-    ]
+
+
+async def case_tasks(db: Executor, case_id: UUID) -> list[TaskRow]:
+    """The case's tasks, ordered by system name and action."""
+    rows = await db.fetch(f"SELECT {_TASK_COLUMNS} FROM tasks WHERE case_id = $1 ORDER BY system, action", case_id)
+    return [_task_row(r) for r in rows]
+
+
+async def tasks_by_status(db: Executor, status: str, *, limit: int = 100) -> list[TaskRow]:
+    """Tasks in one status across cases, oldest first (``manual``: the tasks waiting for a person)."""
+    rows = await db.fetch(f"SELECT {_TASK_COLUMNS} FROM tasks WHERE status = $1 ORDER BY created_at LIMIT $2",
+                          status, limit)
+    return [_task_row(r) for r in rows]
+
+
+async def task_case(db: Executor, task_id: UUID) -> UUID | None:
+    """The case a task belongs to."""
+    case_id: UUID | None = await db.fetchval("SELECT case_id FROM tasks WHERE task_id = $1", task_id)
+    return case_id
 
 
 async def case_timeline(db: Executor, case_id: UUID) -> list[TimelineRow]:

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
 import asyncpg
 import orjson
+
+from ..domain.timeline import Entry
+
+__all__ = ["GENESIS", "Entry", "append", "canonical", "chain_hash", "verify"]
 
 GENESIS = bytes(32)
 
@@ -36,12 +39,6 @@ def chain_hash(prev_hash: bytes, entry: bytes) -> bytes:
     return hashlib.sha256(prev_hash + entry).digest()
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
-    case_id: UUID
-    kind: str
-    detail: Mapping[str, Any]
-    at: datetime
 
 
 async def append(conn: asyncpg.Connection, entries: Iterable[Entry]) -> None:

@@ -14,8 +14,9 @@ from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
+from .. import identity
 from ..codec import decode, encode
-from ..events import Subject, TaskAssigned, TaskReceipt
+from ..events import TaskAssigned, TaskReceipt
 from ..exports.store import ExportStore, MemoryExportStore
 from ..rights import ACTION_FOR_RIGHT, Action, IdentifierType, Right
 from ..settings import Settings
@@ -41,11 +42,15 @@ def make_task(
     due_at: datetime | None = None,
     changes: Mapping[str, str] | None = None,
     purposes: list[str] | None = None,
+    region: str | None = identity.DEFAULT_REGION,
 ) -> TaskAssigned:
-    """A TaskAssigned as the coordinator would send it: identifiers normalised like a request's
-    subject (email lower-cased, phone as ``+`` and digits), the right inferred from the action."""
+    """A TaskAssigned as the coordinator would send it: identifiers in the normal form of
+    :mod:`dsrflow.identity` (email lower-cased, phone in E.164 with a local number read in
+    ``region``, Vietnam by default), the right inferred from the action."""
     action = Action(action)
-    normalised = Subject(identifiers={IdentifierType(k): v for k, v in identifiers.items()}).identifiers
+    if not identifiers:
+        raise ValueError("make_task needs at least one identifier")
+    normalised = {IdentifierType(k): identity.normalise(k, v, region=region) for k, v in identifiers.items()}
     return TaskAssigned(
         task_id=task_id or uuid.uuid4(),
         case_id=case_id or uuid.uuid4(),

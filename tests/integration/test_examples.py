@@ -97,6 +97,11 @@ async def test_setup_seeds_once_and_creates_missing_database(make_database: Make
     assert await _count(dsn, "contacts") == len(people.people_in("crm"))
     assert await _count(dsn, "addresses") == sum(len(crm_seed.addresses(p)) for p in crm_seed.contacts())
     assert await _count(dsn, "notes") == sum(len(crm_seed.notes(p)) for p in crm_seed.contacts())
+    assert await _count(dsn, "tracking_ids") == sum(len(crm_seed.tracking_ids(p)) for p in crm_seed.contacts())
+    assert await _count(dsn, "consents") == sum(len(crm_seed.consents(p)) for p in crm_seed.contacts())
+    unsubscribed = [p for p in crm_seed.contacts() if crm_seed.unsubscribed(p)]
+    assert unsubscribed and await _count(dsn, "marketing_suppressions") == 2 * len(unsubscribed)
+    assert await _count(dsn, "restrictions") == 0
 
     # A database that does not exist yet is created on the same server.
     parts = urlsplit(dsn)
@@ -117,6 +122,11 @@ def test_seed_has_the_promised_subjects() -> None:
     assert CRM_ONLY.systems == {"crm"} and BILLING_ONLY.systems == {"billing"}
     assert billing_seed.invoices(BILLING_ONLY) and not billing_seed.invoices(BILLING_WITHOUT_INVOICES)
     assert all(p.phone.startswith("+849") and len(p.phone) == 12 for p in people.PEOPLE)
+    # The demo's CRM erasures expect "succeeded": its subjects are not on the suppression list.
+    assert not any(crm_seed.unsubscribed(p) for p in people.SUBJECTS.values() if "crm" in p.systems)
+    assert IN_BOTH.cookie_id and IN_BOTH.device_id and CRM_ONLY.cookie_id
+    cookies = [p.cookie_id for p in people.PEOPLE if p.cookie_id]
+    assert len(set(cookies)) == len(cookies) > 15 and people.PEOPLE[3].cookie_id is None
 
 
 # -- crm ---------------------------------------------------------------------------------
@@ -127,9 +137,11 @@ async def test_crm_export_holds_the_subject_and_only_them(crm_dsn: str) -> None:
     receipt = await run_task(crm.worker, make_task("crm", Action.export, IN_BOTH.identifiers()), store=store)
     assert receipt.status == ReceiptStatus.succeeded
     n_addr, n_notes = len(crm_seed.addresses(IN_BOTH)), len(crm_seed.notes(IN_BOTH))
-    assert receipt.counts == {"located": 1, "records": 1 + n_addr + n_notes}
-    assert receipt.artifacts[0].records == 1 + n_addr + n_notes
-    assert "user.contact.email" in receipt.categories
+    n_tracking, n_consents = len(crm_seed.tracking_ids(IN_BOTH)), len(crm_seed.consents(IN_BOTH))
+    records = 1 + n_addr + n_notes + n_tracking + n_consents
+    assert receipt.counts == {"located": 1, "records": records}
+    assert receipt.artifacts[0].records == records
+    assert {"user.contact.email", "user.device.cookie_id", "user.device.device_id"} <= set(receipt.categories)
 
     doc = export_doc(store, receipt.artifacts)
     [contact] = doc["contacts"]
@@ -141,6 +153,9 @@ async def test_crm_export_holds_the_subject_and_only_them(crm_dsn: str) -> None:
     assert contact["date_of_birth"] == IN_BOTH.date_of_birth.isoformat()
     assert [a["line"] for a in contact["addresses"]] == [a.line for _, a in crm_seed.addresses(IN_BOTH)]
     assert [n["body"] for n in contact["notes"]] == [b for b, _ in crm_seed.notes(IN_BOTH)]
+    assert sorted((t["kind"], t["value"]) for t in contact["tracking_ids"]) == sorted(crm_seed.tracking_ids(IN_BOTH))
+    assert sorted((c["purpose"], c["granted"]) for c in contact["consents"]) == sorted(crm_seed.consents(IN_BOTH))
+    assert contact["restrictions"] == [] and contact["marketing_suppressed"] is False
     values = strings(doc)
     for other in others(IN_BOTH):
         assert not values & {other.email, other.phone, other.full_name, other.address.line}
@@ -155,28 +170,33 @@ async def test_crm_export_by_phone_only_and_not_found(crm_dsn: str) -> None:
 
 
 async def test_crm_erase_deletes_everything_of_the_subject_and_nothing_else(crm_dsn: str) -> None:
-    before = {t: await _count(crm_dsn, t) for t in ("contacts", "addresses", "notes")}
+    tables = ("contacts", "addresses", "notes", "tracking_ids", "consents")
+    before = {t: await _count(crm_dsn, t) for t in tables}
     [row] = await _fetch(crm_dsn, "SELECT id FROM contacts WHERE email = $1", CRM_ONLY.email)
-    n_addr, n_notes = len(crm_seed.addresses(CRM_ONLY)), len(crm_seed.notes(CRM_ONLY))
+    mine = {
+        "contacts": 1,
+        "addresses": len(crm_seed.addresses(CRM_ONLY)),
+        "notes": len(crm_seed.notes(CRM_ONLY)),
+        "tracking_ids": len(crm_seed.tracking_ids(CRM_ONLY)),
+        "consents": len(crm_seed.consents(CRM_ONLY)),
+    }
+    assert mine["tracking_ids"] and mine["consents"]
 
     receipt = await run_task(crm.worker, make_task("crm", Action.erase, CRM_ONLY.identifiers()))
     assert receipt.status == ReceiptStatus.succeeded, receipt.error
-    assert receipt.counts == {
-        "located": 1, "erased": 1 + n_addr + n_notes, "contacts": 1, "addresses": n_addr, "notes": n_notes,
-    }
+    assert receipt.counts == {"located": 1, "erased": sum(mine.values()), **mine, "restrictions": 0}
     assert (
         await _fetch(crm_dsn, "SELECT 1 FROM contacts WHERE email = $1 OR phone = $2", CRM_ONLY.email, CRM_ONLY.phone)
         == []
     )
-    assert await _fetch(crm_dsn, "SELECT 1 FROM addresses WHERE contact_id = $1", row["id"]) == []
-    assert await _fetch(crm_dsn, "SELECT 1 FROM notes WHERE contact_id = $1", row["id"]) == []
-    after = {t: await _count(crm_dsn, t) for t in ("contacts", "addresses", "notes")}
-    assert after == {"contacts": before["contacts"] - 1, "addresses": before["addresses"] - n_addr,
-                     "notes": before["notes"] - n_notes}
+    for table in tables[1:]:
+        assert await _fetch(crm_dsn, f"SELECT 1 FROM {table} WHERE contact_id = $1", row["id"]) == []
+    after = {t: await _count(crm_dsn, t) for t in tables}
+    assert after == {t: before[t] - mine[t] for t in tables}
 
     again = await run_task(crm.worker, make_task("crm", Action.erase, CRM_ONLY.identifiers()))
     assert again.status == ReceiptStatus.not_found and again.error is None
-    assert {t: await _count(crm_dsn, t) for t in ("contacts", "addresses", "notes")} == after
+    assert {t: await _count(crm_dsn, t) for t in tables} == after
 
 
 async def test_crm_erase_takes_every_contact_matching_either_identifier(crm_dsn: str) -> None:

@@ -130,3 +130,92 @@ def test_oversized_original_headers_are_left_out_and_counted() -> None:
     assert "junk" not in h and "ce_id" not in h and h["dlq_original_headers_dropped"] == "2"
     _, kept = codec.dead_letter(b"{", [("ce_id", b"1")], record)
     assert ("ce_id", b"1") in kept
+
+
+# -- RightsRequested: phones in the jurisdiction's region, per-identifier verification, representatives
+def test_a_local_phone_is_read_in_the_jurisdictions_region() -> None:
+    local = {"identifiers": {"phone": "091 234 5678"}}
+    assert _request(subject=local).subject.identifiers["phone"] == "+84912345678"
+    assert _request(subject=local, jurisdiction="VN").subject.identifiers["phone"] == "+84912345678"
+    us = {"identifiers": {"phone": "(415) 555-0100"}}
+    assert _request(subject=us, jurisdiction="US-CA").subject.identifiers["phone"] == "+14155550100"
+    assert _request(subject={"identifiers": {"phone": "+84 91 234 5678"}}, jurisdiction="US-CA"
+                    ).subject.identifiers["phone"] == "+84912345678"
+    assert _request(subject={"identifiers": {"phone": "+33 6 12 34 56 78"}}, jurisdiction="EU"
+                    ).subject.identifiers["phone"] == "+33612345678"
+
+
+def test_a_local_phone_under_a_jurisdiction_of_many_countries_is_invalid_without_echo() -> None:
+    value = orjson.dumps({"request_id": "eu-1", "right": "access", "jurisdiction": "EU",
+                          "subject": {"identifiers": {"phone": "0612345678"}}})
+    _, headers = codec.encode(_request(), source="t")
+    with pytest.raises(codec.DecodeError) as exc:
+        codec.decode(value, headers, RightsRequested)
+    assert exc.value.kind == "invalid"
+    assert "+country code" in str(exc.value) and "EU" in str(exc.value)
+    assert "612345678" not in str(exc.value)
+
+
+@pytest.mark.parametrize("identifiers", [{"phone": "12"}, {"phone": "call me 12"}, {"email": "lan.nguyen"},
+                                         {"email": "lan@example"}])
+def test_invalid_identifiers_are_refused_without_echo(identifiers: dict[str, str]) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as exc:
+        _request(subject={"identifiers": identifiers})
+    (value,) = identifiers.values()
+    assert value not in str(exc.value) and value not in codec.validation_message(exc.value)
+
+
+def test_a_subject_alone_uses_the_identity_normal_forms() -> None:
+    from dsrflow.events import Subject
+
+    subject = Subject(identifiers={"email": " Lan@Example.VN ", "phone": "0912345678",  # type: ignore[dict-item]
+                                   "customer_id": " KH-1 "})
+    assert subject.identifiers == {"email": "lan@example.vn", "phone": "+84912345678", "customer_id": "KH-1"}
+    with pytest.raises(ValueError, match="email identifier is not an email address"):
+        Subject(identifiers={"email": "lan"})  # type: ignore[dict-item]
+
+
+def test_each_identifier_is_verified_on_its_own() -> None:
+    both = {"identifiers": {"email": "lan@example.vn", "phone": "0912345678"}}
+    email_only = [{"identifier": "email", "method": "email_link", "verified_by": "privacy-centre"}]
+    req = _request(subject=both, verification=email_only)
+    assert req.verified_types() == frozenset({"email"})
+    assert req.verification_record() == [{"identifier": "email", "method": "email_link",
+                                          "verified_by": "privacy-centre", "verified_at": None}]
+    # verification wins over the legacy flag, both ways
+    assert _request(subject=both, verification=email_only, verified=True).verified_types() == frozenset({"email"})
+    assert _request(subject=both, verification=email_only, verified=False).verified_types() == frozenset({"email"})
+    assert _request(subject=both, verification=[], verified=True).verified_types() == frozenset()
+    assert _request(subject=both, verified=True).verified_types() == frozenset({"email", "phone"})
+    assert _request(subject=both).verified_types() == frozenset() and _request(subject=both).verification_record() == []
+
+
+@pytest.mark.parametrize(
+    ("verification", "message"),
+    [
+        ([{"identifier": "customer_id", "method": "account_login"}], "not among the subject's identifiers"),
+        ([{"identifier": "email", "method": "email_link"}, {"identifier": "email", "method": "in_person"}],
+         "more than once"),
+        ([{"identifier": "email", "method": ""}], "at least 1 character"),
+        ([{"identifier": "email", "method": "x" * 65}], "at most 64 characters"),
+        ([{"identifier": "email", "method": "sms_otp", "by": "x"}], "Extra inputs are not permitted"),
+    ],
+)
+def test_invalid_verification_is_refused(verification: list[dict[str, str]], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        _request(subject={"identifiers": {"email": "lan@example.vn"}}, verification=verification)
+
+
+def test_a_representative_must_be_verified_with_their_authority() -> None:
+    assert not _request().representative_unverified()
+    assert not _request(requester={"relationship": "self"}).representative_unverified()
+    agent = {"relationship": "authorised_agent", "name": "Cong ty Luat ABC", "contact": "dpo@luat-abc.vn",
+             "evidence": "power_of_attorney"}
+    assert _request(requester=agent).representative_unverified()
+    assert not _request(requester={**agent, "verified": True, "verified_by": "dpo@example.vn"}
+                        ).representative_unverified()
+    assert _request(requester={"relationship": "parent_guardian"}).representative_unverified()
+    with pytest.raises(ValueError, match="relationship"):
+        _request(requester={"relationship": "friend"})

@@ -1,0 +1,174 @@
+"""Cases and tasks in PostgreSQL: the repository behind the case core (:mod:`dsrflow.domain.case`).
+
+The coordinator works in units of work: inside one transaction it claims the batch's events in
+the inbox, loads (and locks, in case-id order) the cases they touch, runs the transitions, and
+:func:`save` writes the changed cases and tasks with the transitions' timeline entries and
+outgoing events. Either all of it commits or none of it does.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import asyncpg
+import orjson
+
+from ..domain.case import Case, Effects, Task, TaskKind
+from ..events import Artifact
+from ..rights import Action, CaseStatus, IdentifierType, Right, TaskStatus
+from . import outbox
+from .timeline import append
+
+__all__ = ["find_request_ids", "insert", "load", "record", "save", "stale_cases", "unplanned_cases"]
+
+SOURCE = "dsrflow/coordinator"
+
+
+def _loads(value: Any) -> Any:
+    return orjson.loads(value) if isinstance(value, str | bytes) else value
+
+
+def _j(value: Any) -> str | None:
+    return None if value is None else orjson.dumps(value).decode()
+
+
+def _task(row: Mapping[str, Any]) -> Task:
+    return Task(
+        task_id=row["task_id"], case_id=row["case_id"], system=row["system"], action=Action(row["action"]),
+        status=TaskStatus(row["status"]), kind=TaskKind(row["kind"]), attempt=row["attempt"],
+        dispatched_at=row["dispatched_at"], completed_at=row["completed_at"], result=_loads(row["result"]),
+        error=row["error"], reason=row["reason"], changes=_loads(row["changes"]), decided_by=row["decided_by"],
+        note=row["note"],
+    )
+
+
+def _case(row: Mapping[str, Any], tasks: Iterable[Task]) -> Case:
+    bundle = _loads(row["bundle"])
+    verification = _loads(row["verification"])
+    if verification is None and row["verified"]:  # a case from before identifiers were verified one by one
+        verification = [{"identifier": t, "method": "upstream", "verified_by": None, "verified_at": None}
+                        for t in _loads(row["subject"])]
+    return Case(
+        case_id=row["case_id"], request_id=row["request_id"], request_event=row["request_event"],
+        right=Right(row["right_name"]), jurisdiction=row["jurisdiction"], status=CaseStatus(row["status"]),
+        subject={IdentifierType(k): v for k, v in _loads(row["subject"]).items()},
+        received_at=row["received_at"], ack_due_at=row["ack_due_at"], due_at=row["due_at"],
+        verification=verification or [], requester=_loads(row["requester"]), channel=row["channel"],
+        changes=_loads(row["changes"]), purposes=_loads(row["purposes"]), completed_at=row["completed_at"],
+        outcome=_loads(row["outcome"]), bundle=Artifact.model_validate(bundle) if bundle else None,
+        lifted_at=row["lifted_at"], considered=list(row["considered"]),
+        tasks=sorted(tasks, key=lambda t: (t.system, t.action)),
+    )
+
+
+async def load(conn: asyncpg.Connection, case_ids: Iterable[uuid.UUID], *, skip_locked: bool = False) -> dict[
+        uuid.UUID, Case]:
+    """The cases with their tasks, locked for the transaction (in case-id order, so concurrent
+    batches cannot deadlock; ``skip_locked`` leaves out cases another transaction holds)."""
+    ids = sorted(set(case_ids))
+    if not ids:
+        return {}
+    lock = "FOR UPDATE SKIP LOCKED" if skip_locked else "FOR UPDATE"
+    rows = await conn.fetch(f"SELECT * FROM cases WHERE case_id = ANY($1::uuid[]) ORDER BY case_id {lock}", ids)
+    tasks: dict[uuid.UUID, list[Task]] = {}
+    for r in await conn.fetch("SELECT * FROM tasks WHERE case_id = ANY($1::uuid[])", [r["case_id"] for r in rows]):
+        tasks.setdefault(r["case_id"], []).append(_task(r))
+    return {r["case_id"]: _case(r, tasks.get(r["case_id"], [])) for r in rows}
+
+
+async def find_request_ids(conn: asyncpg.Connection, request_ids: Iterable[str]) -> dict[str, uuid.UUID]:
+    """Cases already opened for these request ids (locked: a concurrent intake of the same id waits)."""
+    rows = await conn.fetch(
+        "SELECT request_id, case_id FROM cases WHERE request_id = ANY($1::text[]) ORDER BY case_id FOR UPDATE",
+        list(set(request_ids)))
+    return {r["request_id"]: r["case_id"] for r in rows}
+
+
+def _case_params(c: Case) -> tuple[Any, ...]:
+    return (
+        c.case_id, c.request_id, c.request_event, str(c.right), c.jurisdiction, str(c.status),
+        _j({str(k): v for k, v in c.subject.items()}), c.verified, c.channel, _j(c.changes), _j(c.purposes),
+        c.received_at, c.ack_due_at, c.due_at, c.completed_at, _j(c.outcome),
+        _j(c.bundle.model_dump(mode="json")) if c.bundle else None, _j(c.verification or None), _j(c.requester),
+        c.lifted_at, c.considered,
+    )
+
+
+async def insert(conn: asyncpg.Connection, cases: Sequence[Case]) -> None:
+    """New cases, with their tasks."""
+    await conn.executemany(
+        """INSERT INTO cases (case_id, request_id, request_event, right_name, jurisdiction, status, subject, verified,
+               channel, changes, purposes, received_at, ack_due_at, due_at, completed_at, outcome, bundle,
+               verification, requester, lifted_at, considered)
+           VALUES ($1,$2,$3,$4,$5,$6,$7::jsonb,$8,$9,$10::jsonb,$11::jsonb,$12,$13,$14,$15,$16::jsonb,$17::jsonb,
+                   $18::jsonb,$19::jsonb,$20,$21)""",
+        [_case_params(c) for c in cases],
+    )
+    for c in cases:
+        c.dirty = False
+    await _save_tasks(conn, [t for c in cases for t in c.tasks if t.dirty])
+
+
+async def save(conn: asyncpg.Connection, cases: Iterable[Case]) -> None:
+    """The changed cases and tasks of cases already stored."""
+    cases = list(cases)
+    changed = [c for c in cases if c.dirty]
+    await conn.executemany(
+        """UPDATE cases SET status=$2, verified=$3, outcome=$4::jsonb, bundle=$5::jsonb, completed_at=$6,
+               verification=$7::jsonb, requester=$8::jsonb, lifted_at=$9, considered=$10, updated_at=now()
+           WHERE case_id=$1""",
+        [(c.case_id, str(c.status), c.verified, _j(c.outcome), _j(c.bundle.model_dump(mode="json")) if c.bundle
+          else None, c.completed_at, _j(c.verification or None), _j(c.requester), c.lifted_at, c.considered)
+         for c in changed],
+    )
+    for c in changed:
+        c.dirty = False
+    await _save_tasks(conn, [t for c in cases for t in c.tasks if t.dirty])
+
+
+async def _save_tasks(conn: asyncpg.Connection, tasks: Sequence[Task]) -> None:
+    await conn.executemany(
+        """INSERT INTO tasks (task_id, case_id, system, action, status, kind, attempt, dispatched_at, completed_at,
+               result, error, reason, changes, decided_by, note)
+           VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10::jsonb,$11,$12,$13::jsonb,$14,$15)
+           ON CONFLICT (task_id) DO UPDATE SET status=EXCLUDED.status, attempt=EXCLUDED.attempt,
+               dispatched_at=EXCLUDED.dispatched_at, completed_at=EXCLUDED.completed_at, result=EXCLUDED.result,
+               error=EXCLUDED.error, decided_by=EXCLUDED.decided_by, note=EXCLUDED.note, updated_at=now()""",
+        [(t.task_id, t.case_id, t.system, str(t.action), str(t.status), str(t.kind), t.attempt, t.dispatched_at,
+          t.completed_at, _j(t.result), t.error, t.reason, _j(t.changes), t.decided_by, t.note) for t in tasks],
+    )
+    for t in tasks:
+        t.dirty = False
+
+
+async def record(conn: asyncpg.Connection, effects: Effects, *, extra: Iterable[outbox.OutboxMessage] = ()) -> None:
+    """Append the effects' timeline entries and queue their events (and ``extra`` messages, such as
+    dead letters) in the outbox. Call after :func:`insert` / :func:`save`, in the same transaction."""
+    await append(conn, effects.timeline)
+    messages = [outbox.message(topic, key, event, source=SOURCE, subject=key) for topic, key, event in effects.events]
+    await outbox.add(conn, [*messages, *extra])
+
+
+async def stale_cases(conn: asyncpg.Connection, cutoff: Any, limit: int) -> list[uuid.UUID]:
+    """Cases with a task dispatched before ``cutoff`` and no receipt since."""
+    return [r["case_id"] for r in await conn.fetch(
+        """SELECT DISTINCT case_id FROM tasks WHERE status = 'dispatched' AND dispatched_at < $1 LIMIT $2""",
+        cutoff, limit)]
+
+
+async def unplanned_cases(conn: asyncpg.Connection, systems: Sequence[str], lasting: Sequence[str],
+                          limit: int) -> list[uuid.UUID]:
+    """Cases a registered system has not been considered for yet: open fan-out cases, and finished
+    cases whose lasting effect is still in force."""
+    if not systems:
+        return []
+    return [r["case_id"] for r in await conn.fetch(
+        """SELECT case_id FROM cases
+           WHERE NOT (considered @> $1::text[])
+             AND (status = 'in_progress'
+                  OR (right_name = ANY($2::text[]) AND lifted_at IS NULL
+                      AND status IN ('completed', 'completed_with_exceptions')))
+           ORDER BY received_at LIMIT $3""",
+        list(systems), list(lasting), limit)]

@@ -1,0 +1,340 @@
+"""Every right's case on a real PostgreSQL, through the coordinator's units of work: manual tasks,
+systems registered later, lasting effects, information answered from declarations,
+representatives, per-identifier verification, conflicts, lifting a restriction, the
+via-processor deadline, and the store's CHECK constraints."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import orjson
+import pytest
+
+from dsrflow import codec, policy, topics
+from dsrflow.coordinator import Coordinator
+from dsrflow.coordinator.service import InvalidTransition
+from dsrflow.events import RightsRequested, TaskAssigned
+from dsrflow.exports import MemoryExportStore
+from dsrflow.registry import Retention, SystemDeclaration, register
+from dsrflow.rights import Action, TaskStatus
+from dsrflow.settings import Settings
+from dsrflow.store.outbox import headers_from_json
+from dsrflow.store.timeline import verify
+from tests.integration.test_coordinator import receipt, record
+
+EVERYTHING = tuple(Action)
+CRM = SystemDeclaration(name="crm", identifier_types=("email", "phone"), actions=EVERYTHING,
+                        purposes=("essential.service", "marketing.communications"),
+                        categories=("user.name", "user.contact.email", "user.contact.address"),
+                        backup_retention=timedelta(days=35))
+BILLING = SystemDeclaration(name="billing", identifier_types=("email", "customer_id"),
+                            actions=(Action.export, Action.erase, Action.rectify, Action.restrict),
+                            purposes=("billing", "accounting"), categories=("user.name", "user.financial"),
+                            retention=(Retention(category="user.financial", legal_basis="Law on Accounting Art 41",
+                                                 period=timedelta(days=3653)),),
+                            storage_country="VN")
+ANALYTICS = SystemDeclaration(name="analytics", identifier_types=("email",), worker=False,
+                              purposes=("analytics",), processors=("Example Analytics Ltd",),
+                              operated_by="processor", storage_country="SG")
+LAN = {"email": "lan.nguyen@example.vn", "phone": "+84901234567"}
+
+
+@pytest.fixture
+async def pool(case_store: str) -> AsyncIterator[asyncpg.Pool]:
+    p = await asyncpg.create_pool(case_store, min_size=1, max_size=2)
+    yield p
+    await p.close()
+
+
+async def systems(pool: asyncpg.Pool, *declared: SystemDeclaration) -> None:
+    async with pool.acquire() as conn:
+        for s in declared:
+            await register(conn, s)
+
+
+@pytest.fixture
+def coordinator(pool: asyncpg.Pool, case_store: str, tmp_path: Path) -> Coordinator:
+    settings = Settings(pg_dsn=case_store, kafka_bootstrap="unused:9092", state_dir=tmp_path, max_task_attempts=2)
+    return Coordinator(settings, pool, export_store=MemoryExportStore())
+
+
+async def submit(c: Coordinator, right: str, identifiers: dict[str, str] | None = None, **kw: Any) -> str:
+    body = {"request_id": f"o-{uuid.uuid4().hex[:10]}", "right": right,
+            "subject": {"identifiers": identifiers or LAN}, **kw}
+    body.setdefault("verified", True)
+    req = RightsRequested.model_validate(body)
+    value, headers = codec.encode(req, source="test")
+    await c.handle_requests([record(topics.REQUESTS, value, headers, req.request_id.encode())])
+    return req.request_id
+
+
+async def case_of(pool: asyncpg.Pool, request_id: str) -> asyncpg.Record:
+    row = await pool.fetchrow("SELECT * FROM cases WHERE request_id = $1", request_id)
+    assert row is not None
+    return row
+
+
+async def tasks(pool: asyncpg.Pool, request_id: str) -> dict[str, asyncpg.Record]:
+    rows = await pool.fetch("SELECT t.* FROM tasks t JOIN cases c USING (case_id) WHERE c.request_id = $1",
+                            request_id)
+    return {r["system"] if r["action"] != "lift_restriction" else f"{r['system']}:lift": r for r in rows}
+
+
+async def sent_tasks(pool: asyncpg.Pool, system: str) -> list[TaskAssigned]:
+    rows = await pool.fetch("SELECT value, headers FROM outbox WHERE topic = $1 ORDER BY id",
+                            topics.tasks_topic(system))
+    return [codec.decode(r["value"], headers_from_json(r["headers"]), TaskAssigned).data for r in rows]
+
+
+async def timeline(pool: asyncpg.Pool, request_id: str) -> list[asyncpg.Record]:
+    return await pool.fetch("""SELECT t.* FROM case_timeline t JOIN cases c USING (case_id)
+                               WHERE c.request_id = $1 ORDER BY position""", request_id)
+
+
+def outcome(row: asyncpg.Record) -> dict[str, Any]:
+    doc: dict[str, Any] = orjson.loads(row["outcome"])
+    return doc
+
+
+async def test_a_system_without_a_worker_gets_a_manual_task_and_the_case_waits_for_the_person(
+    coordinator: Coordinator, pool: asyncpg.Pool
+) -> None:
+    await systems(pool, CRM, ANALYTICS)
+    rid = await submit(coordinator, "erasure")
+    t = await tasks(pool, rid)
+    assert (t["crm"]["kind"], t["crm"]["status"]) == ("worker", "dispatched")
+    assert (t["analytics"]["kind"], t["analytics"]["status"]) == ("manual", "manual")
+    assert "no dsrflow worker" in t["analytics"]["reason"]
+    assert [e.system for e in await sent_tasks(pool, "analytics")] == []  # nothing sent to a system with no worker
+
+    await coordinator.handle_receipts([receipt(t["crm"], "succeeded", counts={"erased": 3})])
+    assert (await case_of(pool, rid))["status"] == "in_progress"  # the person has not acted yet
+
+    with pytest.raises(InvalidTransition, match="note"):
+        await coordinator.resolve_manual_task(t["analytics"]["case_id"], t["analytics"]["task_id"], by="ops@vn",
+                                              resolution=TaskStatus.succeeded, note=" ")
+    status = await coordinator.resolve_manual_task(
+        t["analytics"]["case_id"], t["analytics"]["task_id"], by="ops@example.vn",
+        resolution=TaskStatus.succeeded, note="profile deleted in the analytics console, ticket OPS-17")
+    assert status == "completed"
+    case = await case_of(pool, rid)
+    doc = outcome(case)
+    assert doc["systems"]["analytics"] == {
+        "action": "erase", "status": "succeeded", "kind": "manual", "attempts": 1, "counts": {},
+        "reason": t["analytics"]["reason"], "decided_by": "ops@example.vn",
+        "note": "profile deleted in the analytics console, ticket OPS-17"}
+    assert doc["systems"]["crm"]["backups_expire_by"]  # erased data lives on in backups until then
+    kinds = [e["kind"] for e in await timeline(pool, rid)]
+    assert kinds == ["received", "tasks_dispatched", "manual_tasks_opened", "task_succeeded", "manual_completed",
+                     "completed"]
+    assert verify(await timeline(pool, rid))
+
+
+async def test_a_declined_manual_task_completes_the_case_with_exceptions(
+    coordinator: Coordinator, pool: asyncpg.Pool
+) -> None:
+    await systems(pool, ANALYTICS)
+    rid = await submit(coordinator, "access")
+    t = (await tasks(pool, rid))["analytics"]
+    await coordinator.resolve_manual_task(t["case_id"], t["task_id"], by="dpo@example.vn",
+                                          resolution=TaskStatus.refused, note="vendor account closed; no export tool")
+    assert (await case_of(pool, rid))["status"] == "completed_with_exceptions"
+    with pytest.raises(InvalidTransition, match="not waiting for a person"):
+        await coordinator.resolve_manual_task(t["case_id"], t["task_id"], by="x", resolution=TaskStatus.succeeded,
+                                              note="again")
+
+
+async def test_a_system_registered_later_is_asked_by_open_cases(coordinator: Coordinator, pool: asyncpg.Pool) -> None:
+    rid = await submit(coordinator, "erasure")  # no system at all yet
+    assert (await case_of(pool, rid))["status"] == "in_progress" and await tasks(pool, rid) == {}
+    assert await coordinator.plan_new_systems() == 0  # still nobody to ask
+
+    await systems(pool, CRM)
+    assert await coordinator.plan_new_systems() == 1
+    t = await tasks(pool, rid)
+    assert t["crm"]["status"] == "dispatched"
+    [sent] = [e for e in await sent_tasks(pool, "crm") if e.case_id == t["crm"]["case_id"]]
+    assert sent.identifiers == {"email": LAN["email"], "phone": LAN["phone"]}
+    assert await coordinator.plan_new_systems() == 0  # planned once
+    await coordinator.handle_receipts([receipt(t["crm"], "not_found")])
+    assert (await case_of(pool, rid))["status"] == "completed"
+    assert "tasks_planned_late" in [e["kind"] for e in await timeline(pool, rid)]
+
+
+async def test_an_opt_out_reaches_a_system_registered_after_it_and_erasure_does_not(
+    coordinator: Coordinator, pool: asyncpg.Pool
+) -> None:
+    await systems(pool, BILLING)
+    mailer = SystemDeclaration(name="mailer", identifier_types=("email",), actions=(Action.suppress_marketing,),
+                               purposes=("marketing.communications",))
+    opt_out = await submit(coordinator, "opt_out_marketing", {"email": LAN["email"]}, verified=False)
+    erasure = await submit(coordinator, "erasure", {"email": LAN["email"]})
+    case = await case_of(pool, opt_out)
+    # billing's purposes do not include marketing: not asked, and the case says so
+    assert case["status"] == "completed" and await tasks(pool, opt_out) == {}
+    assert "billing" in outcome(case)["systems_considered"]
+    await coordinator.handle_receipts([receipt((await tasks(pool, erasure))["billing"], "succeeded")])
+
+    await systems(pool, mailer)
+    await coordinator.plan_new_systems()
+    t = await tasks(pool, opt_out)
+    assert t["mailer"]["status"] == "dispatched" and t["mailer"]["action"] == "suppress_marketing"
+    [sent] = await sent_tasks(pool, "mailer")
+    assert sent.identifiers == {"email": LAN["email"]}  # unverified: an opt-out may still use it
+    assert "mailer" not in await tasks(pool, erasure)  # erasure is not lasting: a finished one asks no one new
+
+    await coordinator.handle_receipts([receipt(t["mailer"], "succeeded", counts={"suppressed": 1})])
+    case = await case_of(pool, opt_out)
+    assert case["status"] == "completed"  # its status and deadline stay; its outcome shows the new system
+    assert outcome(case)["systems"]["mailer"]["status"] == "succeeded"
+    assert [e["kind"] for e in await timeline(pool, opt_out)][-2:] == ["task_succeeded", "outcome_updated"]
+
+
+async def test_an_information_request_is_answered_from_the_declarations(
+    coordinator: Coordinator, pool: asyncpg.Pool
+) -> None:
+    await systems(pool, BILLING, ANALYTICS)
+    rid = await submit(coordinator, "information", verified=False)
+    case = await case_of(pool, rid)
+    assert case["status"] == "completed" and await tasks(pool, rid) == {}
+    info = outcome(case)["information"]
+    assert info["billing"]["retention"] == [{"category": "user.financial", "legal_basis": "Law on Accounting Art 41",
+                                             "days": 3653}]
+    assert info["analytics"]["processors"] == ["Example Analytics Ltd"]
+    assert info["analytics"]["storage_country"] == "SG"
+    assert LAN["email"] not in case["outcome"]  # the same answer for everyone: no personal data
+
+
+async def test_a_representative_must_be_verified_before_the_case_fans_out(
+    coordinator: Coordinator, pool: asyncpg.Pool
+) -> None:
+    await systems(pool, CRM)
+    rid = await submit(coordinator, "access", requester={"relationship": "parent_guardian", "name": "Nguyễn Văn Minh"})
+    case = await case_of(pool, rid)
+    assert case["status"] == "awaiting_verification" and await tasks(pool, rid) == {}
+    assert orjson.loads(case["requester"])["relationship"] == "parent_guardian"
+    status = await coordinator.verify(case["case_id"], by="dpo@example.vn")
+    assert status == "in_progress"
+    assert orjson.loads((await case_of(pool, rid))["requester"])["verified"] is True
+    assert (await tasks(pool, rid))["crm"]["status"] == "dispatched"
+
+
+async def test_only_verified_identifiers_reach_the_systems(coordinator: Coordinator, pool: asyncpg.Pool) -> None:
+    await systems(pool, CRM, BILLING)
+    rid = await submit(coordinator, "access", {"email": LAN["email"], "phone": LAN["phone"], "customer_id": "KH00001"},
+                       verified=False, verification=[{"identifier": "email", "method": "email_link"}])
+    t = await tasks(pool, rid)
+    crm = [e for e in await sent_tasks(pool, "crm") if e.task_id == t["crm"]["task_id"]]
+    billing = [e for e in await sent_tasks(pool, "billing") if e.task_id == t["billing"]["task_id"]]
+    assert crm[0].identifiers == {"email": LAN["email"]}  # the phone was not verified
+    assert billing[0].identifiers == {"email": LAN["email"]}
+
+
+async def test_nothing_verified_waits_and_the_dpo_verifies_one_identifier(
+    coordinator: Coordinator, pool: asyncpg.Pool
+) -> None:
+    await systems(pool, CRM)
+    rid = await submit(coordinator, "erasure", verified=False)
+    case = await case_of(pool, rid)
+    assert case["status"] == "awaiting_verification"
+    await coordinator.verify(case["case_id"], by="dpo@example.vn", identifiers=["phone"])
+    [sent] = [e for e in await sent_tasks(pool, "crm") if e.case_id == case["case_id"]]
+    assert sent.identifiers == {"phone": LAN["phone"]}
+    [v] = orjson.loads((await case_of(pool, rid))["verification"])
+    assert (v["identifier"], v["verified_by"]) == ("phone", "dpo@example.vn")
+
+
+async def test_a_local_phone_is_stored_and_sent_in_e164(coordinator: Coordinator, pool: asyncpg.Pool) -> None:
+    await systems(pool, CRM)
+    rid = await submit(coordinator, "access", {"phone": "0901 234 567"})
+    assert orjson.loads((await case_of(pool, rid))["subject"]) == {"phone": "+84901234567"}
+    [sent] = [e for e in await sent_tasks(pool, "crm") if e.case_id == (await case_of(pool, rid))["case_id"]]
+    assert sent.identifiers == {"phone": "+84901234567"}
+
+
+async def test_a_conflict_completes_with_exceptions_and_names_the_system(
+    coordinator: Coordinator, pool: asyncpg.Pool
+) -> None:
+    await systems(pool, CRM, BILLING)
+    rid = await submit(coordinator, "erasure")
+    t = await tasks(pool, rid)
+    await coordinator.handle_receipts([
+        receipt(t["crm"], "conflict", error="the task's identifiers point to different people"),
+        receipt(t["billing"], "succeeded"),
+    ])
+    case = await case_of(pool, rid)
+    assert case["status"] == "completed_with_exceptions"
+    assert outcome(case)["identifier_conflicts"] == ["crm"]
+    assert outcome(case)["systems"]["crm"]["status"] == "conflict"
+
+
+async def test_lifting_a_restriction_asks_each_system_that_restricted(
+    coordinator: Coordinator, pool: asyncpg.Pool
+) -> None:
+    await systems(pool, CRM, BILLING)
+    rid = await submit(coordinator, "restriction")
+    t = await tasks(pool, rid)
+    await coordinator.handle_receipts([receipt(t["crm"], "succeeded"), receipt(t["billing"], "succeeded")])
+    case = await case_of(pool, rid)
+    assert case["status"] == "completed"
+    with pytest.raises(InvalidTransition, match="no restriction to lift"):
+        await coordinator.lift_restriction((await case_of(pool, await submit(coordinator, "access")))["case_id"],
+                                           by="dpo")
+    await coordinator.lift_restriction(case["case_id"], by="dpo@example.vn")
+    t = await tasks(pool, rid)
+    # billing's worker cannot lift: a person must; crm's worker is asked
+    assert (t["crm:lift"]["kind"], t["crm:lift"]["status"]) == ("worker", "dispatched")
+    assert (t["billing:lift"]["kind"], t["billing:lift"]["status"]) == ("manual", "manual")
+    assert [e.action for e in await sent_tasks(pool, "crm") if e.case_id == case["case_id"]] == [
+        Action.restrict, Action.lift_restriction]
+    await coordinator.handle_receipts([receipt(t["crm:lift"], "succeeded")])
+    doc = outcome(await case_of(pool, rid))
+    assert doc["systems"]["crm:lift_restriction"]["status"] == "succeeded"
+    assert doc["waiting_for_a_person"] == ["billing:lift_restriction"]
+    with pytest.raises(InvalidTransition, match="lifted already"):
+        await coordinator.lift_restriction(case["case_id"], by="dpo")
+    # a lifted restriction no longer reaches systems that register later
+    await systems(pool, SystemDeclaration(name="support", identifier_types=("email",), actions=(Action.restrict,)))
+    await coordinator.plan_new_systems()
+    assert "support" not in await tasks(pool, rid)
+
+
+async def test_a_system_run_by_a_processor_gives_the_longer_deadline(
+    coordinator: Coordinator, pool: asyncpg.Pool
+) -> None:
+    await systems(pool, CRM)
+    own = await case_of(pool, await submit(coordinator, "erasure", received_at="2026-11-02T09:00:00+07:00"))
+    await systems(pool, ANALYTICS)
+    via = await case_of(pool, await submit(coordinator, "erasure", received_at="2026-11-02T09:00:00+07:00"))
+    received = own["received_at"]
+    assert own["due_at"] == policy.deadlines("erasure", "VN", received).due_at
+    assert via["due_at"] == policy.deadlines("erasure", "VN", received, via_processor=True).due_at
+    assert via["due_at"] > own["due_at"]
+
+
+async def test_rectification_goes_only_to_systems_holding_the_field(
+    coordinator: Coordinator, pool: asyncpg.Pool
+) -> None:
+    await systems(pool, CRM, BILLING)
+    rid = await submit(coordinator, "rectification", changes={"address": "12 Phố Hàng Bạc, Hà Nội"})
+    t = await tasks(pool, rid)
+    assert set(t) == {"crm"}
+    [sent] = [e for e in await sent_tasks(pool, "crm") if e.task_id == t["crm"]["task_id"]]
+    assert sent.changes == {"address": "12 Phố Hàng Bạc, Hà Nội"}
+    kinds = {e["kind"]: orjson.loads(e["detail"]) for e in await timeline(pool, rid)}
+    assert "billing" in kinds["systems_not_asked"]["systems"]
+
+
+async def test_the_store_refuses_a_status_no_enum_names(pool: asyncpg.Pool, coordinator: Coordinator) -> None:
+    await systems(pool, CRM)
+    rid = await submit(coordinator, "access")
+    with pytest.raises(asyncpg.CheckViolationError):
+        await pool.execute("UPDATE cases SET status = 'done' WHERE request_id = $1", rid)
+    with pytest.raises(asyncpg.CheckViolationError):
+        await pool.execute("UPDATE tasks SET status = 'finished' WHERE task_id = $1",
+                           (await tasks(pool, rid))["crm"]["task_id"])
