@@ -34,6 +34,7 @@ PG_ENV_VAR = "DSRFLOW_TEST_PG_DSN"
 #: what the session actually started, for the terminal summary
 _started: dict[str, str] = {}
 _broker_kind: dict[str, str] = {}
+_broker_data: dict[str, Path | None] = {}
 
 
 # -- reporting --------------------------------------------------------------
@@ -68,6 +69,7 @@ def broker() -> Iterator[str]:
     """Bootstrap address (``host:port``) of the session's Kafka broker."""
     bootstrap, kind, stop = start_test_broker()
     _broker_kind["kind"] = kind
+    _broker_data["dir"] = stop.data_dir
     _started["broker"] = stop.description
     try:
         yield bootstrap
@@ -79,6 +81,37 @@ def broker() -> Iterator[str]:
 def broker_kind(broker: str) -> str:
     """"apache", "tansu" or "external"."""
     return _broker_kind["kind"]
+
+
+@pytest.fixture(scope="session")
+def broker_data_dir(broker: str) -> Path:
+    """The session broker's log directory: tests read what the broker really stored there."""
+    data = _broker_data.get("dir")
+    if data is None:
+        pytest.skip("the broker's log directory is known only for an Apache Kafka this session started")
+    return data
+
+
+_CODEC_NAMES = {0: "none", 1: "gzip", 2: "snappy", 3: "lz4", 4: "zstd"}
+
+
+def stored_codecs(data_dir: Path, topic: str) -> list[str]:
+    """The compression of every record batch the broker stored for ``topic``, read from its log
+    segments (record batch v2: base offset, length, leader epoch, magic, crc, attributes)."""
+    import struct
+
+    codecs = []
+    for segment in sorted(data_dir.glob(f"{topic}-*/*.log")):
+        data = segment.read_bytes()
+        pos = 0
+        while pos + 23 <= len(data):
+            length = struct.unpack_from(">i", data, pos + 8)[0]
+            if length <= 0:
+                break
+            attributes = struct.unpack_from(">h", data, pos + 21)[0]
+            codecs.append(_CODEC_NAMES.get(attributes & 0x7, "?"))
+            pos += 12 + length
+    return codecs
 
 
 # -- PostgreSQL ----------------------------------------------------------------
@@ -168,7 +201,7 @@ def librdkafka_produce(
         "compression.type": compression,
         "acks": "all",
         "enable.idempotence": True,
-        "linger.ms": 20,  # several records per batch: a compressed batch holds more than one
+        "linger.ms": 200,  # several records per batch: a compressed batch holds more than one
         "message.timeout.ms": 30_000,
     })
 

@@ -26,6 +26,7 @@ import re
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 ENV_VAR = "DSRFLOW_TEST_BROKER"
 KINDS = ("apache", "tansu", "external")
@@ -95,11 +96,14 @@ def _label(kind: str, address: str | None = None) -> str:
 class Stopper:
     """Stops the test broker; idempotent. Also carries what was started."""
 
-    def __init__(self, stop: Callable[[], None], kind: str, description: str, started_in: float) -> None:
+    def __init__(self, stop: Callable[[], None], kind: str, description: str, started_in: float,
+                 data_dir: Path | None = None) -> None:
         self._stop: Callable[[], None] | None = stop
         self.kind = kind
         self.description = description
         self.started_in = started_in
+        #: the broker's log directory (Apache Kafka started here only), for tests that read what it stored
+        self.data_dir = data_dir
 
     def __call__(self) -> None:
         stop, self._stop = self._stop, None
@@ -145,7 +149,7 @@ def start_test_broker(choice: str | None = None) -> tuple[str, str, Stopper]:
         else:
             took = time.monotonic() - t0
             desc = f"{_label('apache')} on {kafka.bootstrap}, started in {took:.2f} s"
-            return kafka.bootstrap, "apache", Stopper(kafka.stop, "apache", desc, took)
+            return kafka.bootstrap, "apache", Stopper(kafka.stop, "apache", desc, took, kafka.workdir / "data")
 
     from dsrflow.stack.tansu import Tansu
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka.errors import CorruptRecordException, KafkaError, UnsupportedCodecError
 
 from .. import codec, registry, topics
 from .._startup import wait_for_broker, wait_for_case_store
@@ -145,10 +145,16 @@ class _Runner:
                 batch: Batch = await self.consumer.getmany(
                     timeout_ms=POLL_TIMEOUT_MS, max_records=self.worker.max_batch
                 )
+            except (UnsupportedCodecError, CorruptRecordException) as exc:
+                await self._skip_undecodable(exc)
+                continue
             except KafkaError as exc:
                 failures += 1
                 log.warning("worker %s: fetch failed (%s); retrying", self.worker.name, type(exc).__name__)
                 await self._pause(failures)
+                continue
+            except Exception as exc:  # noqa: BLE001 - a decompressor's own error: the batch, not the broker
+                await self._skip_undecodable(exc)
                 continue
             if not batch:
                 continue
@@ -168,6 +174,39 @@ class _Runner:
             failures = 0
             await self._commit(batch)
             self._settled.clear()
+
+    async def _skip_undecodable(self, exc: Exception) -> None:
+        """A record batch that cannot be decoded (a codec missing, corrupt bytes) would fail every
+        fetch of its partition for good. Find the partition by fetching each on its own, dead-letter
+        the offset it is stuck at with the reason (no bytes: there are none to keep), commit past
+        it and go on. A compressed batch of n records takes n rounds, one dead letter each."""
+        assert self.consumer is not None
+        for tp in sorted(self.consumer.assignment(), key=lambda t: (t.topic, t.partition)):
+            try:
+                got = await self.consumer.getmany(tp, timeout_ms=POLL_TIMEOUT_MS, max_records=1)
+            except Exception as err:  # noqa: BLE001 - this is the partition
+                if isinstance(err, KafkaError) and not isinstance(err, UnsupportedCodecError | CorruptRecordException):
+                    continue  # a broker hiccup on this one: the next round looks again
+                offset = await self.consumer.position(tp)
+                record: ConsumerRecord[bytes, bytes] = ConsumerRecord(
+                    tp.topic, tp.partition, offset, -1, 0, None, b"", None, 0, 0, ())
+                reason = f"record batch at offset {offset} cannot be decoded: {type(err).__name__}"
+                try:
+                    await (await self._dead_letter(record, "undecodable_batch", reason))
+                    await self.consumer.commit({tp: offset + 1})
+                except Exception as send_err:  # noqa: BLE001 - not recorded: do not skip it
+                    log.error("worker %s: could not dead-letter %s@%d (%s)", self.worker.name, tp, offset,
+                              type(send_err).__name__)
+                    await self._pause(1)
+                    return
+                self.consumer.seek(tp, offset + 1)
+                return
+            for records in got.values():  # decodable: read again in the normal loop
+                if records:
+                    self.consumer.seek(tp, records[0].offset)
+        log.warning("worker %s: fetch failed (%s), but no partition on its own does; retrying", self.worker.name,
+                    type(exc).__name__)
+        await self._pause(1)
 
     async def _pause(self, failures: int) -> None:
         delay = min(BACKOFF_MAX_S, 0.5 * 2 ** min(failures, 10))

@@ -23,7 +23,7 @@ from dsrflow.coordinator.service import INTAKE
 from dsrflow.events import DeadLetter
 from dsrflow.settings import Settings
 from dsrflow.testing.brokers import in_ci
-from tests.conftest import CODECS, librdkafka_produce
+from tests.conftest import CODECS, librdkafka_produce, stored_codecs
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -47,14 +47,17 @@ def _kcat(bootstrap: str, request_id: str, email: str) -> None:
         if in_ci():
             pytest.fail("kcat is not installed (CI=true: .ci/run installs it)")
         pytest.skip("kcat is not installed (apt-get install kcat)")
-    args = [kcat, "-P", "-b", bootstrap, "-t", topics.REQUESTS, "-k", request_id, "-z", "lz4"]
+    # Sent twice (a client's retry: the same request id), in one batch, so lz4 pays and is used.
+    args = [kcat, "-P", "-b", bootstrap, "-t", topics.REQUESTS, "-k", request_id, "-z", "lz4",
+            "-X", "linger.ms=500"]
     for name, value in _headers("kcat"):
         args += ["-H", f"{name}={value.decode()}"]
-    subprocess.run(args, input=_request(request_id, email), check=True, timeout=60, capture_output=True)
+    body = _request(request_id, email)
+    subprocess.run(args, input=body + b"\n" + body + b"\n", check=True, timeout=60, capture_output=True)
 
 
 async def test_requests_from_librdkafka_in_every_codec_and_from_kcat_open_their_cases(
-    e2e_settings: Settings, tmp_path: Path
+    e2e_settings: Settings, broker_data_dir: Path, tmp_path: Path
 ) -> None:
     from examples.people import PEOPLE
 
@@ -70,14 +73,19 @@ async def test_requests_from_librdkafka_in_every_codec_and_from_kcat_open_their_
                              extra_env=extra) as services:
             await launcher.wait_registered(settings.dsn, demo.SYSTEMS, services)
             for request_id, (name, email) in wanted.items():
-                batch = [(request_id.encode(), _request(request_id, email), _headers("librdkafka"))]
+                # The request and a retry of it (same request id): one batch, so compressing pays.
+                batch = [(request_id.encode(), _request(request_id, email), _headers("librdkafka"))
+                         for _ in range(2)]
                 if name == "zstd":  # a record that decompresses but is no request, ahead of a good one
-                    batch.insert(0, (bad_key.encode(), b'{"request_id": "x", "right": "teleport"}',
-                                     _headers("librdkafka")))
+                    batch.insert(0, (request_id.encode(), b'{"request_id": "x", "right": "teleport"}',
+                                     [*_headers("librdkafka"), ("marker", bad_key.encode())]))
                 await asyncio.to_thread(librdkafka_produce, settings.bootstrap, topics.REQUESTS, batch,
                                         compression=name)
+            stored = stored_codecs(broker_data_dir, topics.REQUESTS)
+            assert {"gzip", "snappy", "lz4", "zstd"} <= set(stored), stored  # the broker holds them compressed
             kcat_id = f"kcat-{run}"
             await asyncio.to_thread(_kcat, settings.bootstrap, kcat_id, PEOPLE[5].email)
+            assert stored_codecs(broker_data_dir, topics.REQUESTS).count("lz4") == stored.count("lz4") + 1
             wanted[kcat_id] = ("kcat lz4", PEOPLE[5].email)
 
             deadline = time.monotonic() + 90
@@ -107,7 +115,7 @@ async def _dead_letter(settings: Settings, key: bytes) -> DeadLetter:
         while time.monotonic() < deadline:
             for records in (await consumer.getmany(timeout_ms=500)).values():
                 for r in records:
-                    if r.key == key:
+                    if dict(r.headers).get("marker") == key:
                         return read_dead_letter(r.headers)
         raise AssertionError(f"no dead letter for {key!r}")
     finally:
