@@ -8,6 +8,8 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..domain.planner import TaskKind
+from ..domain.timeline import TimelineKind
 from ..events import Artifact
 from ..rights import Action, CaseStatus, IdentifierType, Right, TaskStatus
 from ..store import queries
@@ -74,6 +76,10 @@ class Task(_Model):
         description="the last receipt's counts, categories, retained items and artifacts"
     )
     error: str | None
+    kind: TaskKind = Field(description="worker: a system's worker does it; manual: a person does it")
+    reason: str | None = Field(default=None, description="manual tasks: why a person must act")
+    decided_by: str | None = Field(default=None, description="who completed, declined or skipped it")
+    note: str | None = Field(default=None, description="what the person did, or why not")
 
     @classmethod
     def of(cls, row: queries.TaskRow) -> Task:
@@ -87,18 +93,22 @@ class Task(_Model):
             completed_at=row.completed_at,
             result=row.result,
             error=row.error,
+            kind=TaskKind(row.kind),
+            reason=row.reason,
+            decided_by=row.decided_by,
+            note=row.note,
         )
 
 
 class TimelineEntry(_Model):
     position: int = Field(description="1-based place in the case's hash chain")
     at: datetime
-    kind: str = Field(description="what happened, e.g. received, tasks_dispatched, task_succeeded, completed")
+    kind: TimelineKind = Field(description="what happened")
     detail: dict[str, Any]
 
     @classmethod
     def of(cls, row: queries.TimelineRow) -> TimelineEntry:
-        return cls(position=row.position, at=row.at, kind=row.kind, detail=row.detail)
+        return cls(position=row.position, at=row.at, kind=TimelineKind(row.kind), detail=row.detail)
 
 
 class CaseDetail(CaseSummary):
