@@ -77,6 +77,8 @@ ACTION_PURPOSES: dict[Action, tuple[str, ...]] = {
     Action.suppress_sale_share: ("third_party_sharing", "marketing.advertising.third_party"),
     Action.suppress_tracking: ("analytics", "marketing.advertising", "personalize"),
     Action.stop_automated: ("personalize", "automated_decision"),
+    # Consent is the basis of these uses; billing under a contract or the accounting law holds no consent to revoke.
+    Action.revoke_consent: ("marketing", "personalize", "analytics", "third_party_sharing"),
 }
 
 

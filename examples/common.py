@@ -1,17 +1,24 @@
-"""Helpers both reference systems share: their own database next to the case store."""
+"""Helpers both reference systems share: their own database next to the case store, the
+task's identifiers in normal form, and how a rectification's changes and an objection's
+purposes are read."""
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Awaitable, Callable
+import re
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import date
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import asyncpg
 
+from dsrflow.identity import normalise
+from dsrflow.rights import IdentifierType, change_category
 from dsrflow.settings import Settings
 from dsrflow.stack.postgres import create_database, with_database
-from dsrflow.worker import Worker
+from dsrflow.worker import Result, TaskContext, TaskError, Worker
 
 
 def system_dsn(system: str, settings: Settings) -> str:
@@ -91,3 +98,134 @@ def open_with(worker: Worker, db: Database, setup: Callable[..., Awaitable[None]
     @worker.on_shutdown
     async def close_database(settings: Settings) -> None:
         await db.close()
+
+
+# -- what a task asks ------------------------------------------------------------------------
+
+
+def subject_identifiers(ctx: TaskContext) -> dict[IdentifierType, str]:
+    """The task's identifiers (of the types this system declared) in the normal form of
+    :mod:`dsrflow.identity`, the form both systems store: a phone written the local way
+    (``0901234567``) becomes ``+84901234567``. Tasks carry no jurisdiction, so a local number is
+    read as Vietnamese, as :meth:`TaskContext.match` reads it too."""
+    out: dict[IdentifierType, str] = {}
+    for kind, value in ctx.identifiers.items():
+        try:
+            out[kind] = normalise(kind, value)
+        except ValueError as exc:  # the message names the type, never the value
+            raise TaskError(str(exc)) from None
+    return out
+
+
+class Refusal(Exception):
+    """A task the system will not carry out as asked. The message is the receipt's reason: it
+    names fields, never their values."""
+
+
+def task_purposes(ctx: TaskContext) -> list[str] | None:
+    """The purposes (fideslang data uses) an objection or a consent withdrawal names, sorted and
+    without duplicates; None when it names none: the whole of the processing."""
+    purposes = sorted({p.strip() for p in ctx.task.purposes or () if p.strip()})
+    for p in purposes:
+        if not _PURPOSE.fullmatch(p):
+            raise Refusal(f"purpose {_label(p)} is not a data-use key such as marketing.communications")
+    return purposes or None
+
+
+_PURPOSE = re.compile(r"[a-z][a-z0-9_]*(\.[a-z0-9_]+)*")
+
+#: Parses one corrected value; raises ValueError (without the value) when it is not valid.
+Parser = Callable[[str], object]
+
+
+def _label(key: str) -> str:
+    """A field name for a receipt's reason: quoted, cut short (it came from the request)."""
+    return repr(key if len(key) <= 64 else key[:61] + "...")
+
+
+def read_changes(
+    changes: Mapping[str, str] | None, accepted: Mapping[str, tuple[str, Parser]], *, system: str
+) -> dict[str, object]:
+    """A rectification's corrections as ``{this system's field: parsed value}``.
+
+    ``changes`` names each field as the request did: a short name (``"phone"``, see
+    :data:`dsrflow.rights.CHANGE_FIELDS`) or a fideslang category (``"user.contact.phone_number"``).
+    ``accepted`` maps each category the system can correct to its field and parser. Raises
+    :class:`Refusal` for a field the system cannot correct or a value that is not valid: nothing is
+    half-done, and the reason names the field, never the value."""
+    if not changes:
+        raise Refusal("the rectification task carries no changes")
+    out: dict[str, object] = {}
+    for key, raw in changes.items():
+        category = change_category(key)
+        if category is None or category not in accepted:
+            raise Refusal(f"{system} cannot rectify field {_label(key)}: it keeps no such field")
+        field, parse = accepted[category]
+        try:
+            value = parse(raw)
+        except ValueError as exc:
+            raise Refusal(f"the correction of field {_label(key)} is not valid: {exc}") from None
+        if field in out and out[field] != value:
+            raise Refusal(f"the task gives two different corrections of field {_label(key)}")
+        out[field] = value
+    return out
+
+
+def parse_name(raw: str) -> str:
+    name = " ".join(raw.split())
+    if not name:
+        raise ValueError("a name cannot be empty")
+    return name
+
+
+def parse_email(raw: str) -> str:
+    return normalise(IdentifierType.email, raw)
+
+
+def parse_phone(raw: str) -> str:
+    return normalise(IdentifierType.phone, raw)
+
+
+def parse_date(raw: str) -> date:
+    """ISO (``1990-03-14``) or the Vietnamese way (``14/03/1990``)."""
+    text = raw.strip()
+    try:
+        if re.fullmatch(r"\d{1,2}/\d{1,2}/\d{4}", text):
+            d, m, y = (int(x) for x in text.split("/"))
+            value = date(y, m, d)
+        else:
+            value = date.fromisoformat(text)
+    except ValueError:
+        raise ValueError("not a date (YYYY-MM-DD or DD/MM/YYYY)") from None
+    if not date(1900, 1, 1) <= value <= date.today():
+        raise ValueError("not a plausible date of birth")
+    return value
+
+
+def parse_text(raw: str) -> str:
+    text = " ".join(raw.split())
+    if not text:
+        raise ValueError("it cannot be empty")
+    return text
+
+
+Handler = Callable[[TaskContext], Awaitable[Result]]
+
+
+def refusing(handler: Handler) -> Handler:
+    """Turn a :class:`Refusal` raised by ``handler`` (inside its transaction, which then rolls
+    back) into ``Result.refused``."""
+
+    @functools.wraps(handler)
+    async def wrapped(ctx: TaskContext) -> Result:
+        try:
+            return await handler(ctx)
+        except Refusal as exc:
+            return Result.refused(str(exc))
+
+    return wrapped
+
+
+def purposes_overlap(a: str, b: str) -> bool:
+    """One purpose is the other or contains it (the SQL function of the same name in schema.sql)."""
+    return a == b or a.startswith(b + ".") or b.startswith(a + ".")

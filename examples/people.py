@@ -1,17 +1,21 @@
 """The made-up customers both reference systems are seeded from.
 
 Thirty people in Hà Nội, TP. Hồ Chí Minh and Đà Nẵng. Identifiers are stored the
-way dsrflow delivers them in tasks: email lower-cased, phone as ``+84`` and nine
-digits (see ``dsrflow.events.Subject``). Fixed data, no randomness: a demo or a
-test can name its subject.
+way dsrflow delivers them in tasks: email lower-cased, phone in E.164 (``+84`` and nine
+digits; see ``dsrflow.identity``). Fixed data, no randomness: a demo or a test can name
+its subject.
 
 Emails use reserved example domains, so nothing here can reach a real mailbox.
 """
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from datetime import date
+
+#: Namespace of the made-up cookie and device identifiers (uuid5: the same on every run).
+_TRACKING_NS = uuid.UUID("6f0c2f3e-5b1a-4d8e-9a57-2c1d0e6b7a90")
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +43,17 @@ class Person:
     def customer_id(self) -> str:
         """The billing system's customer code (mã khách hàng)."""
         return f"KH{self.number:05d}"
+
+    @property
+    def cookie_id(self) -> str | None:
+        """The first-party analytics cookie the CRM linked to this person when they signed in on
+        the website: three people in four have one."""
+        return str(uuid.uuid5(_TRACKING_NS, f"cookie:{self.number}")) if self.number % 4 else None
+
+    @property
+    def device_id(self) -> str | None:
+        """The mobile app's device identifier, for one person in three."""
+        return str(uuid.uuid5(_TRACKING_NS, f"device:{self.number}")) if self.number % 3 == 1 else None
 
     def identifiers(self) -> dict[str, str]:
         """Email and phone, as a request would name this person."""

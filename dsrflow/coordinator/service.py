@@ -338,5 +338,5 @@ def _via_processor(req: RightsRequested, systems: Sequence[SystemDeclaration]) -
     then gives the longer via-processor period where it has one."""
     asked = {t.system for t in planner.plan_for(req.right, req.subject.identifiers, systems,
                                                 verified=req.verified_types() or req.subject.identifiers.keys(),
-                                                changes=req.changes).tasks}
+                                                changes=req.changes, purposes=req.purposes).tasks}
     return any(s.operated_by != "controller" for s in systems if s.name in asked)

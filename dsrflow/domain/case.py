@@ -254,7 +254,8 @@ class Case:
 
     def _plan(self, systems: Sequence[SystemDeclaration], now: datetime, *, late: bool = False) -> Effects:
         fresh = [s for s in systems if s.name not in self.considered]
-        plan = plan_for(self.right, self.subject, fresh, verified=self.verified_types, changes=self.changes)
+        plan = plan_for(self.right, self.subject, fresh, verified=self.verified_types, changes=self.changes,
+                        purposes=self.purposes)
         self.considered = sorted({*self.considered, *(s.name for s in fresh)})
         self.dirty = True
         fx = Effects()

@@ -72,12 +72,18 @@ def usable_identifiers(
     return {t: v for t, v in identifiers.items() if t in ok}
 
 
-def _concerns(system: SystemDeclaration, action: Action) -> bool:
-    prefixes = ACTION_PURPOSES.get(action)
-    if not prefixes or not system.purposes:
+def _overlap(purposes: Iterable[str], prefixes: Iterable[str]) -> bool:
+    prefixes = list(prefixes)
+    return any(p == pre or p.startswith(pre + ".") or pre.startswith(p + ".") for p in purposes for pre in prefixes)
+
+
+def _concerns(system: SystemDeclaration, action: Action, purposes: Sequence[str] | None) -> bool:
+    if not system.purposes:
         return True  # no purpose says otherwise: ask, rather than leave data out
-    return any(p == pre or p.startswith(pre + ".") or pre.startswith(p + ".") for p in system.purposes
-               for pre in prefixes)
+    if purposes and action in (Action.restrict, Action.revoke_consent):
+        return _overlap(system.purposes, purposes)  # an objection to, or withdrawal for, the named purposes
+    prefixes = ACTION_PURPOSES.get(action)
+    return not prefixes or _overlap(system.purposes, prefixes)
 
 
 def _changes_for(system: SystemDeclaration, changes: Mapping[str, str]) -> dict[str, str]:
@@ -95,6 +101,7 @@ def plan_for(
     *,
     verified: Iterable[IdentifierType] | None = None,
     changes: Mapping[str, str] | None = None,
+    purposes: Sequence[str] | None = None,
     action: Action | None = None,
 ) -> Plan:
     """The tasks of a case: one per system concerned (see the module docstring). ``verified``
@@ -107,8 +114,8 @@ def plan_for(
     out = Plan()
     for system in sorted(systems, key=lambda s: s.name):
         ids = {t: usable[t] for t in system.identifier_types if t in usable}
-        if not _concerns(system, action):
-            out.not_asked[system.name] = f"its purposes do not include what {action} stops"
+        if not _concerns(system, action, purposes):
+            out.not_asked[system.name] = f"its purposes do not include what {action} is about"
             continue
         sys_changes = None
         if action == Action.rectify:

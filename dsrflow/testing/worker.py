@@ -28,6 +28,7 @@ __all__ = ["make_task", "run_task"]
 _RIGHT_FOR_ACTION: dict[Action, Right] = {}
 for _right, _action in ACTION_FOR_RIGHT.items():
     _RIGHT_FOR_ACTION.setdefault(_action, _right)
+_RIGHT_FOR_ACTION[Action.lift_restriction] = Right.restriction  # a command on the restriction's case
 
 
 def make_task(

@@ -35,3 +35,33 @@ CREATE TABLE IF NOT EXISTS payments (
     method      text   NOT NULL CHECK (method IN ('bank_transfer', 'card', 'e_wallet', 'cash'))
 );
 CREATE INDEX IF NOT EXISTS payments_invoice_idx ON payments (invoice_id);
+
+-- What the person asked for (see worker.py and processing.py). Each statement is safe to run again
+-- on a database made by an older schema.
+
+-- Restrictions of processing, one per case that asked for it. purposes NULL: all processing beyond
+-- keeping the records the law requires (no dunning reminders); else the purposes objected to. In
+-- force while lifted_at is NULL.
+CREATE TABLE IF NOT EXISTS restrictions (
+    customer_id  text        NOT NULL REFERENCES customers (id),
+    case_id      uuid        NOT NULL,
+    purposes     text[]      CHECK (purposes IS NULL OR cardinality(purposes) > 0),
+    since        timestamptz NOT NULL DEFAULT now(),
+    lifted_at    timestamptz,
+    PRIMARY KEY (customer_id, case_id)
+);
+
+-- Which case corrected which field of which customer (no values): a rectification delivered twice
+-- still recognises the customer whose email or phone it already changed.
+CREATE TABLE IF NOT EXISTS rectifications (
+    case_id      uuid        NOT NULL,
+    customer_id  text        NOT NULL REFERENCES customers (id),
+    field        text        NOT NULL,
+    at           timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (case_id, customer_id, field)
+);
+
+-- Two purposes overlap when one is the other or contains it.
+CREATE OR REPLACE FUNCTION purposes_overlap(a text, b text) RETURNS boolean
+    LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+    AS $$ SELECT a = b OR starts_with(a, b || '.') OR starts_with(b, a || '.') $$;

@@ -33,3 +33,73 @@ CREATE TABLE IF NOT EXISTS notes (
     created_at  timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX IF NOT EXISTS notes_contact_idx ON notes (contact_id);
+
+-- What the person asked for, and what the CRM's own processing reads before it uses their data
+-- (see processing.py). Each statement is safe to run again on a database made by an older schema.
+
+-- Opt-outs the person can ask for at any time.
+ALTER TABLE contacts ADD COLUMN IF NOT EXISTS sale_share_opt_out boolean NOT NULL DEFAULT false;
+ALTER TABLE contacts ADD COLUMN IF NOT EXISTS tracking_opt_out boolean NOT NULL DEFAULT false;
+ALTER TABLE contacts ADD COLUMN IF NOT EXISTS automated_processing_opt_out boolean NOT NULL DEFAULT false;
+
+-- Cookie and device identifiers linked to a contact (website sign-in, mobile app): an opt-out of
+-- tracking may name only these.
+CREATE TABLE IF NOT EXISTS tracking_ids (
+    contact_id  bigint      NOT NULL REFERENCES contacts (id),
+    kind        text        NOT NULL CHECK (kind IN ('cookie_id', 'device_id')),
+    value       text        NOT NULL,
+    first_seen  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (contact_id, kind, value)
+);
+CREATE INDEX IF NOT EXISTS tracking_ids_value_idx ON tracking_ids (kind, value);
+
+-- Consent per purpose (fideslang data use); a withdrawal keeps the row with granted = false, so
+-- a later import cannot assume consent.
+CREATE TABLE IF NOT EXISTS consents (
+    contact_id  bigint      NOT NULL REFERENCES contacts (id),
+    purpose     text        NOT NULL,
+    granted     boolean     NOT NULL,
+    updated_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (contact_id, purpose)
+);
+
+-- Restrictions of processing, one per case that asked for it. purposes NULL: all processing
+-- (restriction); else the purposes objected to (objection). In force while lifted_at is NULL.
+CREATE TABLE IF NOT EXISTS restrictions (
+    contact_id  bigint      NOT NULL REFERENCES contacts (id),
+    case_id     uuid        NOT NULL,
+    purposes    text[]      CHECK (purposes IS NULL OR cardinality(purposes) > 0),
+    since       timestamptz NOT NULL DEFAULT now(),
+    lifted_at   timestamptz,
+    PRIMARY KEY (contact_id, case_id)
+);
+
+-- Who must never be marketed to again, even after erasure or a re-import: a keyed hash
+-- (HMAC-SHA256) of the normalised email or phone, never the address itself.
+CREATE TABLE IF NOT EXISTS marketing_suppressions (
+    kind        text        NOT NULL CHECK (kind IN ('email', 'phone')),
+    value_hmac  text        NOT NULL CHECK (value_hmac ~ '^[0-9a-f]{64}$'),
+    since       timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (kind, value_hmac)
+);
+
+-- Which case corrected which field of which contact (no values): a rectification delivered twice
+-- still recognises the contact whose email or phone it already changed.
+CREATE TABLE IF NOT EXISTS rectifications (
+    case_id     uuid        NOT NULL,
+    contact_id  bigint      NOT NULL REFERENCES contacts (id),
+    field       text        NOT NULL,
+    at          timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (case_id, contact_id, field)
+);
+
+-- Two purposes overlap when one is the other or contains it: an objection to "marketing" covers
+-- "marketing.communications", and one to "marketing.communications.email" touches the newsletter.
+CREATE OR REPLACE FUNCTION purposes_overlap(a text, b text) RETURNS boolean
+    LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+    AS $$ SELECT a = b OR starts_with(a, b || '.') OR starts_with(b, a || '.') $$;
+
+-- A consent given for a purpose covers that purpose and the narrower ones under it.
+CREATE OR REPLACE FUNCTION purpose_covers(consented text, use text) RETURNS boolean
+    LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+    AS $$ SELECT consented = use OR starts_with(use, consented || '.') $$;

@@ -20,7 +20,7 @@ from pydantic import SecretStr
 
 from dsrflow.events import Artifact
 from dsrflow.exports import MemoryExportStore
-from dsrflow.rights import Action, ReceiptStatus
+from dsrflow.rights import Action, IdentifierType, ReceiptStatus
 from dsrflow.settings import Settings
 from dsrflow.testing.worker import make_task, run_task
 from examples import people
@@ -301,3 +301,98 @@ async def test_billing_not_found(billing_dsn: str) -> None:
     for subject in (CRM_ONLY, NOWHERE):
         receipt = await run_task(billing.worker, make_task("billing", Action.erase, subject.identifiers()))
         assert receipt.status == ReceiptStatus.not_found
+
+
+# -- identity: every identifier must agree -----------------------------------------------------
+
+B = people.person("hung.tran@example.vn")  # in CRM and billing, like IN_BOTH
+ATTACK_CHANGES = {"name": "Kẻ Mạo Danh", "email": "ke.mao.danh@example.com", "phone": "+84987654321"}
+
+
+async def snapshot(dsn: str) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of every table of a database, in a stable order."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        tables = [r["table_name"] for r in await conn.fetch(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public' ORDER BY 1")]
+        return {t: sorted((tuple(r) for r in await conn.fetch(f"SELECT * FROM {t}")), key=repr) for t in tables}
+    finally:
+        await conn.close()
+
+
+def _task(system: str, action: Action, identifiers: dict[str, str], case_id: uuid.UUID) -> Any:
+    return make_task(
+        system, action, identifiers, case_id=case_id,
+        right="restriction" if action == Action.lift_restriction else None,
+        changes=ATTACK_CHANGES if action == Action.rectify else None,
+    )
+
+
+async def _attack(worker: Any, system: str, dsn: str, action: Action, identifiers: dict[str, str]) -> None:
+    """A task naming two people: nothing exported, nothing changed, in the system's own database."""
+    case_id = uuid.uuid4()
+    if action == Action.lift_restriction:  # something to lift: both were restricted by this case
+        for p in (IN_BOTH, B):
+            restricted = await run_task(worker, make_task(system, Action.restrict, p.identifiers(), case_id=case_id))
+            assert restricted.status == ReceiptStatus.succeeded
+    before = await snapshot(dsn)
+    assert any(before.values())
+    store = MemoryExportStore()
+    receipt = await run_task(worker, _task(system, action, identifiers, case_id), store=store)
+    assert receipt.status == ReceiptStatus.conflict, (action, receipt.error)
+    assert receipt.artifacts == [] and store.keys() == []
+    assert receipt.error is not None and "different people" in receipt.error
+    for value in (*identifiers.values(), IN_BOTH.email, B.email, IN_BOTH.phone, B.phone, IN_BOTH.full_name):
+        assert value not in receipt.error
+    assert await snapshot(dsn) == before
+
+
+@pytest.mark.parametrize("action", crm.SYSTEM.actions, ids=str)
+async def test_crm_identifiers_of_two_people_change_nothing(crm_dsn: str, action: Action) -> None:
+    await _attack(crm.worker, "crm", crm_dsn, action, {"email": IN_BOTH.email, "phone": B.phone})
+
+
+@pytest.mark.parametrize("action", billing.SYSTEM.actions, ids=str)
+@pytest.mark.parametrize("mix", ["email+phone", "customer_id+email"])
+async def test_billing_identifiers_of_two_people_change_nothing(billing_dsn: str, action: Action, mix: str) -> None:
+    identifiers = ({"email": IN_BOTH.email, "phone": B.phone} if mix == "email+phone"
+                   else {"customer_id": IN_BOTH.customer_id, "email": B.email})
+    await _attack(billing.worker, "billing", billing_dsn, action, identifiers)
+
+
+async def test_both_systems_refuse_the_same_mixed_request_and_keep_both_people(crm_dsn: str, billing_dsn: str) -> None:
+    """The identity attack end to end: A's email with B's phone, for export, erase, rectify and
+    restrict, against both systems; then both people are still whole, and each alone is found."""
+    crm_before, billing_before = await snapshot(crm_dsn), await snapshot(billing_dsn)
+    store = MemoryExportStore()
+    mixed = {"email": IN_BOTH.email, "phone": B.phone}
+    for action in (Action.export, Action.erase, Action.rectify, Action.restrict):
+        for worker, system in ((crm.worker, "crm"), (billing.worker, "billing")):
+            receipt = await run_task(worker, _task(system, action, mixed, uuid.uuid4()), store=store)
+            assert receipt.status == ReceiptStatus.conflict, (system, action)
+    assert store.keys() == []
+    assert await snapshot(crm_dsn) == crm_before and await snapshot(billing_dsn) == billing_before
+    for p in (IN_BOTH, B):
+        for worker, system in ((crm.worker, "crm"), (billing.worker, "billing")):
+            found = await run_task(worker, make_task(system, Action.export, p.identifiers()))
+            assert found.status == ReceiptStatus.succeeded and found.counts["located"] == 1
+
+
+async def test_a_phone_written_locally_finds_the_person_in_both_systems(crm_dsn: str, billing_dsn: str) -> None:
+    assert IN_BOTH.phone == "+84901234567"
+    for worker, system, key in ((crm.worker, "crm", "contacts"), (billing.worker, "billing", "customers")):
+        with_email = make_task(system, Action.export, {"phone": "0901234567", "email": IN_BOTH.email})
+        alone = make_task(system, Action.export, {"phone": "0901234567"})
+        # As an older coordinator would send it: the number exactly as the person wrote it.
+        raw = alone.model_copy(update={"identifiers": {IdentifierType.phone: "0901 234 567"}})
+        for task in (with_email, alone, raw):
+            store = MemoryExportStore()
+            receipt = await run_task(worker, task, store=store)
+            assert receipt.status == ReceiptStatus.succeeded, (system, receipt.error)
+            [found] = export_doc(store, receipt.artifacts)[key]
+            assert (found["email"], found["phone"]) == (IN_BOTH.email, IN_BOTH.phone)
+    # And an erasure by the local number alone takes A's contact, nobody else's.
+    erased = await run_task(crm.worker, make_task("crm", Action.erase, {"phone": "0901234567"}))
+    assert erased.status == ReceiptStatus.succeeded and erased.counts["contacts"] == 1
+    assert await _fetch(crm_dsn, "SELECT 1 FROM contacts WHERE phone = $1", IN_BOTH.phone) == []
+    assert await _count(crm_dsn, "contacts") == len(people.people_in("crm")) - 1

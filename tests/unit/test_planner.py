@@ -135,3 +135,13 @@ def test_outcome_for_every_pair_of_task_states(statuses: tuple[TaskStatus, ...])
 )
 def test_outcome(statuses: list[TaskStatus], expected: CaseStatus | None) -> None:
     assert planner.outcome(statuses) == expected
+
+
+def test_an_objection_or_withdrawal_for_named_purposes_asks_only_systems_with_those_purposes() -> None:
+    plan = planner.plan_for(Right.objection, {EMAIL: "a@b.vn"}, [CRM, BILLING, MAILER], purposes=["marketing"])
+    assert [t.system for t in plan.tasks] == ["crm", "mailer"]  # crm declares no purposes: asked
+    assert "billing" in plan.not_asked
+    withdraw = planner.plan_for(Right.withdraw_consent, {EMAIL: "a@b.vn"}, [BILLING, MAILER])
+    assert [t.system for t in withdraw.tasks] == ["mailer"]  # billing relies on no consent
+    everything = planner.plan_for(Right.objection, {EMAIL: "a@b.vn"}, [BILLING])  # no purpose named: all processing
+    assert [t.system for t in everything.tasks] == ["billing"]
