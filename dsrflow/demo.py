@@ -18,7 +18,7 @@ import shutil
 import sys
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,7 +30,7 @@ import orjson
 from . import launcher, topics
 from .cli import submit
 from .events import RightsRequested
-from .rights import TERMINAL_CASE, CaseStatus, Right
+from .rights import TERMINAL_CASE, CaseStatus, IdentifierType, Right, TaskStatus
 from .settings import Settings
 
 SYSTEMS = ("crm", "billing")
@@ -42,15 +42,21 @@ class Step:
 
     label: str
     right: Right
-    subject: str  # key in examples.people.SUBJECTS
+    subject: str  # a role: a key of examples.people.SUBJECTS or of the cast (see :func:`cast`)
     expect: CaseStatus
     verified: bool = True
     #: published by a plain Kafka client with only the required ce_* headers, as kcat would
     raw_client: bool = False
     #: no new request: the DPO verifies the identity of the case the step with this label opened
     verifies: str | None = None
+    #: no new request: the DPO lifts the restriction of the case the step with this label opened
+    lifts: str | None = None
     request_id: str = field(default_factory=lambda: f"demo-{uuid.uuid4().hex[:12]}")
     expect_tasks: dict[str, str] = field(default_factory=dict)
+    #: the identifiers to send, instead of the person's email and phone
+    identifiers: dict[str, str] | None = None
+    #: more fields of the request: purposes, changes, requester, ...
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -69,9 +75,51 @@ class CaseResult:
         )
 
 
-def waves() -> list[list[Step]]:
-    """Access before erasure of the same person, so the waves run in order."""
-    return [
+#: Roles of the cast, picked from the CRM's own lists so that each starts where its right has an effect.
+ROLES = ("rectified", "restricted", "objector", "withdrawer", "opted_out", "sale_opt_out", "tracked",
+         "automated", "attack_a", "attack_b", "child")
+NEW_ADDRESS = "18 Phố Lý Quốc Sư, Phường Hàng Trống, Quận Hoàn Kiếm, Hà Nội"
+
+
+async def cast(settings: Settings) -> dict[str, Any]:
+    """People for the roles: CRM contacts not used by the fixed subjects, each in the audience its
+    right takes them out of (the opt-out's person gets the newsletter, the tracked person has a
+    cookie, ...), so the checks afterwards show a change, not an empty list."""
+    from examples.common import system_dsn
+    from examples.crm.processing import campaign_audience, lead_scoring_candidates, shared_audience
+    from examples.people import PEOPLE, SUBJECTS
+
+    taken = {p.email for p in SUBJECTS.values()}
+    conn = await asyncpg.connect(system_dsn("crm", settings))
+    try:
+        newsletter = {r["email"] for r in await campaign_audience(conn)}
+        shared = {r["email"] for r in await shared_audience(conn)}
+        scored = {r["email"] for r in await lead_scoring_candidates(conn)}
+    finally:
+        await conn.close()
+    pool = [p for p in PEOPLE if "crm" in p.systems and p.email not in taken]
+    chosen: dict[str, Any] = {}
+
+    def pick(role: str, ok: Callable[[Any], bool]) -> None:
+        person = next(p for p in pool if ok(p) and p not in chosen.values())
+        chosen[role] = person
+
+    pick("opted_out", lambda p: p.email in newsletter)
+    pick("objector", lambda p: p.email in newsletter)
+    pick("withdrawer", lambda p: p.email in newsletter)
+    pick("sale_opt_out", lambda p: p.email in shared)
+    pick("tracked", lambda p: p.cookie_id is not None)
+    pick("automated", lambda p: p.email in scored)
+    pick("restricted", lambda p: p.email in scored)
+    for role in ("rectified", "attack_a", "attack_b", "child"):
+        pick(role, lambda p: True)
+    return chosen
+
+
+def waves(people: Mapping[str, Any] | None = None) -> list[list[Step]]:
+    """Access before erasure of the same person, so the waves run in order. ``people``: the cast."""
+    c = people or {}
+    fixed = [
         [
             Step("access, person in CRM and billing", Right.access, "both", CaseStatus.completed,
                  expect_tasks={"crm": "succeeded", "billing": "succeeded"}),
@@ -94,20 +142,65 @@ def waves() -> list[list[Step]]:
                  expect_tasks={"crm": "not_found", "billing": "not_found"}),
         ],
     ]
+    if not c:
+        return fixed
+    a, b = c["attack_a"], c["attack_b"]
+    fixed[0] += [
+        Step("rectification: a new address", Right.rectification, "rectified", CaseStatus.completed,
+             expect_tasks={"crm": "succeeded"}, extra={"changes": {"address": NEW_ADDRESS}}),
+        Step("portability: a machine-readable copy", Right.portability, "rectified", CaseStatus.completed,
+             expect_tasks={"crm": "succeeded"}),
+        Step("restriction of all processing", Right.restriction, "restricted", CaseStatus.completed,
+             expect_tasks={"crm": "succeeded"}),
+        Step("objection to marketing", Right.objection, "objector", CaseStatus.completed,
+             expect_tasks={"crm": "succeeded"}, extra={"purposes": ["marketing"]}),
+        Step("consent withdrawn for marketing", Right.withdraw_consent, "withdrawer", CaseStatus.completed,
+             expect_tasks={"crm": "succeeded"}, extra={"purposes": ["marketing"]}),
+        Step("marketing opt-out by a local phone, unverified", Right.opt_out_marketing, "opted_out",
+             CaseStatus.completed, verified=False, expect_tasks={"crm": "succeeded"},
+             identifiers={"phone": "0" + c["opted_out"].phone.removeprefix("+84")}),
+        Step("opt-out of sale and sharing, unverified", Right.opt_out_sale_share, "sale_opt_out",
+             CaseStatus.completed, verified=False, expect_tasks={"crm": "succeeded"},
+             identifiers={"email": c["sale_opt_out"].email}),
+        Step("opt-out of tracking by a cookie id", Right.opt_out_tracking, "tracked", CaseStatus.completed,
+             verified=False, expect_tasks={"crm": "succeeded"}, identifiers={"cookie_id": c["tracked"].cookie_id}),
+        Step("objection to automated decisions", Right.automated_decision_objection, "automated",
+             CaseStatus.completed, expect_tasks={"crm": "succeeded"}),
+        Step("information: what is processed, why, where, how long", Right.information, "nowhere",
+             CaseStatus.completed, verified=False),
+        Step("access: one person's email + another's phone", Right.access, "attack_a",
+             CaseStatus.completed_with_exceptions, expect_tasks={"crm": "conflict"},
+             identifiers={"email": a.email, "phone": b.phone}),
+        Step("access by a parent for a child, not yet verified", Right.access, "child",
+             CaseStatus.awaiting_verification,
+             extra={"requester": {"relationship": "parent_guardian", "name": "Người giám hộ",
+                                  "evidence": "birth_certificate"}}),
+    ]
+    fixed[1] += [
+        Step("  ... the DPO checks the parent's authority", Right.access, "child", CaseStatus.completed,
+             expect_tasks={"crm": "succeeded"}, verifies="access by a parent for a child, not yet verified"),
+        Step("  ... the DPO lifts the restriction", Right.restriction, "restricted", CaseStatus.completed,
+             expect_tasks={"crm": "succeeded", "crm:lift_restriction": "succeeded"},
+             lifts="restriction of all processing"),
+    ]
+    return fixed
 
 
-def _request(step: Step) -> RightsRequested:
+def _person(step: Step, people: Mapping[str, Any]) -> Any:
     from examples.people import SUBJECTS
 
-    return RightsRequested(
-        request_id=step.request_id,
-        right=step.right,
-        subject={"identifiers": SUBJECTS[step.subject].identifiers()},  # type: ignore[arg-type]
-        jurisdiction="VN",
-        received_at=datetime.now(UTC),
-        verified=step.verified,
-        channel="privacy_centre",
-    )
+    return people[step.subject] if step.subject in people else SUBJECTS[step.subject]
+
+
+def _body(step: Step, people: Mapping[str, Any]) -> dict[str, Any]:
+    return {"request_id": step.request_id, "right": str(step.right), "verified": step.verified,
+            "subject": {"identifiers": step.identifiers or _person(step, people).identifiers()},
+            "jurisdiction": "VN", **step.extra}
+
+
+def _request(step: Step, people: Mapping[str, Any] | None = None) -> RightsRequested:
+    return RightsRequested.model_validate({**_body(step, people or {}), "received_at": datetime.now(UTC),
+                                           "channel": "privacy_centre"})
 
 
 async def prepare(settings: Settings) -> None:
@@ -125,15 +218,24 @@ async def prepare(settings: Settings) -> None:
                        replication_factor=settings.topic_replication_factor)
 
 
-async def verify_case(settings: Settings, case_id: uuid.UUID) -> None:
-    """What ``dsrflow cases verify`` does: the DPO confirms the subject's identity."""
+async def _as_dpo(settings: Settings, decide: Callable[[Any], Any]) -> Any:
     from .coordinator import Coordinator
 
     pool = await asyncpg.create_pool(settings.dsn, min_size=1, max_size=1)
     try:
-        await Coordinator(settings, pool).verify(case_id, by="dpo@demo")
+        return await decide(Coordinator(settings, pool))
     finally:
         await pool.close()
+
+
+async def verify_case(settings: Settings, case_id: uuid.UUID) -> None:
+    """What ``dsrflow cases verify`` does: the DPO confirms the subject's identity."""
+    await _as_dpo(settings, lambda c: c.verify(case_id, by="dpo@demo"))
+
+
+async def lift_case(settings: Settings, case_id: uuid.UUID) -> None:
+    """What ``dsrflow cases lift`` does: the DPO lifts a restriction."""
+    await _as_dpo(settings, lambda c: c.lift_restriction(case_id, by="dpo@demo"))
 
 
 async def publish_raw(settings: Settings, key: str, value: bytes) -> None:
@@ -159,7 +261,9 @@ async def publish_invalid(settings: Settings) -> None:
 async def _statuses(conn: asyncpg.Connection, request_ids: Sequence[str]) -> dict[str, asyncpg.Record]:
     rows = await conn.fetch(
         """SELECT c.request_id, c.case_id, c.status, c.outcome, c.bundle,
-                  coalesce(jsonb_object_agg(t.system, t.status) FILTER (WHERE t.system IS NOT NULL), '{}') AS tasks
+                  coalesce(jsonb_object_agg(t.system || CASE WHEN t.action = 'lift_restriction'
+                                                        THEN ':lift_restriction' ELSE '' END, t.status)
+                           FILTER (WHERE t.system IS NOT NULL), '{}') AS tasks
            FROM cases c LEFT JOIN tasks t USING (case_id)
            WHERE c.request_id = ANY($1::text[]) GROUP BY c.case_id""",
         list(request_ids),
@@ -167,36 +271,41 @@ async def _statuses(conn: asyncpg.Connection, request_ids: Sequence[str]) -> dic
     return {r["request_id"]: r for r in rows}
 
 
+_OPEN_TASK = {"pending", "dispatched", "manual", "stalled"}
+
+
 def _settled(step: Step, row: asyncpg.Record | None) -> bool:
     if row is None:
         return False
-    return CaseStatus(row["status"]) in TERMINAL_CASE or row["status"] == step.expect
+    if not (CaseStatus(row["status"]) in TERMINAL_CASE or row["status"] == step.expect):
+        return False
+    tasks = orjson.loads(row["tasks"])
+    return all(name in tasks and tasks[name] not in _OPEN_TASK for name in step.expect_tasks)
 
 
 async def run_scenario(
     settings: Settings, *, progress: Callable[[str], None] = lambda _: None, timeout: float = 120.0,
-    duplicate: bool = True, invalid: bool = True,
+    duplicate: bool = True, invalid: bool = True, people: Mapping[str, Any] | None = None,
 ) -> list[CaseResult]:
-    """Submit the waves and wait for each to settle; returns one result per step."""
+    """Submit the waves and wait for each to settle; returns one result per step. ``people``: the
+    cast for every right (:func:`cast`); without it, access and erasure only."""
+    people = people or {}
     conn = await asyncpg.connect(settings.dsn)
     results: list[CaseResult] = []
     try:
-        for n, wave in enumerate(waves(), 1):
-            reqs = [_request(s) for s in wave if not s.raw_client and not s.verifies]
+        for n, wave in enumerate(waves(people), 1):
+            reqs = [_request(s, people) for s in wave if not s.raw_client and not s.verifies and not s.lifts]
             await submit(settings, reqs)
             for s in wave:
-                if s.verifies:
-                    earlier = next(r for r in results if r.step.label == s.verifies)
-                    assert earlier.case_id is not None, f"no case for {s.verifies!r} to verify"
+                earlier_label = s.verifies or s.lifts
+                if earlier_label:
+                    earlier = next(r for r in results if r.step.label == earlier_label)
+                    assert earlier.case_id is not None, f"no case for {earlier_label!r}"
                     s.request_id = earlier.step.request_id
-                    await verify_case(settings, earlier.case_id)
+                    await (verify_case if s.verifies else lift_case)(settings, earlier.case_id)
             for s in wave:
                 if s.raw_client:
-                    from examples.people import SUBJECTS
-
-                    body = {"request_id": s.request_id, "right": str(s.right), "verified": s.verified,
-                            "subject": {"identifiers": SUBJECTS[s.subject].identifiers()}}
-                    await publish_raw(settings, s.request_id, orjson.dumps(body))
+                    await publish_raw(settings, s.request_id, orjson.dumps(_body(s, people)))
             if n == 1 and duplicate:
                 # The same request again (a client retry): same request id, new event id.
                 await submit(settings, [reqs[0].model_copy()])
@@ -237,14 +346,61 @@ async def run_scenario(
         await conn.close()
 
 
-async def reference_checks(settings: Settings) -> list[tuple[str, bool]]:
+#: A system declared with no dsrflow worker, registered after the scenario: the call centre's
+#: dialler list. Lasting effects in force (the marketing opt-out, the objection) reach it as
+#: manual tasks, which a person carries out.
+CALL_CENTRE = "call_centre"
+
+
+async def late_system(settings: Settings, results: Sequence[CaseResult]) -> list[tuple[str, bool]]:
+    """Register the call centre after the opt-outs, let the coordinator plan for it, and have a
+    person work the manual tasks it gets. Returns checks."""
+    from .coordinator import Coordinator
+    from .registry import SystemDeclaration, register
+
+    declaration = SystemDeclaration(
+        name=CALL_CENTRE, identifier_types=(IdentifierType.phone,), worker=False,
+        purposes=("marketing.communications",),
+        description="Outbound call centre: the dialler's list of numbers to call with offers",
+        processors=("Example Call Centre JSC (outsourced)",), operated_by="processor", storage_country="VN",
+    )
+    pool = await asyncpg.create_pool(settings.dsn, min_size=1, max_size=2)
+    try:
+        async with pool.acquire() as conn:
+            await register(conn, declaration)
+        coordinator = Coordinator(settings, pool)
+        await coordinator.plan_new_systems()
+        manual = await pool.fetch("SELECT task_id, case_id FROM tasks WHERE system = $1 AND status = 'manual'",
+                                  CALL_CENTRE)
+        for t in manual:
+            await coordinator.resolve_manual_task(
+                t["case_id"], t["task_id"], by="lead@callcentre.demo", resolution=TaskStatus.succeeded,
+                note="number removed from the dialler list (ticket CC-2041)")
+        by_case = {r["case_id"]: r["status"] for r in await pool.fetch(
+            "SELECT case_id, status FROM tasks WHERE system = $1", CALL_CENTRE)}
+    finally:
+        await pool.close()
+    by_label = {r.step.label: r for r in results}
+    lasting = [by_label[k].case_id for k in ("marketing opt-out by a local phone, unverified",
+                                              "objection to marketing") if k in by_label]
+    erasure = by_label["erasure, CRM contact only"].case_id
+    return [
+        ("call centre registered later: the opt-out and the objection reach it, done by a person",
+         bool(lasting) and all(by_case.get(c) == "succeeded" for c in lasting)),
+        ("call centre registered later: a finished erasure does not reach it (not lasting)", erasure not in by_case),
+    ]
+
+
+async def reference_checks(settings: Settings, people: Mapping[str, Any] | None = None) -> list[tuple[str, bool]]:
     """Look in the reference systems' own databases, not at what the workers reported."""
     from examples.common import system_dsn
+    from examples.crm.processing import campaign_audience, lead_scoring_candidates, shared_audience, tracking_allowed
     from examples.people import SUBJECTS
 
     both, crm_only = SUBJECTS["both"], SUBJECTS["crm_only"]
     crm = await asyncpg.connect(system_dsn("crm", settings))
     billing = await asyncpg.connect(system_dsn("billing", settings))
+    extra: list[tuple[str, bool]] = []
     try:
         gone = await crm.fetchval(
             "SELECT count(*) FROM contacts WHERE email = ANY($1::text[]) OR phone = ANY($2::text[])",
@@ -255,6 +411,30 @@ async def reference_checks(settings: Settings) -> list[tuple[str, bool]]:
         found_by_id = await billing.fetchval(
             "SELECT count(*) FROM customers WHERE email = $1 OR phone = $2", both.email, both.phone)
         others = await crm.fetchval("SELECT count(*) FROM contacts")
+        if people:
+            c = people
+            newsletter = {r["email"] for r in await campaign_audience(crm)}
+            shared = {r["email"] for r in await shared_audience(crm)}
+            scored = {r["email"] for r in await lead_scoring_candidates(crm)}
+            address = await crm.fetchval(
+                """SELECT a.line FROM addresses a JOIN contacts k ON k.id = a.contact_id
+                   WHERE k.email = $1 ORDER BY a.id LIMIT 1""", c["rectified"].email)
+            attacked = await crm.fetchval("SELECT count(*) FROM contacts WHERE email = ANY($1::text[])",
+                                          [c["attack_a"].email, c["attack_b"].email])
+            extra = [
+                ("CRM: the rectified address is the one the person gave", address is not None
+                 and NEW_ADDRESS.startswith(address)),
+                ("CRM: the newsletter skips the opt-out, the objection and the withdrawn consent",
+                 not {c["opted_out"].email, c["objector"].email, c["withdrawer"].email} & newsletter
+                 and bool(newsletter)),
+                ("CRM: the ad audience skips the sale/share opt-out", c["sale_opt_out"].email not in shared),
+                ("CRM: analytics no longer follows the opted-out cookie",
+                 not await tracking_allowed(crm, c["tracked"].cookie_id)),
+                ("CRM: lead scoring skips the automated-decision objection", c["automated"].email not in scored),
+                ("CRM: the lifted restriction lets lead scoring score the person again",
+                 c["restricted"].email in scored),
+                ("CRM: identifiers of two people: both untouched", attacked == 2),
+            ]
     finally:
         await crm.close()
         await billing.close()
@@ -266,6 +446,7 @@ async def reference_checks(settings: Settings) -> list[tuple[str, bool]]:
          and found_by_id == 0),
         (f"billing: {invoices} invoice(s) and their payments kept with their amounts (Law on Accounting)",
          invoices > 0),
+        *extra,
     ]
 
 
@@ -330,18 +511,26 @@ def main(base: Settings) -> int:
         with launcher.running(settings, SYSTEMS, log_dir=state_dir / "logs") as services:
             asyncio.run(launcher.wait_registered(settings.dsn, SYSTEMS, services))
             _print("coordinator and workers (crm, billing) running")
-            results = asyncio.run(run_scenario(settings, progress=lambda m: _print("  " + m)))
-            checks = asyncio.run(reference_checks(settings))
+            people = asyncio.run(cast(settings))
+            results = asyncio.run(run_scenario(settings, progress=lambda m: _print("  " + m), people=people))
+            checks = asyncio.run(reference_checks(settings, people))
+            checks += asyncio.run(late_system(settings, results))
             dlq = asyncio.run(dead_letters(settings))
             checks.append(("duplicate request: no second case, noted on the first case's timeline",
                            asyncio.run(duplicate_ignored(settings, results[0].step.request_id))))
             services.check_alive()
         _print("")
-        _print(f"{'request':<52} {'right':<9} {'outcome':<26} tasks")
+        _print(f"{'request':<54} {'right':<28} {'outcome':<26} tasks")
         for r in results:
             mark = "ok " if r.ok else "BAD"
             tasks = ", ".join(f"{k}={v}" for k, v in sorted(r.tasks.items())) or "-"
-            _print(f"{mark} {r.step.label:<48} {r.step.right:<9} {r.status or 'no case':<26} {tasks}")
+            _print(f"{mark} {r.step.label:<50} {r.step.right:<28} {r.status or 'no case':<26} {tasks}")
+            outcome = r.outcome or {}
+            if "information" in outcome:
+                _print(f"      answered from the declarations of {', '.join(sorted(outcome['information']))}: "
+                       "purposes, recipients, processors, storage country, retention")
+            for system in outcome.get("identifier_conflicts", []):
+                _print(f"      {system}: the identifiers point to different people; nothing done, the DPO decides")
             for item in (r.outcome or {}).get("retained", []):
                 _print(f"      kept by {item['system']}: {item['records']} {item['category']} record(s) until "
                        f"{item.get('retain_until', '?')[:10]}; basis: {item['legal_basis']}")

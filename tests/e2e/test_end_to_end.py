@@ -26,7 +26,7 @@ from examples.people import SUBJECTS  # noqa: E402
 pytestmark = pytest.mark.e2e
 
 
-async def test_access_erasure_duplicate_and_invalid_end_to_end(e2e_settings: Settings, tmp_path: Path) -> None:
+async def test_every_right_duplicate_and_invalid_end_to_end(e2e_settings: Settings, tmp_path: Path) -> None:
     import os
 
     settings = e2e_settings
@@ -34,9 +34,24 @@ async def test_access_erasure_duplicate_and_invalid_end_to_end(e2e_settings: Set
     extra = {k: os.environ[k] for k in ("DSRFLOW_CRM_DSN", "DSRFLOW_BILLING_DSN")}
     with launcher.running(settings, demo.SYSTEMS, log_dir=tmp_path / "logs", cwd=ROOT, extra_env=extra) as services:
         await launcher.wait_registered(settings.dsn, demo.SYSTEMS, services)
-        results = await demo.run_scenario(settings, timeout=90)
+        people = await demo.cast(settings)
+        results = await demo.run_scenario(settings, timeout=90, people=people)
+        # Checked in the reference systems' own databases: every right's effect is really there.
+        checks = await demo.reference_checks(settings, people) + await demo.late_system(settings, results)
         services.check_alive()  # nothing died on the invalid event
         dlq = await demo.dead_letters(settings)
+
+    failed = [label for label, ok in checks if not ok]
+    assert not failed, failed
+    assert len(checks) >= 13
+    rights = {r.step.right for r in results}
+    from dsrflow.rights import ACTION_FOR_RIGHT, Right
+
+    assert set(ACTION_FOR_RIGHT) | {Right.information} <= rights  # every right that fans out, and information
+    # No case ends completed while a system holding the person's data did nothing.
+    for r in results:
+        if r.status == "completed" and r.step.right in ACTION_FOR_RIGHT:
+            assert all(st in ("succeeded", "not_found") for st in r.tasks.values()), (r.step.label, r.tasks)
 
     by_label = {r.step.label: r for r in results}
     for r in results:
