@@ -20,6 +20,7 @@ from typing import Generic, TypeVar
 import orjson
 from pydantic import ValidationError
 
+from .errors import DsrflowError
 from .events import DeadLetter, Event
 
 E = TypeVar("E", bound=Event)
@@ -30,7 +31,7 @@ CONTENT_TYPE = "application/json"
 REQUIRED = ("ce_specversion", "ce_id", "ce_source", "ce_type")
 
 
-class DecodeError(ValueError):
+class DecodeError(DsrflowError, ValueError):
     """An event that cannot be decoded or validated. Its message holds no field values."""
 
     def __init__(self, kind: str, message: str) -> None:

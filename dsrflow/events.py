@@ -15,7 +15,7 @@ from uuid import UUID
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from . import identity
-from .rights import Action, IdentifierType, ReceiptStatus, Right
+from .rights import Action, CaseStatus, IdentifierType, ReceiptStatus, Right, TaskStatus
 
 Identifier = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=320)]
 Token = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")]
@@ -275,12 +275,13 @@ class CaseUpdated(Event):
     case_id: UUID
     request_id: Token
     right: Right
-    status: str
+    status: CaseStatus
     jurisdiction: str
     received_at: datetime
     due_at: datetime
     updated_at: datetime
-    tasks: dict[str, str] = Field(default_factory=dict, description="system -> task status")
+    tasks: dict[str, TaskStatus] = Field(
+        default_factory=dict, description="system (or system:lift_restriction) -> task status")
     bundle: Artifact | None = None
 
 

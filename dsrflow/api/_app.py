@@ -15,6 +15,7 @@ from fastapi import Depends, FastAPI, HTTPException
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import SecretStr
 
+from ..errors import ConfigError
 from ..settings import Settings
 from . import _problems, _routes
 
@@ -32,7 +33,7 @@ API_VERSION = "1.0.0"
 _DOCUMENT_ONLY_TOKEN = "openapi-document-only"
 
 
-class ApiTokenMissing(RuntimeError):
+class ApiTokenMissing(ConfigError, RuntimeError):
     """The API was asked to start without DSRFLOW_API_TOKEN: case data is never served anonymously."""
 
 

@@ -12,10 +12,11 @@ from uuid import UUID
 
 import orjson
 
+from ..errors import DsrflowError
 from ..store.queries import CaseKey
 
 
-class BadCursor(ValueError):
+class BadCursor(DsrflowError, ValueError):
     """The cursor was not made by this API."""
 
 

@@ -27,6 +27,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from .. import topics
+from ..errors import DsrflowError
 from ..events import Artifact, CaseUpdated, Event, RightsRequested, TaskAssigned, TaskReceipt
 from ..registry import SystemDeclaration
 from ..rights import (
@@ -53,7 +54,7 @@ BUNDLED: frozenset[Right] = frozenset({Right.access, Right.portability})
 LIFTABLE: frozenset[Right] = frozenset({Right.restriction, Right.objection})
 
 
-class CaseError(Exception):
+class CaseError(DsrflowError):
     """A transition the case refuses. The message holds no personal data."""
 
 
@@ -162,9 +163,9 @@ class Case:
 
     def case_event(self, now: datetime) -> tuple[str, str, Event]:
         event = CaseUpdated(
-            case_id=self.case_id, request_id=self.request_id, right=self.right, status=str(self.status),
+            case_id=self.case_id, request_id=self.request_id, right=self.right, status=self.status,
             jurisdiction=self.jurisdiction, received_at=self.received_at, due_at=self.due_at, updated_at=now,
-            tasks=self.summary(), bundle=self.bundle,
+            tasks={t.label: t.status for t in self.tasks}, bundle=self.bundle,
         )
         return topics.CASES, str(self.case_id), event
 

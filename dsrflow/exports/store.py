@@ -33,6 +33,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from uuid import UUID
 
+from ..errors import DsrflowError
 from ..events import Artifact
 
 __all__ = [
@@ -51,7 +52,7 @@ _SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
 _MAX_KEY = 1024  # Artifact.ref's limit
 
 
-class ExportError(Exception):
+class ExportError(DsrflowError):
     """Base of everything the export store and bundle builder raise."""
 
 

@@ -30,6 +30,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import holidays as holidays_lib
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
+from ..errors import DsrflowError
 from ..rights import Right
 from .calendars import WorkingCalendar, add_months, weekdays
 
@@ -53,15 +54,15 @@ _PACKAGE = "dsrflow.policy"
 _DATA_DIR = "jurisdictions"
 
 
-class UnknownJurisdiction(ValueError):
+class UnknownJurisdiction(DsrflowError, ValueError):
     """No data file exists for the jurisdiction code."""
 
 
-class UnsupportedRight(ValueError):
+class UnsupportedRight(DsrflowError, ValueError):
     """The jurisdiction's data file does not say how long this right may take."""
 
 
-class PolicyDataError(RuntimeError):
+class PolicyDataError(DsrflowError, RuntimeError):
     """A bundled jurisdiction data file is malformed: a packaging bug, not bad input."""
 
 

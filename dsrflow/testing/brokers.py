@@ -28,13 +28,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from ..errors import DsrflowError
+
 ENV_VAR = "DSRFLOW_TEST_BROKER"
 KINDS = ("apache", "tansu", "external")
 
 _ADDRESS = re.compile(r"^[\w.\-\[\]:]+:\d+(,[\w.\-\[\]:]+:\d+)*$")
 
 
-class TestBrokerError(RuntimeError):
+class TestBrokerError(DsrflowError, RuntimeError):
     """The requested test broker cannot be used (or CI asked for one that is not Apache Kafka)."""
 
     __test__ = False  # not a pytest test class

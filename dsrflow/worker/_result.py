@@ -15,11 +15,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from ..errors import DsrflowError
 from ..events import Artifact, RetainedItem
 from ..rights import ReceiptStatus
 
 
-class TaskError(Exception):
+class TaskError(DsrflowError):
     """A failure the handler reports on purpose. The message must not contain personal data:
     it is sent to the coordinator and shown to the DPO."""
 
