@@ -12,7 +12,15 @@ from datetime import datetime
 from typing import Annotated, Any, ClassVar, Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from . import identity
 from .rights import Action, CaseStatus, IdentifierType, ReceiptStatus, Right, TaskStatus
@@ -57,9 +65,12 @@ class Subject(BaseModel):
 
     @field_validator("identifiers")
     @classmethod
-    def _normalise(cls, v: dict[IdentifierType, str]) -> dict[IdentifierType, str]:
-        # identity.normalise raises ValueError without the value (it is personal data)
-        return {kind: identity.normalise(kind, value, region=identity.DEFAULT_REGION) for kind, value in v.items()}
+    def _normalise(cls, v: dict[IdentifierType, str], info: ValidationInfo) -> dict[IdentifierType, str]:
+        # identity raises ValueError without the value (it is personal data). The region comes from
+        # the request's jurisdiction when RightsRequested validates this subject (its context).
+        context = info.context if isinstance(info.context, dict) else {}
+        region = context.get("region", identity.DEFAULT_REGION)
+        return {kind: identity.normalise_lenient(kind, value, region=region) for kind, value in v.items()}
 
 
 class IdentifierVerification(BaseModel):
@@ -136,23 +147,21 @@ class RightsRequested(Event):
         subject = data.get("subject")
         if not isinstance(subject, dict) or not isinstance(subject.get("identifiers"), dict):
             return data  # a Subject instance is already normalised (in Vietnam, see Subject)
-        identifiers: dict[Any, Any] = subject["identifiers"]
-        key = next((k for k in identifiers if k == IdentifierType.phone), None)
-        phone = identifiers.get(key) if key is not None else None
         jurisdiction = data.get("jurisdiction", "VN")
-        if not isinstance(phone, str) or not isinstance(jurisdiction, str):
+        if not isinstance(jurisdiction, str):
             return data  # left to field validation
         region = identity.region_of(jurisdiction)
-        try:
-            normalised = identity.normalise_phone(phone, region)
-        except ValueError as exc:
-            if region is None and not phone.strip().startswith(("+", "00")):
+        phone = next((v for k, v in subject["identifiers"].items() if k == IdentifierType.phone), None)
+        if region is None and isinstance(phone, str) and not phone.strip().startswith(("+", "00")):
+            try:
+                identity.normalise_lenient(IdentifierType.phone, phone, region=None)
+            except ValueError:
                 raise ValueError(
                     f"phone identifier has no +country code, and jurisdiction {jurisdiction} spans several "
                     "countries, so it cannot be read as a local number: give it as +<country code><number>"
                 ) from None
-            raise ValueError(str(exc)) from None
-        return {**data, "subject": {**subject, "identifiers": {**identifiers, key: normalised}}}
+        # Validated here, in the jurisdiction's region; the instance is taken as it is.
+        return {**data, "subject": Subject.model_validate(subject, context={"region": region})}
 
     @model_validator(mode="after")
     def _check(self) -> RightsRequested:
@@ -218,6 +227,8 @@ class TaskAssigned(Event):
     due_at: datetime
     changes: dict[str, str] | None = None
     purposes: list[str] | None = None
+    jurisdiction: str | None = Field(
+        default=None, description="the case's jurisdiction: the region a system's locally written phones are read in")
 
 
 class Artifact(BaseModel):

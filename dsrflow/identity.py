@@ -14,7 +14,9 @@ The matching rule (:func:`match_subject`): a worker acts only on records that *a
 task's identifiers agree on. A record agrees when, for every identifier type of the task, its
 value is that identifier or is unknown (empty). When the identifiers find records that disagree
 (the verified email of one person and the phone of another, say), they point to different
-people: the task ends as ``conflict`` for the DPO, and nobody's data is exported or erased.
+people: the task ends as ``conflict`` for the DPO, and nobody's data is exported or erased. So
+do records that agree but share no identifier (one found only by the email, another only by the
+phone): nothing links them to one person.
 """
 
 from __future__ import annotations
@@ -27,7 +29,10 @@ import phonenumbers
 
 from .rights import IdentifierType
 
-__all__ = ["DEFAULT_REGION", "SubjectMatch", "match_subject", "normalise", "normalise_phone", "region_of"]
+__all__ = [
+    "DEFAULT_REGION", "SubjectMatch", "match_subject", "normalise", "normalise_lenient", "normalise_phone",
+    "region_of",
+]
 
 DEFAULT_REGION = "VN"
 R = TypeVar("R")
@@ -75,6 +80,25 @@ def normalise(kind: IdentifierType | str, value: str, *, region: str | None = DE
     if kind == IdentifierType.phone:
         return normalise_phone(value, region)
     return value.strip()
+
+
+def normalise_lenient(kind: IdentifierType | str, value: str, *, region: str | None = DEFAULT_REGION) -> str:
+    """:func:`normalise`, or where that refuses a value the v1 topic accepted before phones and
+    emails were parsed (``admin@localhost``; a local number in a jurisdiction of several countries;
+    8 digits or more that are no possible number), the form v1 kept: an email lower-cased, a phone
+    as ``+`` and digits. Requests valid then stay valid (they are matched as they were)."""
+    try:
+        return normalise(kind, value, region=region)
+    except ValueError:
+        kind = IdentifierType(kind)
+        text = value.strip()
+        if kind == IdentifierType.email and "@" in text and not any(c.isspace() for c in text):
+            return text.lower()
+        if kind == IdentifierType.phone:
+            digits = "".join(ch for ch in text if ch.isdigit() or ch == "+")
+            if len(digits.lstrip("+")) >= 8:
+                return digits
+        raise
 
 
 def _stored(kind: IdentifierType, value: Any, region: str | None) -> str | None:
@@ -144,9 +168,21 @@ def match_subject(
     found: list[R] = []
     agreeing: list[R] = []
     disagreeing: set[IdentifierType] = set()
+    # Which identifier types found the same record: records linked by a shared identifier are one
+    # person; records that share none (one found only by the email, another only by the phone) may
+    # be two people, each with one of the identifiers.
+    links: dict[IdentifierType, IdentifierType] = {k: k for k in columns}
+
+    def root(k: IdentifierType) -> IdentifierType:
+        while links[k] != k:
+            k = links[k]
+        return k
+
+    matched_by: list[set[IdentifierType]] = []
     for rec in records:
         values = {kind: _stored(kind, read(rec, name), region) for kind, name in columns.items()}
-        if not any(values[kind] == wanted[kind] for kind in columns):
+        matched = {kind for kind in columns if values[kind] == wanted[kind]}
+        if not matched:
             continue  # not found by any identifier: not a candidate at all
         found.append(rec)
         against = {kind for kind, value in values.items() if value is not None and value != wanted[kind]}
@@ -154,6 +190,14 @@ def match_subject(
             disagreeing |= against
         else:
             agreeing.append(rec)
+            matched_by.append(matched)
+            first = root(next(iter(matched)))
+            for kind in matched:
+                links[root(kind)] = first
     if disagreeing:
         return SubjectMatch(found=found, records=[], conflict=True, disagreeing=tuple(sorted(disagreeing)))
+    groups = {root(next(iter(m))) for m in matched_by}
+    if len(groups) > 1:
+        unlinked = tuple(sorted({k for m in matched_by for k in m}))
+        return SubjectMatch(found=found, records=[], conflict=True, disagreeing=unlinked)
     return SubjectMatch(found=found, records=agreeing)

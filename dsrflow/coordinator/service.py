@@ -27,7 +27,7 @@ from ..domain.timeline import Entry, TimelineKind
 from ..events import Artifact, DeadLetter, RightsRequested, TaskReceipt
 from ..exports import BundleError, ExportError, ExportStore, LocalExportStore, build_bundle
 from ..registry import SystemDeclaration, active_systems
-from ..rights import LASTING, CaseStatus, TaskStatus
+from ..rights import ACTION_FOR_RIGHT, LASTING, CaseStatus, TaskStatus
 from ..settings import Settings
 from ..store import cases as repo
 from ..store import outbox
@@ -310,7 +310,8 @@ class Coordinator:
         now = now or datetime.now(UTC)
         async with self.pool.acquire() as conn, conn.transaction():
             systems = await active_systems(conn)
-            ids = await repo.unplanned_cases(conn, [s.name for s in systems], [str(r) for r in LASTING], limit)
+            ids = await repo.unplanned_cases(conn, [s.name for s in systems], [str(r) for r in LASTING],
+                                             [str(r) for r in ACTION_FOR_RIGHT], limit)
             if not ids:
                 return 0
             cases = await repo.load(conn, ids, skip_locked=True)

@@ -43,7 +43,7 @@ from ..rights import (
     Right,
     TaskStatus,
 )
-from .planner import PlannedTask, TaskKind, outcome, plan_for
+from .planner import UNVERIFIED_REASON, PlannedTask, TaskKind, outcome, plan_for
 from .timeline import Entry, TimelineKind
 
 __all__ = ["Case", "CaseError", "Effects", "InvalidTransition", "Task", "TaskKind", "information_answer"]
@@ -179,6 +179,7 @@ class Case:
             task_id=task.task_id, case_id=self.case_id, system=task.system, action=task.action, right=self.right,
             attempt=task.attempt, identifiers=ids, due_at=self.due_at,
             changes=task.changes if task.action == Action.rectify else None, purposes=self.purposes,
+            jurisdiction=self.jurisdiction,
         )
         return topics.tasks_topic(task.system), str(self.case_id), event
 
@@ -288,8 +289,9 @@ class Case:
     def verify(self, *, by: str, systems: Sequence[SystemDeclaration], now: datetime,
                identifiers: Iterable[IdentifierType] | None = None, method: str = "dpo") -> Effects:
         """The DPO verified the subject's identity (``identifiers``: which ones; default all given)
-        and, for a representative, their authority. The case then fans out."""
-        if self.status != CaseStatus.awaiting_verification:
+        and, for a representative, their authority. A waiting case then fans out; a case in progress
+        sends the systems that waited for these identifiers (manual tasks) to their workers."""
+        if self.status not in (CaseStatus.awaiting_verification, CaseStatus.in_progress):
             raise InvalidTransition(f"case {self.case_id} is {self.status}, not awaiting verification")
         kinds = set(self.subject) if identifiers is None else {IdentifierType(t) for t in identifiers}
         if not kinds <= set(self.subject):
@@ -297,6 +299,8 @@ class Case:
         if not kinds:
             raise InvalidTransition("verify at least one identifier")
         have = self.verified_types
+        if self.status == CaseStatus.in_progress and kinds <= have:
+            raise InvalidTransition(f"case {self.case_id} is in_progress, with those identifiers verified already")
         self.verification = [*self.verification, *({"identifier": str(t), "method": method, "verified_by": by,
                                                      "verified_at": now.isoformat()}
                                                     for t in sorted(kinds - have))]
@@ -305,7 +309,21 @@ class Case:
         self.dirty = True
         fx = Effects([self._entry(TimelineKind.verified, now, by=by, identifiers=sorted(str(t) for t in kinds),
                                   method=method)])
-        return fx.extend(self._fan_out(systems, now))
+        if self.status == CaseStatus.awaiting_verification:
+            return fx.extend(self._fan_out(systems, now))
+        by_name = {s.name: s for s in systems}
+        usable = self._usable()
+        for t in self.tasks:
+            system = by_name.get(t.system)
+            if (t.status != TaskStatus.manual or system is None or not system.supports(t.action)
+                    or not (t.reason or "").startswith(UNVERIFIED_REASON)):
+                continue
+            if any(k in usable for k in system.identifier_types):
+                t.kind, t.status, t.dispatched_at, t.reason, t.dirty = (
+                    TaskKind.worker, TaskStatus.dispatched, now, None, True)
+                fx.events.append(self.task_event(t, by_name))
+        fx.events.append(self.case_event(now))
+        return fx
 
     def resolve_manual(self, task_id: uuid.UUID, *, by: str, resolution: TaskStatus, note: str,
                        now: datetime) -> Effects:
@@ -314,7 +332,7 @@ class Case:
         task = self.task(task_id)
         if task is None:
             raise InvalidTransition(f"case {self.case_id} has no task {task_id}")
-        if task.status != TaskStatus.manual:
+        if task.status not in (TaskStatus.manual, TaskStatus.stalled):
             raise InvalidTransition(f"task {task_id} is {task.status}, not waiting for a person")
         if resolution not in (TaskStatus.succeeded, TaskStatus.not_found, TaskStatus.refused):
             raise InvalidTransition("a manual task is completed (succeeded, not_found) or declined (refused)")
@@ -342,6 +360,10 @@ class Case:
         by_name = {s.name: s for s in systems}
         fx = Effects([self._entry(TimelineKind.restriction_lifted, now, by=by,
                                   systems=sorted(t.system for t in restricted))])
+        for t in restricted:
+            if not t.terminal:  # never re-sent now; its lift (queued after it, same key) undoes what it did
+                t.status, t.decided_by, t.completed_at, t.dirty = TaskStatus.skipped, by, now, True
+                t.note = "the restriction was lifted before this system confirmed it"
         for t in sorted(restricted, key=lambda t: t.system):
             system = by_name.get(t.system)
             worker = system is not None and system.supports(Action.lift_restriction)
@@ -358,12 +380,18 @@ class Case:
     def plan_new_systems(self, systems: Sequence[SystemDeclaration], now: datetime) -> Effects:
         """Ask systems that registered after the case was planned: while it is open, and for a
         lasting effect (restriction, opt-out, ...) still in force, also after it finished."""
-        if not (self.status == CaseStatus.in_progress or self.lasting_in_force):
+        if self.right not in ACTION_FOR_RIGHT or (self.right in LIFTABLE and self.lifted_at is not None):
+            self.considered = sorted({*self.considered, *(s.name for s in systems)})
+            self.dirty = True
             return Effects()
-        if self.right not in ACTION_FOR_RIGHT:
+        if not (self.status == CaseStatus.in_progress or self.lasting_in_force):
             return Effects()
         before = len(self.tasks)
         fx = self._plan(systems, now, late=True)
+        if self.status == CaseStatus.in_progress and not self.tasks and self.considered:
+            return fx.extend(self._finish_now(CaseStatus.completed, now, {
+                "note": "no registered system searches by these identifier types or is concerned by this right",
+                "systems_considered": self.considered}))
         if len(self.tasks) > before:
             fx.events.append(self.case_event(now))
         return fx
@@ -383,7 +411,8 @@ class Case:
         # and the retry in flight would only report what is left.
         detail: dict[str, Any] = {"system": receipt.system, "attempt": receipt.attempt, "status": str(receipt.status)}
         task.dirty = True
-        if receipt.status == ReceiptStatus.failed and receipt.retryable and receipt.attempt < max_attempts:
+        if (receipt.status == ReceiptStatus.failed and receipt.retryable and receipt.attempt < max_attempts
+                and receipt.system in systems):  # a system no longer registered gets no retry
             task.attempt, task.status, task.dispatched_at, task.error = (
                 receipt.attempt + 1, TaskStatus.dispatched, now, receipt.error)
             return Effects([self._entry(TimelineKind.task_retried, now, **detail, next_attempt=receipt.attempt + 1)],
@@ -401,7 +430,7 @@ class Case:
         detail = {"system": task.system, "attempt": task.attempt,
                   "waited_s": int((now - task.dispatched_at).total_seconds())}
         task.dirty = True
-        if task.attempt < max_attempts:
+        if task.attempt < max_attempts and task.system in systems:
             task.attempt += 1
             task.dispatched_at = now
             return Effects([self._entry(TimelineKind.task_redispatched, now, **detail, next_attempt=task.attempt)],
@@ -447,8 +476,10 @@ class Case:
         outcome shows them, its status and deadline stay what they were."""
         if self.status not in TERMINAL_CASE or self.outcome is None:
             return Effects()
-        self.outcome = {**self.outcome, **outcome_document(self, self.status, systems, now),
-                        "status": str(self.status)}
+        lasting_keys: dict[str, Any] = {k: self.outcome[k] for k in ("information", "bundle_error")
+                                        if k in self.outcome}
+        self.outcome = {"status": str(self.status), **outcome_document(self, self.status, systems, now),
+                        **lasting_keys}
         self.dirty = True
         return Effects([self._entry(TimelineKind.outcome_updated, now, tasks=self.summary())],
                        [self.case_event(now)])
@@ -468,6 +499,10 @@ def outcome_document(case: Case, status: CaseStatus, systems: Mapping[str, Syste
             if getattr(t, key):
                 entry[key] = getattr(t, key)
         system = systems.get(t.system)
+        if system is not None and t.kind == TaskKind.worker:
+            # what "not found" means: the identifier types this system was asked by
+            usable = case._usable()
+            entry["searched_by"] = sorted(str(k) for k in system.identifier_types if k in usable)
         if (case.right == Right.erasure and system is not None and system.backup_retention is not None
                 and t.status in (TaskStatus.succeeded, TaskStatus.retained)):
             # Backups still hold what was erased until they expire; restoring one replays the erasure.

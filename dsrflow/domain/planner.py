@@ -26,6 +26,9 @@ from ..rights import (
     change_category,
 )
 
+#: the reason of a manual task that waits for the DPO to verify more identifiers
+UNVERIFIED_REASON = "it searches only by identifiers not verified"
+
 
 class TaskKind(StrEnum):
     worker = "worker"  # the system's worker carries it out and sends a receipt
@@ -128,7 +131,7 @@ def plan_for(
             if searched:  # it could find the subject, but only by identifiers nobody verified
                 out.tasks.append(PlannedTask(
                     system.name, action, {}, TaskKind.manual,
-                    f"it searches only by identifiers not verified ({', '.join(sorted(searched))}): "
+                    f"{UNVERIFIED_REASON} ({', '.join(sorted(searched))}): "
                     "verify them, or check by hand", sys_changes))
             else:
                 out.not_asked[system.name] = "it searches by none of the subject's identifier types"

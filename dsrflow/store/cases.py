@@ -15,6 +15,7 @@ from typing import Any
 import asyncpg
 import orjson
 
+from .. import topics
 from ..domain.case import Case, Effects, Task, TaskKind
 from ..events import Artifact
 from ..rights import Action, CaseStatus, IdentifierType, Right, TaskStatus
@@ -147,7 +148,10 @@ async def record(conn: asyncpg.Connection, effects: Effects, *, extra: Iterable[
     """Append the effects' timeline entries and queue their events (and ``extra`` messages, such as
     dead letters) in the outbox. Call after :func:`insert` / :func:`save`, in the same transaction."""
     await append(conn, effects.timeline)
-    messages = [outbox.message(topic, key, event, source=SOURCE, subject=key) for topic, key, event in effects.events]
+    # One CaseUpdated per case per unit of work: the last one, which holds the state being committed.
+    last_state = {key: i for i, (topic, key, _) in enumerate(effects.events) if topic == topics.CASES}
+    events = [e for i, e in enumerate(effects.events) if e[0] != topics.CASES or last_state[e[1]] == i]
+    messages = [outbox.message(topic, key, event, source=SOURCE, subject=key) for topic, key, event in events]
     await outbox.add(conn, [*messages, *extra])
 
 
@@ -159,16 +163,16 @@ async def stale_cases(conn: asyncpg.Connection, cutoff: Any, limit: int) -> list
 
 
 async def unplanned_cases(conn: asyncpg.Connection, systems: Sequence[str], lasting: Sequence[str],
-                          limit: int) -> list[uuid.UUID]:
+                          fan_out: Sequence[str], limit: int) -> list[uuid.UUID]:
     """Cases a registered system has not been considered for yet: open fan-out cases, and finished
-    cases whose lasting effect is still in force."""
+    cases whose lasting effect is still in force (not lifted). Rights without fan-out (a complaint)
+    never qualify, so they cannot crowd out the cases that do."""
     if not systems:
         return []
     return [r["case_id"] for r in await conn.fetch(
         """SELECT case_id FROM cases
-           WHERE NOT (considered @> $1::text[])
+           WHERE NOT (considered @> $1::text[]) AND right_name = ANY($3::text[]) AND lifted_at IS NULL
              AND (status = 'in_progress'
-                  OR (right_name = ANY($2::text[]) AND lifted_at IS NULL
-                      AND status IN ('completed', 'completed_with_exceptions')))
-           ORDER BY received_at LIMIT $3""",
-        list(systems), list(lasting), limit)]
+                  OR (right_name = ANY($2::text[]) AND status IN ('completed', 'completed_with_exceptions')))
+           ORDER BY received_at LIMIT $4""",
+        list(systems), list(lasting), list(fan_out), limit)]

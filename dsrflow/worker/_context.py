@@ -14,7 +14,7 @@ import orjson
 
 from ..events import Artifact, TaskAssigned
 from ..exports.store import ExportStore, export_key
-from ..identity import SubjectMatch, match_subject
+from ..identity import DEFAULT_REGION, SubjectMatch, match_subject, region_of
 from ..registry import SystemDeclaration
 from ..rights import IdentifierType
 
@@ -59,7 +59,8 @@ class TaskContext:
         """The records this task may act on: :func:`dsrflow.identity.match_subject` with the task's
         identifiers. ``records`` are the candidates found by any identifier; ``fields`` names the
         record field of each identifier type. On ``conflict``, return ``Result.conflict(m.reason())``."""
-        return match_subject(self.identifiers, records, fields)
+        region = region_of(self.task.jurisdiction) if self.task.jurisdiction else DEFAULT_REGION
+        return match_subject(self.identifiers, records, fields, region=region)
 
     async def export(self, data: Any, *, records: int, media_type: str = "application/json") -> Artifact:
         """Write an export to the export store and return its claim check for the receipt.

@@ -147,6 +147,19 @@ def test_duplicates_of_the_same_person_are_all_acted_on() -> None:
     assert ids(m) == ([1, 4], [1, 4]) and not m.conflict
 
 
+def test_records_that_share_no_identifier_are_not_one_person() -> None:
+    # One contact has only this email, another only this phone: nothing links them to one person.
+    email_only = {"id": 5, "email": "lan.nguyen@example.vn", "phone": None}
+    phone_only = {"id": 6, "email": None, "phone": "+84912345678"}
+    m = match_subject({"email": "lan.nguyen@example.vn", "phone": "+84912345678"}, [email_only, phone_only], FIELDS)
+    assert m.conflict and m.records == [] and ids(m)[0] == [5, 6]
+    # ... unless a third record holds both: then all three are the same person
+    both = {"id": 7, "email": "lan.nguyen@example.vn", "phone": "+84912345678"}
+    m = match_subject({"email": "lan.nguyen@example.vn", "phone": "+84912345678"},
+                      [email_only, phone_only, both], FIELDS)
+    assert ids(m) == ([5, 6, 7], [5, 6, 7]) and not m.conflict
+
+
 def test_stored_values_in_other_formats_are_compared_in_normal_form() -> None:
     stored = {"id": 5, "email": " LAN.NGUYEN@EXAMPLE.VN", "phone": "0912 345 678"}
     m = match_subject({"email": "lan.nguyen@example.vn", "phone": "+84912345678"}, [stored], FIELDS)

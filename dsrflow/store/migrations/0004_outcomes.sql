@@ -9,8 +9,10 @@ ALTER TABLE cases ADD COLUMN lifted_at timestamptz;   -- a lasting effect (restr
 -- Systems the case's planning has looked at (asked or not): a system that registers later is
 -- planned for the open cases, and the lasting effects in force, that have not considered it yet.
 ALTER TABLE cases ADD COLUMN considered text[] NOT NULL DEFAULT '{}';
-UPDATE cases c SET considered = coalesce((SELECT array_agg(DISTINCT t.system) FROM tasks t
-                                          WHERE t.case_id = c.case_id), '{}');
+-- Cases opened before this migration were planned against the systems registered by then.
+UPDATE cases c SET considered = coalesce((SELECT array_agg(DISTINCT s) FROM (
+    SELECT t.system AS s FROM tasks t WHERE t.case_id = c.case_id
+    UNION SELECT y.name FROM systems y WHERE y.registered_at <= c.received_at) known), '{}');
 ALTER TABLE cases ADD CONSTRAINT cases_status_check CHECK (status IN (
     'received', 'awaiting_verification', 'in_progress', 'on_hold', 'completed', 'completed_with_exceptions',
     'denied', 'failed'));
