@@ -168,7 +168,7 @@ def waves(people: Mapping[str, Any] | None = None) -> list[list[Step]]:
              CaseStatus.completed, expect_tasks={"crm": "succeeded"}),
         Step("information: what is processed, why, where, how long", Right.information, "nowhere",
              CaseStatus.completed, verified=False),
-        Step("access: one person's email + another's phone", Right.access, "attack_a",
+        Step("erasure: one person's email + another's phone", Right.erasure, "attack_a",
              CaseStatus.completed_with_exceptions, expect_tasks={"crm": "conflict"},
              identifiers={"email": a.email, "phone": b.phone}),
         Step("access by a parent for a child, not yet verified", Right.access, "child",
@@ -419,8 +419,9 @@ async def reference_checks(settings: Settings, people: Mapping[str, Any] | None 
             address = await crm.fetchval(
                 """SELECT a.line FROM addresses a JOIN contacts k ON k.id = a.contact_id
                    WHERE k.email = $1 ORDER BY a.id LIMIT 1""", c["rectified"].email)
-            attacked = await crm.fetchval("SELECT count(*) FROM contacts WHERE email = ANY($1::text[])",
-                                          [c["attack_a"].email, c["attack_b"].email])
+            attacked = await crm.fetchval(
+                "SELECT count(*) FROM contacts WHERE email = ANY($1::text[]) AND phone = ANY($2::text[])",
+                [c["attack_a"].email, c["attack_b"].email], [c["attack_a"].phone, c["attack_b"].phone])
             extra = [
                 ("CRM: the rectified address is the one the person gave", address is not None
                  and NEW_ADDRESS.startswith(address)),
@@ -433,7 +434,7 @@ async def reference_checks(settings: Settings, people: Mapping[str, Any] | None 
                 ("CRM: lead scoring skips the automated-decision objection", c["automated"].email not in scored),
                 ("CRM: the lifted restriction lets lead scoring score the person again",
                  c["restricted"].email in scored),
-                ("CRM: identifiers of two people: both untouched", attacked == 2),
+                ("CRM: an erasure by the identifiers of two people erased neither", attacked == 2),
             ]
     finally:
         await crm.close()

@@ -22,7 +22,7 @@ import orjson
 
 from .. import codec, policy, topics
 from ..domain import planner
-from ..domain.case import Case, CaseError, Effects, InvalidTransition
+from ..domain.case import Case, CaseError, Effects, InvalidTransition, TaskKind
 from ..domain.timeline import Entry, TimelineKind
 from ..events import Artifact, DeadLetter, RightsRequested, TaskReceipt
 from ..exports import BundleError, ExportError, ExportStore, LocalExportStore, build_bundle
@@ -273,6 +273,10 @@ class Coordinator:
         return await asyncio.to_thread(
             build_bundle, self.exports, case_id=case.case_id, request_id=case.request_id, parts=parts,
             systems_without_data=sorted(t.system for t in case.tasks if t.status == TaskStatus.not_found),
+            systems_not_exported={t.system: (f"{t.status}, by a person: {t.note}" if t.kind == TaskKind.manual
+                                             else str(t.status))
+                                  for t in case.tasks if t.status not in (TaskStatus.succeeded, TaskStatus.not_found)
+                                  or (t.kind == TaskKind.manual and t.status == TaskStatus.succeeded)},
         )
 
     # -- timers --------------------------------------------------------------

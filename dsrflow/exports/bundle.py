@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import zipfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import PurePosixPath
 from typing import Any
@@ -69,13 +69,17 @@ def build_bundle(
     request_id: str,
     parts: Sequence[tuple[str, Artifact]],
     systems_without_data: Iterable[str] = (),
+    systems_not_exported: Mapping[str, str] | None = None,
     generated_at: datetime | None = None,
 ) -> Artifact:
     """Build and store the access bundle of a case; return its claim check.
 
     ``parts`` are ``(system, artifact)`` pairs from the receipts of the case's export tasks.
     ``systems_without_data`` names systems that were asked but found nothing (not_found);
-    they are listed in the manifest so the subject sees they were searched. Raises
+    they are listed in the manifest so the subject sees they were searched.
+    ``systems_not_exported`` maps systems that hold data but whose part is not in the bundle to
+    why (handled by a person, identifiers that point to different people, refused): the manifest
+    says so rather than let the bundle look complete. Raises
     :class:`BundleError` when a part is missing or its sha256 or size differs from the receipt.
     """
     generated_at = (generated_at or datetime.now(UTC)).astimezone(UTC)
@@ -113,6 +117,7 @@ def build_bundle(
         "records": sum(e["records"] for e in entries),
         "files": entries,
         "systems_without_data": without,
+        "systems_not_in_bundle": dict(sorted((systems_not_exported or {}).items())),
     }
     manifest_bytes = orjson.dumps(manifest, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n"
 

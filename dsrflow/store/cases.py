@@ -134,7 +134,8 @@ async def _save_tasks(conn: asyncpg.Connection, tasks: Sequence[Task]) -> None:
         """INSERT INTO tasks (task_id, case_id, system, action, status, kind, attempt, dispatched_at, completed_at,
                result, error, reason, changes, decided_by, note)
            VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10::jsonb,$11,$12,$13::jsonb,$14,$15)
-           ON CONFLICT (task_id) DO UPDATE SET status=EXCLUDED.status, attempt=EXCLUDED.attempt,
+           ON CONFLICT (task_id) DO UPDATE SET status=EXCLUDED.status, kind=EXCLUDED.kind,
+               reason=EXCLUDED.reason, attempt=EXCLUDED.attempt,
                dispatched_at=EXCLUDED.dispatched_at, completed_at=EXCLUDED.completed_at, result=EXCLUDED.result,
                error=EXCLUDED.error, decided_by=EXCLUDED.decided_by, note=EXCLUDED.note, updated_at=now()""",
         [(t.task_id, t.case_id, t.system, str(t.action), str(t.status), str(t.kind), t.attempt, t.dispatched_at,

@@ -152,7 +152,8 @@ async def test_a_declined_manual_task_completes_the_case_with_exceptions(
 async def test_a_system_registered_later_is_asked_by_open_cases(coordinator: Coordinator, pool: asyncpg.Pool) -> None:
     rid = await submit(coordinator, "erasure")  # no system at all yet
     assert (await case_of(pool, rid))["status"] == "in_progress" and await tasks(pool, rid) == {}
-    assert await coordinator.plan_new_systems() == 0  # still nobody to ask
+    await coordinator.plan_new_systems()  # still nobody to ask
+    assert await tasks(pool, rid) == {} and (await case_of(pool, rid))["status"] == "in_progress"
 
     await systems(pool, CRM)
     assert await coordinator.plan_new_systems() == 1
@@ -338,3 +339,101 @@ async def test_the_store_refuses_a_status_no_enum_names(pool: asyncpg.Pool, coor
     with pytest.raises(asyncpg.CheckViolationError):
         await pool.execute("UPDATE tasks SET status = 'finished' WHERE task_id = $1",
                            (await tasks(pool, rid))["crm"]["task_id"])
+
+
+async def test_a_lift_while_the_restriction_is_still_out_supersedes_it_and_it_is_never_sent_again(
+    coordinator: Coordinator, pool: asyncpg.Pool
+) -> None:
+    await systems(pool, CRM)
+    rid = await submit(coordinator, "restriction")
+    restrict = (await tasks(pool, rid))["crm"]
+    case_id = restrict["case_id"]
+    await coordinator.lift_restriction(case_id, by="dpo@example.vn")
+    t = await tasks(pool, rid)
+    assert (t["crm"]["status"], t["crm"]["decided_by"]) == ("skipped", "dpo@example.vn")
+    assert t["crm:lift"]["status"] == "dispatched"
+    # The restriction's first attempt fails, retryably: it is not sent again after the lift.
+    await coordinator.handle_receipts([receipt(restrict, "failed", retryable=True, error="db down")])
+    await coordinator.sweep_stalled(now=restrict["dispatched_at"] + timedelta(days=1))
+    sent = [(e.action, e.attempt) for e in await sent_tasks(pool, "crm") if e.case_id == case_id]
+    assert sent[:2] == [(Action.restrict, 1), (Action.lift_restriction, 1)]
+    assert (Action.restrict, 2) not in sent
+    assert (await tasks(pool, rid))["crm"]["status"] == "skipped"
+
+
+async def test_complaints_never_crowd_out_cases_waiting_for_a_system(
+    coordinator: Coordinator, pool: asyncpg.Pool
+) -> None:
+    for _ in range(3):
+        await submit(coordinator, "complaint")
+    rid = await submit(coordinator, "erasure")
+    await systems(pool, CRM)
+    for _ in range(3):  # the sweep's batch is smaller than the complaints
+        await coordinator.plan_new_systems(limit=2)
+    assert (await tasks(pool, rid))["crm"]["status"] == "dispatched"
+
+
+async def test_a_case_with_no_system_concerned_later_finishes_instead_of_waiting_forever(
+    coordinator: Coordinator, pool: asyncpg.Pool
+) -> None:
+    rid = await submit(coordinator, "opt_out_marketing", {"email": LAN["email"]}, verified=False)
+    assert (await case_of(pool, rid))["status"] == "in_progress"  # nobody registered: nobody looked
+    await systems(pool, BILLING)  # not concerned by marketing
+    await coordinator.plan_new_systems()
+    case = await case_of(pool, rid)
+    assert case["status"] == "completed" and await tasks(pool, rid) == {}
+    assert outcome(case)["systems_considered"] == ["billing"]
+
+
+async def test_verifying_more_identifiers_later_sends_the_systems_that_waited_for_them(
+    coordinator: Coordinator, pool: asyncpg.Pool
+) -> None:
+    auth = SystemDeclaration(name="auth", identifier_types=("phone",), actions=(Action.export,))
+    await systems(pool, CRM, auth)
+    rid = await submit(coordinator, "access", verified=False, verification=[{"identifier": "email",
+                                                                             "method": "email_link"}])
+    t = await tasks(pool, rid)
+    assert (t["auth"]["kind"], t["auth"]["status"]) == ("manual", "manual")
+    await coordinator.verify(t["auth"]["case_id"], by="dpo@example.vn", identifiers=["phone"])
+    t = await tasks(pool, rid)
+    assert (t["auth"]["kind"], t["auth"]["status"]) == ("worker", "dispatched")
+    [sent] = await sent_tasks(pool, "auth")
+    assert sent.identifiers == {"phone": LAN["phone"]}
+    with pytest.raises(InvalidTransition, match="verified already"):
+        await coordinator.verify(t["auth"]["case_id"], by="dpo@example.vn", identifiers=["phone"])
+
+
+async def test_a_late_task_resolved_leaves_no_stale_claim_in_the_outcome(
+    coordinator: Coordinator, pool: asyncpg.Pool
+) -> None:
+    await systems(pool, CRM)
+    rid = await submit(coordinator, "opt_out_marketing", {"email": LAN["email"]}, verified=False)
+    await coordinator.handle_receipts([receipt((await tasks(pool, rid))["crm"], "succeeded")])
+    await systems(pool, ANALYTICS.model_copy(update={"purposes": ("marketing.communications",)}))
+    await coordinator.plan_new_systems()
+    late = (await tasks(pool, rid))["analytics"]
+    assert late["status"] == "manual"
+    assert outcome(await case_of(pool, rid))["waiting_for_a_person"] == ["analytics"]
+    await coordinator.resolve_manual_task(late["case_id"], late["task_id"], by="ops@example.vn",
+                                          resolution=TaskStatus.succeeded, note="unsubscribed in the vendor tool")
+    doc = outcome(await case_of(pool, rid))
+    assert "waiting_for_a_person" not in doc and doc["systems"]["analytics"]["status"] == "succeeded"
+
+
+async def test_the_access_bundle_says_which_systems_are_not_in_it_and_why(
+    coordinator: Coordinator, pool: asyncpg.Pool
+) -> None:
+    from dsrflow.exports import read_bundle
+
+    await systems(pool, CRM, ANALYTICS)
+    rid = await submit(coordinator, "access")
+    t = await tasks(pool, rid)
+    await coordinator.handle_receipts([receipt(t["crm"], "conflict", error="two people")])
+    await coordinator.resolve_manual_task(t["analytics"]["case_id"], t["analytics"]["task_id"], by="ops",
+                                          resolution=TaskStatus.succeeded, note="export e-mailed from the console")
+    case = await case_of(pool, rid)
+    assert case["status"] == "completed_with_exceptions"
+    manifest, files = read_bundle(coordinator.exports.get(orjson.loads(case["bundle"])["ref"]))
+    assert manifest["systems_not_in_bundle"] == {
+        "analytics": "succeeded, by a person: export e-mailed from the console", "crm": "conflict"}
+    assert manifest["files"] == []
