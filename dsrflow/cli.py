@@ -12,13 +12,14 @@
     dsrflow cases lift ID --by WHO        lift a restriction or objection
     dsrflow tasks list | complete | decline   manual tasks, done by a person
     dsrflow api                           serve the DPO HTTP API
-    dsrflow demo                          the end-to-end demo on the embedded stack
+    dsrflow demo [--broker B]             the end-to-end demo on the embedded stack
 
 `stack status`, `cases list` and `cases show` take --json for machine-readable output.
 Settings come from DSRFLOW_* variables (see dsrflow/settings.py); each command reads only
-the ones it uses. A failure is one line on stderr, `error: ...`, with exit code 1 (2 for
-bad arguments). The services (coordinator, worker, api) wait up to DSRFLOW_STARTUP_TIMEOUT
-for their broker and case store at start.
+the ones it uses, so an invalid value of another one does not stop it. A failure is one line
+on stderr, `error: ...`, with exit code 1 (2 for bad arguments). The services (coordinator,
+worker, api) check their settings first, then wait up to DSRFLOW_STARTUP_TIMEOUT in all for
+their broker and case store.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import os
 import re
 import socket
 import sys
+import time
 import traceback
 import uuid
 from collections.abc import Sequence
@@ -41,7 +43,15 @@ from typing import Any, NoReturn
 import orjson
 
 from . import topics
-from .client import DEFAULT_TIMEOUT, broker_error, case_store_error, case_store_pool, connect_case_store
+from .client import (
+    DEFAULT_TIMEOUT,
+    broker_error,
+    case_store_error,
+    case_store_pool,
+    check_broker,
+    connect_case_store,
+    seconds,
+)
 from .client import submit as submit  # re-exported: dsrflow.cli.submit predates dsrflow.client
 from .errors import ConfigError, DsrflowError, InvalidInput, validation_summary
 from .rights import CaseStatus, IdentifierType, Right, TaskStatus
@@ -97,6 +107,35 @@ def _stack_failures() -> tuple[type[BaseException], ...]:
     return tuple(found)
 
 
+#: "...; log tail:" ends the first line of a ServiceStartError whose next lines are the log's tail
+_LOG_TAIL = re.compile(r"[;:,]?\s*\blog(?: tail)?:\s*$")
+_NAMED_LOG = re.compile(r"\S+\.log\b")
+#: the log of each stack service, by a word in what failed
+_STACK_LOGS = (("kafka", ("kafka", "server.log")), ("tansu", ("tansu.log",)), ("postgres", ("postgres.log",)),
+               ("initdb", ("postgres.log",)))
+
+
+def _stack_failed(exc: BaseException, state_dir: Path, *, tansu_hint: str) -> DsrflowError:
+    """One line for the embedded stack's failure to start: the first line of its message
+    (a log tail after it is many lines: the log's path instead), with the advice to try Tansu
+    given as ``tansu_hint`` (the command that can do it)."""
+    lines = [line.strip() for line in str(exc).splitlines()]
+    first = lines[0] if lines and lines[0] else type(exc).__name__
+    rest = [line for line in lines[1:] if line]
+    tail = _LOG_TAIL.search(first)
+    if tail:
+        first = first[:tail.start()].rstrip()
+        if not _NAMED_LOG.search(first):
+            named = next((parts for word, parts in _STACK_LOGS if word in first.lower()), None)
+            log = state_dir.joinpath(*named) if named else None
+            first += f" (log: {log})" if log is not None and log.exists() else f" (logs in {state_dir})"
+    elif first.endswith(":") and rest:  # "initdb failed for ...:" and the tool's output below
+        errors = [line for line in rest if re.search(r"\berror\b", line, re.IGNORECASE)]
+        first = f"{first} {(errors or rest)[-1][:200]}"
+    first = first.replace("`dsrflow stack up --broker tansu`", tansu_hint)
+    return DsrflowError(f"the embedded stack did not start: {first}")
+
+
 def cmd_stack(args: argparse.Namespace, settings: Settings) -> int:
     stack = _stack_module()
     state_dir = settings.state_dir.resolve()
@@ -104,13 +143,14 @@ def cmd_stack(args: argparse.Namespace, settings: Settings) -> int:
         try:
             info = stack.up(settings.state_dir, broker=args.broker)
         except _stack_failures() as exc:
-            first = (str(exc).splitlines() or [type(exc).__name__])[0]
-            if first.endswith("; log tail:"):  # the tail itself is many lines: point at the logs instead
-                first = f"{first.removesuffix('; log tail:')} (logs in {state_dir})"
-            raise DsrflowError(f"the embedded stack did not start: {first}") from exc
+            raise _stack_failed(exc, state_dir, tansu_hint="`dsrflow stack up --broker tansu`") from exc
+        notices = [str(n) for n in info.get("notices", []) or []]
+        sys.stdout.flush()
+        for notice in notices:  # e.g. the broker's port changed: its clients need the new address
+            print("notice: " + " ".join(notice.split()), file=sys.stderr, flush=True)
         if args.json:
             _print_json({"kafka_bootstrap": info["kafka_bootstrap"], "pg_dsn": info["pg_dsn"],
-                         "state_dir": str(state_dir)})
+                         "state_dir": str(state_dir), "notices": notices})
             return 0
         print("embedded stack is up; connection settings:")
         print(f"  DSRFLOW_KAFKA_BOOTSTRAP={info['kafka_bootstrap']}")
@@ -194,6 +234,10 @@ def _check_system_name(name: str, what: str = "system name") -> str:
     return name
 
 
+#: how long `topics apply` waits for the broker to create and describe the topics, once it answered
+TOPICS_APPLY_TIMEOUT = 3 * DEFAULT_TIMEOUT
+
+
 def cmd_topics(args: argparse.Namespace, settings: Settings) -> int:
     if args.action == "schemas":
         generated = topics.generate_schemas()
@@ -219,14 +263,25 @@ def cmd_topics(args: argparse.Namespace, settings: Settings) -> int:
         if settings.case_store_configured:
             systems |= set(await _registered_systems(settings))
         options = {**settings.kafka_client_options(), "request_timeout_ms": int(DEFAULT_TIMEOUT * 1000)}
+        # First whether any broker answers at all ("no Kafka broker answers at X" if not) ...
+        await check_broker(settings, timeout=DEFAULT_TIMEOUT)
+        t0 = time.monotonic()
         try:
             return await asyncio.wait_for(
                 topics.apply(options, topics.specs_for(sorted(systems)),
                              replication_factor=settings.topic_replication_factor),
-                timeout=3 * DEFAULT_TIMEOUT,
+                timeout=TOPICS_APPLY_TIMEOUT,
             )
         except Exception as exc:  # noqa: BLE001 - mapped, or re-raised as it was
-            mapped = broker_error(settings, exc, DEFAULT_TIMEOUT)
+            from aiokafka.errors import KafkaTimeoutError, RequestTimedOutError
+
+            waited = time.monotonic() - t0
+            if isinstance(exc, TimeoutError | KafkaTimeoutError | RequestTimedOutError):
+                # ... then, since it did, a request it left unanswered is not "no broker".
+                origin = f" ({settings.bootstrap_origin})" if settings.bootstrap_origin else ""
+                raise DsrflowError(f"the Kafka broker at {settings.bootstrap}{origin} did not answer the "
+                                   f"request in {seconds(waited)}") from exc
+            mapped = broker_error(settings, exc, DEFAULT_TIMEOUT, waited=waited)
             if mapped is None:
                 raise
             raise mapped from exc
@@ -603,7 +658,12 @@ def cmd_tasks(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from .demo import main as demo_main
 
-    return demo_main(settings)
+    os.environ["DSRFLOW_DEMO_BROKER"] = args.broker  # read by dsrflow.demo when it starts the stack
+    try:
+        return demo_main(settings)
+    except _stack_failures() as exc:
+        raise _stack_failed(exc, (settings.state_dir / "demo").resolve(),
+                            tansu_hint="`dsrflow demo --broker tansu`") from exc
 
 
 # -- parser, main --------------------------------------------------------------
@@ -695,11 +755,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_tasks)
 
     s = sub.add_parser("demo", help="end-to-end demo on the embedded stack")
+    s.add_argument("--broker", choices=["apache", "tansu"], default="apache",
+                   help="Apache Kafka (needs Java 17+; the default) or the memory-only Tansu broker")
     s.set_defaults(func=cmd_demo)
     return p
 
 
 _SERVICES = frozenset({"coordinator", "worker", "api", "demo"})
+
+_KAFKA_SETTINGS = ("kafka_bootstrap", "kafka_security_protocol", "kafka_sasl_mechanism", "kafka_sasl_username",
+                   "kafka_sasl_password", "kafka_ssl_cafile", "kafka_idempotent_producer", "topic_replication_factor")
+#: The settings a service reads, checked before it starts: a long-running process must not meet an
+#: invalid one later, in a timer. One-shot commands need no list: reading an invalid setting fails.
+SERVICE_SETTINGS: dict[str, tuple[str, ...]] = {
+    "coordinator": ("state_dir", *_KAFKA_SETTINGS, "pg_dsn", "export_dir", "max_task_attempts", "task_timeout",
+                    "outbox_retention", "inbox_retention", "startup_timeout", "log_level"),
+    "worker": ("state_dir", *_KAFKA_SETTINGS, "pg_dsn", "export_dir", "startup_timeout", "log_level"),
+    "api": ("state_dir", "pg_dsn", "api_host", "api_port", "api_token", "startup_timeout", "log_level"),
+}
 
 
 def _configure_logging(settings: Settings, command: str) -> None:
@@ -731,9 +804,17 @@ def _explain(exc: BaseException, settings: Settings | None) -> DsrflowError | No
     return None
 
 
+def _log_level(settings: Settings | None) -> str:
+    if settings is not None:
+        try:
+            return settings.log_level
+        except ConfigError:  # DSRFLOW_LOG_LEVEL itself is invalid
+            pass
+    return os.environ.get("DSRFLOW_LOG_LEVEL", "")
+
+
 def _fail(exc: BaseException, settings: Settings | None) -> int:
-    level = settings.log_level if settings is not None else os.environ.get("DSRFLOW_LOG_LEVEL", "")
-    if level.strip().upper() == "DEBUG":
+    if _log_level(settings).strip().upper() == "DEBUG":
         traceback.print_exception(exc)
     explained = _explain(exc, settings)
     message = str(explained) if explained is not None else f"unexpected {type(exc).__name__}: {exc}"
@@ -747,7 +828,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         settings = get_settings()
-        _configure_logging(settings, args.command)
+        _configure_logging(settings, args.command)  # every command logs: it reads DSRFLOW_LOG_LEVEL
+        if args.command in SERVICE_SETTINGS:
+            settings.require(*SERVICE_SETTINGS[args.command])
         return int(args.func(args, settings) or 0)
     except KeyboardInterrupt:
         return 130

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -30,25 +31,38 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_TIMEOUT", "broker_error", "case_store_error", "case_store_pool", "check_broker", "connect_case_store",
-    "submit",
+    "seconds", "submit",
 ]
 
 #: Seconds a call waits for the broker or the case store before it gives up.
 DEFAULT_TIMEOUT = 10.0
 
 
-def _reason(exc: BaseException, timeout: float | None = None) -> str:
+def seconds(value: float) -> str:
+    """A duration for a message: ``2.5s``, ``30s``."""
+    return f"{value:.1f}s" if value < 10 else f"{value:.0f}s"
+
+
+def _no_answer(timeout: float | None, waited: float | None) -> str:
+    if waited is not None:
+        return f"no answer in {seconds(waited)}"
+    return f"no answer within {timeout:g}s" if timeout else "timed out"
+
+
+def _reason(exc: BaseException, timeout: float | None = None, waited: float | None = None) -> str:
     if isinstance(exc, ConnectionRefusedError):
         return "connection refused"
     if isinstance(exc, socket.gaierror):
         return "unknown host"
     if isinstance(exc, TimeoutError):
-        return f"no answer within {timeout:g}s" if timeout else "timed out"
+        return _no_answer(timeout, waited)
     return type(exc).__name__
 
 
-def broker_error(settings: Settings, exc: BaseException, timeout: float | None = None) -> DsrflowError | None:
-    """The DsrflowError for a failure to reach the Kafka broker, or None if ``exc`` is not one."""
+def broker_error(settings: Settings, exc: BaseException, timeout: float | None = None, *,
+                 waited: float | None = None) -> DsrflowError | None:
+    """The DsrflowError for a failure to reach the Kafka broker, or None if ``exc`` is not one.
+    ``waited``: the seconds really spent waiting, when the caller measured them."""
     from aiokafka.errors import (
         AuthenticationFailedError,
         KafkaConnectionError,
@@ -61,12 +75,15 @@ def broker_error(settings: Settings, exc: BaseException, timeout: float | None =
     if isinstance(exc, DsrflowError):
         return exc
     bootstrap = settings.bootstrap
+    origin = settings.bootstrap_origin
     if isinstance(exc, KafkaConnectionError):
-        return BrokerUnavailable(bootstrap)
+        # aiokafka says the same for a refused connection and for a host that never answered
+        slow = waited is not None and waited >= 1
+        return BrokerUnavailable(bootstrap, _no_answer(timeout, waited) if slow else None, origin=origin)
     if isinstance(exc, KafkaTimeoutError | RequestTimedOutError | TimeoutError):
-        return BrokerUnavailable(bootstrap, f"no answer within {timeout:g}s" if timeout else "timed out")
+        return BrokerUnavailable(bootstrap, _no_answer(timeout, waited), origin=origin)
     if isinstance(exc, NodeNotReadyError | OSError):
-        return BrokerUnavailable(bootstrap, _reason(exc, timeout))
+        return BrokerUnavailable(bootstrap, _reason(exc, timeout, waited), origin=origin)
     if isinstance(exc, AuthenticationFailedError):
         return DsrflowError(f"the Kafka broker at {bootstrap} refused the login: check DSRFLOW_KAFKA_SASL_*")
     if isinstance(exc, KafkaError):
@@ -82,17 +99,18 @@ def case_store_error(settings: Settings, exc: BaseException, timeout: float | No
     if isinstance(exc, DsrflowError):
         return exc
     where = settings.case_store_location
+    origin = settings.case_store_origin
     if isinstance(exc, asyncpg.InvalidAuthorizationSpecificationError | asyncpg.InvalidCatalogNameError):
         # password authentication failed for user "x" / database "x" does not exist: no secrets
         return CaseStoreUnavailable(where, str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
-                                    refused=True)
+                                    refused=True, origin=origin)
     if isinstance(exc, asyncpg.ClientConfigurationError):
         return ConfigError(f"DSRFLOW_PG_DSN is not usable ({type(exc).__name__})")
     if isinstance(exc, OSError | TimeoutError):
-        return CaseStoreUnavailable(where, _reason(exc, timeout))
+        return CaseStoreUnavailable(where, _reason(exc, timeout), origin=origin)
     if isinstance(exc, asyncpg.PostgresConnectionError | asyncpg.InterfaceError | asyncpg.CannotConnectNowError
                   | asyncpg.TooManyConnectionsError):
-        return CaseStoreUnavailable(where, type(exc).__name__)
+        return CaseStoreUnavailable(where, type(exc).__name__, origin=origin)
     return None
 
 
@@ -131,12 +149,13 @@ async def check_broker(settings: Settings, needed: Iterable[str] = (), *, timeou
     from aiokafka.client import AIOKafkaClient
 
     client = AIOKafkaClient(**settings.kafka_client_options(), request_timeout_ms=int(timeout * 1000))
+    t0 = time.monotonic()
     try:
         try:
             await asyncio.wait_for(client.bootstrap(), timeout + 1)
             cluster = await asyncio.wait_for(client.fetch_all_metadata(), timeout + 1)
         except Exception as exc:  # noqa: BLE001 - mapped, or re-raised as it was
-            mapped = broker_error(settings, exc, timeout)
+            mapped = broker_error(settings, exc, timeout, waited=time.monotonic() - t0)
             if mapped is None:
                 raise
             raise mapped from exc

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
 import sys
 import time
@@ -28,7 +29,7 @@ import asyncpg
 import orjson
 
 from . import launcher, topics
-from .cli import submit
+from .client import submit
 from .events import RightsRequested
 from .rights import TERMINAL_CASE, CaseStatus, IdentifierType, Right, TaskStatus
 from .settings import Settings
@@ -502,7 +503,7 @@ def main(base: Settings) -> int:
         shutil.rmtree(state_dir)
     _print(f"starting the embedded stack in {state_dir} ...")
     t0 = time.monotonic()
-    info = stack.up(state_dir)
+    info = stack.up(state_dir, broker=os.environ.get("DSRFLOW_DEMO_BROKER", "apache"))
     try:
         settings = Settings(state_dir=state_dir, kafka_bootstrap=None, pg_dsn=None, export_dir=None,
                             log_level="INFO")

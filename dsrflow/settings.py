@@ -1,7 +1,12 @@
 """The one settings object, read once from ``DSRFLOW_*`` environment variables.
 
 Where a connection setting is not given, dsrflow uses the embedded stack that
-``dsrflow stack up`` started: its addresses are in ``<state_dir>/stack.json``.
+``dsrflow stack up`` started, while it runs: its addresses are in ``<state_dir>/stack.json``.
+
+Settings are read tolerantly: an invalid ``DSRFLOW_*`` value does not stop the settings from
+being built. The field keeps its default, and reading it raises a
+:class:`~dsrflow.errors.ConfigError` naming the variable, so a command fails only on the
+settings it uses (:meth:`Settings.require` checks a list up front, as a service does at start).
 Connection settings are resolved only when used, so a command asks only for what it needs.
 """
 
@@ -10,11 +15,11 @@ from __future__ import annotations
 import functools
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import orjson
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, PrivateAttr, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from .errors import ConfigError, validation_summary
@@ -23,7 +28,8 @@ _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 class StackNotRunning(ConfigError, RuntimeError):
-    """No connection setting was given and no embedded stack is running.
+    """No connection setting was given and no embedded stack is running (none was started, or
+    its stack.json outlived its processes).
 
     A :class:`~dsrflow.errors.ConfigError` (still a ``RuntimeError``, as it used to be)."""
 
@@ -45,10 +51,50 @@ def dsn_location(dsn: str) -> str:
         return "(unparsable DSRFLOW_PG_DSN)"
 
 
+def _dsn_problem(dsn: str) -> str | None:
+    """What is wrong with a PostgreSQL URL that asyncpg would fail on with a bare ValueError or
+    OverflowError, or None. Never quotes the URL: it may hold a password (``user:password``
+    without an ``@host`` even parses as a host and its port)."""
+    try:
+        parts = urlsplit(dsn)
+    except ValueError:
+        return "is not a valid URL (postgresql://user:pass@host:5432/dbname)"
+    ports = []
+    for host in parts.netloc.rpartition("@")[2].split(","):
+        after_host = host.rpartition("]")[2] if host.startswith("[") else host  # [::1]:5432
+        if ":" in after_host:
+            ports.append(after_host.rpartition(":")[2])
+    ports += [p for value in parse_qs(parts.query).get("port", []) for p in value.split(",")]
+    if any(p and not (p.isascii() and p.isdigit() and 1 <= int(p) <= 65535) for p in ports):
+        return "has a port that is not a number from 1 to 65535 (postgresql://user:pass@host:5432/dbname)"
+    return None
+
+
+def _variable(loc: tuple[Any, ...]) -> str:
+    return f"DSRFLOW_{str(loc[0]).upper()}" if loc else "DSRFLOW_* settings"
+
+
+def _env_errors(exc: ValidationError, given: dict[str, Any]) -> dict[str, str] | None:
+    """Field -> message for each error of ``exc``, when every one is on a value that came from
+    the environment (not among the keyword arguments ``given``); else None. No input is quoted."""
+    out: dict[str, str] = {}
+    for err in exc.errors(include_url=False, include_input=False):
+        loc = err.get("loc", ())
+        field = str(loc[0]) if loc else ""
+        if field not in Settings.model_fields or field in given:
+            return None
+        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        out[field] = f"{out[field]}; {msg}" if field in out else msg
+    return out
+
+
 class Settings(BaseSettings):
     """dsrflow's configuration. Every field is ``DSRFLOW_<FIELD>`` in the environment."""
 
     model_config = SettingsConfigDict(env_prefix="DSRFLOW_", extra="ignore")
+
+    #: field -> what is wrong with its DSRFLOW_* value (the field holds its default meanwhile)
+    _invalid: dict[str, str] = PrivateAttr(default_factory=dict)
 
     state_dir: Path = Field(default=Path(".dsrflow"), description="embedded stack state, default data")
     kafka_bootstrap: str | None = Field(default=None, description="host:port[,host:port]")
@@ -107,9 +153,13 @@ class Settings(BaseSettings):
     @classmethod
     def _postgres_url(cls, v: Any) -> Any:
         raw = v.get_secret_value() if isinstance(v, SecretStr) else v
-        if isinstance(raw, str) and not raw.startswith(("postgresql://", "postgres://")):
+        if isinstance(raw, str):
             # The value is never echoed: it may hold a password.
-            raise ValueError("must be a URL like postgresql://user:pass@host:5432/dbname")
+            if not raw.startswith(("postgresql://", "postgres://")):
+                raise ValueError("must be a URL like postgresql://user:pass@host:5432/dbname")
+            problem = _dsn_problem(raw)
+            if problem:
+                raise ValueError(problem)
         return v
 
     @field_validator("startup_timeout")
@@ -119,38 +169,106 @@ class Settings(BaseSettings):
             raise ValueError("must be more than 0 seconds")
         return v
 
+    # -- tolerant reading ---------------------------------------------------
+    if not TYPE_CHECKING:  # hidden from mypy: the generated signature and attribute checks stay
+
+        def __init__(self, **values: Any) -> None:
+            """An invalid value from the environment is remembered, not raised: the field keeps
+            its default and raises :class:`ConfigError` when read. An invalid keyword argument
+            raises ``ValidationError`` at once, as in any pydantic model."""
+            try:
+                super().__init__(**values)
+                return
+            except ValidationError as exc:
+                invalid = _env_errors(exc, values)
+                if invalid is None:
+                    raise
+            defaults = {f: type(self).model_fields[f].get_default(call_default_factory=True) for f in invalid}
+            super().__init__(**values, **defaults)
+            self._invalid = invalid
+
+        def __getattribute__(self, name: str) -> Any:
+            if name in _FIELDS:
+                try:
+                    invalid = object.__getattribute__(self, "__pydantic_private__")["_invalid"]
+                except (AttributeError, KeyError, TypeError):  # still being built
+                    invalid = None
+                if invalid and name in invalid:
+                    raise ConfigError(f"invalid setting {_variable((name,))}: {invalid[name]}")
+            return object.__getattribute__(self, name)
+
+    @property
+    def invalid(self) -> dict[str, str]:
+        """``DSRFLOW_*`` variable -> what is wrong with its value, for every invalid one."""
+        return {_variable((f,)): msg for f, msg in self._invalid.items()}
+
+    def require(self, *fields: str) -> None:
+        """Raise one :class:`ConfigError` naming every invalid ``DSRFLOW_*`` variable among
+        ``fields`` (all fields when none are given); what a service checks before it starts."""
+        names = fields or tuple(type(self).model_fields)
+        bad = [f"{_variable((f,))}: {self._invalid[f]}" for f in names if f in self._invalid]
+        if bad:
+            raise ConfigError("invalid setting " + "; ".join(bad))
+
     # -- resolved values -------------------------------------------------
     def stack_file(self) -> Path:
         return self.state_dir / "stack.json"
 
-    def _stack(self, variable: str = "DSRFLOW_KAFKA_BOOTSTRAP / DSRFLOW_PG_DSN") -> dict[str, Any]:
+    def _stack_data(self) -> dict[str, Any] | None:
+        try:
+            data = orjson.loads(self.stack_file().read_bytes())
+        except (OSError, orjson.JSONDecodeError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def _stack(self, variable: str, service: str) -> dict[str, Any]:
+        """stack.json, when the embedded stack's ``service`` ("postgres" or "broker") runs."""
+        where = self.state_dir.resolve()
         path = self.stack_file()
         if not path.exists():
-            raise StackNotRunning(
-                f"no {variable} set and no embedded stack "
-                f"in {self.state_dir.resolve()}: run `dsrflow stack up` or set it"
-            )
-        try:
-            data: dict[str, Any] = orjson.loads(path.read_bytes())
-        except (OSError, orjson.JSONDecodeError) as exc:
-            raise StackNotRunning(f"cannot read {path.resolve()} ({type(exc).__name__}): "
-                                  f"run `dsrflow stack up` or set {variable}") from exc
+            raise StackNotRunning(f"no {variable} set and no embedded stack in {where}: "
+                                  "run `dsrflow stack up` or set it")
+        data = self._stack_data()
+        if data is None:
+            raise StackNotRunning(f"no {variable} set and {path.resolve()} cannot be read: "
+                                  "run `dsrflow stack up` or set it")
+        stopped = _stopped(data, service)
+        if stopped:
+            # A stack.json left behind by a stack that died: its addresses lead nowhere.
+            raise StackNotRunning(f"no {variable} set and the embedded stack in {where} is not running "
+                                  f"({stopped}): run `dsrflow stack up` or set it")
         return data
+
+    def _embedded_origin(self) -> str:
+        return f"from the embedded stack in {self.state_dir.resolve()}"
 
     @property
     def bootstrap(self) -> str:
-        return self.kafka_bootstrap or str(self._stack("DSRFLOW_KAFKA_BOOTSTRAP")["kafka_bootstrap"])
+        return self.kafka_bootstrap or str(self._stack("DSRFLOW_KAFKA_BOOTSTRAP", "broker")["kafka_bootstrap"])
+
+    @property
+    def bootstrap_origin(self) -> str | None:
+        """"from the embedded stack in DIR" when the broker's address comes from there, else None."""
+        return None if self.kafka_bootstrap else self._embedded_origin()
 
     @property
     def dsn(self) -> str:
         if self.pg_dsn is not None:
             return self.pg_dsn.get_secret_value()
-        return str(self._stack("DSRFLOW_PG_DSN")["pg_dsn"])
+        return str(self._stack("DSRFLOW_PG_DSN", "postgres")["pg_dsn"])
+
+    @property
+    def case_store_origin(self) -> str | None:
+        """"from the embedded stack in DIR" when the case store's DSN comes from there, else None."""
+        return None if self.pg_dsn is not None else self._embedded_origin()
 
     @property
     def case_store_configured(self) -> bool:
-        """A case store is configured: DSRFLOW_PG_DSN, or an embedded stack's."""
-        return self.pg_dsn is not None or self.stack_file().exists()
+        """A case store is configured: DSRFLOW_PG_DSN, or the PostgreSQL of a running embedded stack."""
+        if self.pg_dsn is not None:
+            return True
+        data = self._stack_data()
+        return data is not None and not _stopped(data, "postgres")
 
     @property
     def case_store_location(self) -> str:
@@ -171,15 +289,13 @@ class Settings(BaseSettings):
         idempotent = self.kafka_idempotent_producer
         if idempotent is None:
             idempotent = True if self.kafka_bootstrap else bool(
-                self._stack("DSRFLOW_KAFKA_BOOTSTRAP").get("idempotent_producer", True))
+                self._stack("DSRFLOW_KAFKA_BOOTSTRAP", "broker").get("idempotent_producer", True))
         return {**self.kafka_client_options(), "acks": "all", "enable_idempotence": idempotent}
 
     def kafka_client_options(self) -> dict[str, Any]:
         """Connection options for aiokafka clients (producer, consumer, admin)."""
-        opts: dict[str, Any] = {
-            "bootstrap_servers": self.bootstrap,
-            "security_protocol": self.kafka_security_protocol,
-        }
+        protocol = self.kafka_security_protocol  # an invalid setting first, then where the broker is
+        opts: dict[str, Any] = {"bootstrap_servers": self.bootstrap, "security_protocol": protocol}
         if self.kafka_sasl_mechanism:
             opts["sasl_mechanism"] = self.kafka_sasl_mechanism
             opts["sasl_plain_username"] = self.kafka_sasl_username
@@ -195,19 +311,36 @@ class Settings(BaseSettings):
         return opts
 
 
-def _variable(loc: tuple[Any, ...]) -> str:
-    return f"DSRFLOW_{str(loc[0]).upper()}" if loc else "DSRFLOW_* settings"
+_FIELDS = frozenset(Settings.model_fields)
+
+
+def _stopped(data: dict[str, Any], service: str) -> str | None:
+    """Why the embedded stack recorded in ``data`` cannot serve ``service`` ("postgres" or
+    "broker"), or None while its process runs (the same process: pid and start time)."""
+    from .stack._proc import alive
+
+    pids, started = data.get("pids") or {}, data.get("started") or {}
+    if service == "broker":
+        kind = data.get("broker_kind")
+        service = "tansu" if kind == "tansu" or (kind is None and pids.get("tansu")) else "kafka"
+    pid = pids.get(service)
+    if not pid:
+        return f"no {service} recorded"
+    if not alive(pid, started.get(service)):
+        return f"its {service} process {pid} is gone"
+    return None
 
 
 @functools.cache
 def get_settings() -> Settings:
     """The process-wide settings, read once.
 
-    Raises :class:`~dsrflow.errors.ConfigError` naming each invalid ``DSRFLOW_*`` variable
-    (never its value: it may be a secret)."""
+    An invalid ``DSRFLOW_*`` value does not fail here: reading that setting raises a
+    :class:`~dsrflow.errors.ConfigError` naming the variable (never its value: it may be a
+    secret), and :meth:`Settings.require` checks several at once."""
     try:
         return Settings()
-    except ValidationError as exc:
+    except ValidationError as exc:  # not from the environment: cannot happen without arguments
         raise ConfigError("invalid setting " + validation_summary(exc, _variable)) from exc
     except SettingsError as exc:  # a value the environment source could not even parse
         raise ConfigError(f"invalid settings: {exc}") from exc

@@ -12,7 +12,7 @@ import asyncio
 import dataclasses
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import faust
@@ -22,6 +22,9 @@ from ..settings import Settings
 from ..store.errors import is_transient, where
 from .relay import OutboxRelay
 from .service import AGGREGATOR, INTAKE, Coordinator, Record
+
+if TYPE_CHECKING:
+    from .._startup import StartupBudget
 
 log = logging.getLogger("dsrflow.coordinator")
 
@@ -179,26 +182,29 @@ async def _dead_letter_until_done(c: Coordinator, record: Record, consumer: str,
             delay = min(delay * 2, 10.0)
 
 
-async def _apply_topics(settings: Settings) -> topics.ApplyReport:
-    """Create the coordinator's topics, waiting out a broker that is not up yet, for at most
-    ``settings.startup_timeout``; then :class:`~dsrflow.errors.BrokerUnavailable`."""
+async def _apply_topics(settings: Settings, budget: StartupBudget | None = None) -> topics.ApplyReport:
+    """Create the coordinator's topics, waiting out a broker that is not up yet, within
+    ``budget`` (``settings.startup_timeout`` when None); then
+    :class:`~dsrflow.errors.BrokerUnavailable`."""
     from .._startup import wait_for_broker
 
     async def attempt() -> topics.ApplyReport:
         return await topics.apply(settings.kafka_client_options(), topics.specs_for([]),
                                   replication_factor=settings.topic_replication_factor)
 
-    return await wait_for_broker(settings, attempt, log=log)
+    return await wait_for_broker(settings, attempt, log=log, budget=budget)
 
 
 async def _prepare(settings: Settings) -> topics.ApplyReport:
-    """What must hold before faust starts: the topics exist and the case store answers (each
-    waited for up to ``settings.startup_timeout``). The relay's own wait for the database
-    (inside faust) then only covers an outage that starts later."""
-    from .._startup import check_case_store
+    """What must hold before faust starts: the topics exist and the case store answers, both
+    within one ``settings.startup_timeout`` (a broker that took most of it leaves the case store
+    the rest). The relay's own wait for the database (inside faust) then only covers an outage
+    that starts later."""
+    from .._startup import StartupBudget, check_case_store
 
-    report = await _apply_topics(settings)
-    await check_case_store(settings, log=log)
+    budget = StartupBudget.of(settings)
+    report = await _apply_topics(settings, budget)
+    await check_case_store(settings, log=log, budget=budget)
     return report
 
 

@@ -26,7 +26,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 from aiokafka.errors import CorruptRecordException, KafkaError, UnsupportedCodecError
 
 from .. import codec, registry, topics
-from .._startup import wait_for_broker, wait_for_case_store
+from .._startup import StartupBudget, wait_for_broker, wait_for_case_store
 from ..codec import DecodeError
 from ..events import DeadLetter, TaskAssigned, TaskReceipt
 from ..exports.store import ExportStore, LocalExportStore
@@ -77,8 +77,9 @@ class _Runner:
         # store the first run already changed (an erasure re-run would find nothing: not_found).
         self._settled: dict[tuple[uuid.UUID, int], TaskReceipt] = {}
 
-    async def register(self) -> None:
-        """Register the system in the case store, waiting for PostgreSQL up to startup_timeout."""
+    async def register(self, budget: StartupBudget | None = None) -> None:
+        """Register the system in the case store, waiting for PostgreSQL within ``budget``
+        (startup_timeout when None)."""
 
         async def attempt() -> None:
             conn = await asyncpg.connect(self.settings.dsn, timeout=10)
@@ -87,28 +88,30 @@ class _Runner:
             finally:
                 await conn.close()
 
-        await wait_for_case_store(self.settings, attempt, log=log)
+        await wait_for_case_store(self.settings, attempt, log=log, budget=budget)
 
-    async def ensure_topic(self) -> None:
-        """Create the system's task topic, waiting for the broker up to startup_timeout."""
+    async def ensure_topic(self, budget: StartupBudget | None = None) -> None:
+        """Create the system's task topic, waiting for the broker within ``budget``
+        (startup_timeout when None)."""
         spec = topics.declared()[topics.TASKS_TEMPLATE].for_system(self.worker.name)
 
         async def attempt() -> topics.ApplyReport:
             return await topics.apply(self.settings.kafka_client_options(), [spec],
                                       replication_factor=self.settings.topic_replication_factor)
 
-        report = await wait_for_broker(self.settings, attempt, log=log)
+        report = await wait_for_broker(self.settings, attempt, log=log, budget=budget)
         for name, diffs in report.drift.items():
             log.warning("topic %s differs from its declaration: %s", name, "; ".join(diffs))
 
     async def run(self) -> None:
         """Raises :class:`~dsrflow.errors.ServiceUnavailable` when the broker or the case store
-        does not answer within ``settings.startup_timeout``."""
+        does not answer within ``settings.startup_timeout`` (one deadline for both)."""
         worker = self.worker
         worker.check()
+        budget = StartupBudget.of(self.settings)
         # The topic first: a system registered without its topic would get tasks the relay cannot deliver.
-        await self.ensure_topic()
-        await self.register()
+        await self.ensure_topic(budget)
+        await self.register(budget)
         async with worker.lifespan(self.settings):
             opts = self.settings.kafka_client_options()
             # A batch may take ceil(max_batch / concurrency) rounds of task_timeout at worst.

@@ -111,18 +111,65 @@ def test_help_works_even_with_broken_settings(tmp_path: Path) -> None:
         assert run.code == 0 and "usage: dsrflow" in run.stdout and run.stderr == "", run
 
 
-@pytest.mark.parametrize(("variable", "value", "says"), [
-    ("DSRFLOW_API_PORT", "abc", "valid integer"),
-    ("DSRFLOW_KAFKA_SECURITY_PROTOCOL", "bogus", "'PLAINTEXT', 'SSL', 'SASL_PLAINTEXT' or 'SASL_SSL'"),
-    ("DSRFLOW_STARTUP_TIMEOUT", "soon", "timedelta"),
-    ("DSRFLOW_STARTUP_TIMEOUT", "0", "more than 0"),
-    ("DSRFLOW_LOG_LEVEL", "loud", "DEBUG, INFO"),
-    ("DSRFLOW_PG_DSN", f"mysql://dsr:{PASSWORD}@db/dsrflow", "postgresql://"),
+SUBMIT = ["submit", "--right", "access", "--email", EMAIL]
+
+
+@pytest.mark.parametrize(("variable", "value", "says", "used_by", "not_used_by"), [
+    ("DSRFLOW_API_PORT", "abc", "valid integer", [["api"]],
+     [["cases", "list"], ["coordinator"], ["worker", "crm"], ["stack", "status"]]),
+    ("DSRFLOW_KAFKA_SECURITY_PROTOCOL", "bogus", "'PLAINTEXT', 'SSL', 'SASL_PLAINTEXT' or 'SASL_SSL'",
+     [["coordinator"], ["worker", "crm"]], [["cases", "list"], ["api"]]),
+    ("DSRFLOW_STARTUP_TIMEOUT", "soon", "timedelta", [["coordinator"], ["worker", "crm"], ["api"]],
+     [["cases", "list"], ["topics", "apply"], SUBMIT]),
+    ("DSRFLOW_STARTUP_TIMEOUT", "0", "more than 0", [["coordinator"], ["api"]], [["cases", "list"]]),
+    ("DSRFLOW_TASK_TIMEOUT", "soon", "timedelta", [["coordinator"]], [["cases", "list"], ["worker", "crm"], ["api"]]),
+    ("DSRFLOW_LOG_LEVEL", "loud", "DEBUG, INFO", [["cases", "list"], ["coordinator"], ["stack", "status"]], []),
+    ("DSRFLOW_PG_DSN", f"mysql://dsr:{PASSWORD}@db/dsrflow", "postgresql://",
+     [["cases", "list"], ["db", "migrate"], ["coordinator"], ["api"]], [SUBMIT, ["stack", "status"]]),
 ])
-def test_invalid_settings_name_the_variable(tmp_path: Path, variable: str, value: str, says: str) -> None:
-    for args in (["cases", "list"], ["coordinator"]):
-        run = dsrflow(*args, tmp=tmp_path, env={variable: value})
-        assert_error(run, f"invalid setting {variable}", says)
+def test_invalid_settings_stop_only_the_commands_that_use_them(
+    tmp_path: Path, variable: str, value: str, says: str, used_by: list[list[str]], not_used_by: list[list[str]]
+) -> None:
+    env = {"DSRFLOW_API_TOKEN": "t0ken", "DSRFLOW_API_PORT": str(closed_port()), variable: value}
+    for args in used_by:  # one line naming the variable, before anything is contacted
+        assert_error(dsrflow(*args, tmp=tmp_path, env=env), f"invalid setting {variable}", says)
+    for args in not_used_by:  # no stack, no connection settings: they fail on what they do use
+        line = assert_error(dsrflow(*args, tmp=tmp_path, env=env), never=(PASSWORD, EMAIL))
+        assert variable not in line and "invalid setting" not in line, (args, line)
+        assert "no DSRFLOW_" in line or "no embedded stack" in line, (args, line)
+
+
+@pytest.mark.parametrize("value", ["abc", "-1", "99999"])
+def test_stack_status_and_down_ignore_an_invalid_api_port(tmp_path: Path, value: str) -> None:
+    env = {"DSRFLOW_API_PORT": value}
+    assert_error(dsrflow("stack", "status", tmp=tmp_path, env=env), "no embedded stack is running")
+    run = dsrflow("stack", "status", "--json", tmp=tmp_path, env=env)
+    assert orjson.loads(run.stdout)["running"] is False, run
+    run = dsrflow("stack", "down", tmp=tmp_path, env=env)
+    assert run.code == 0 and run.stdout == "embedded stack was not running\n" and run.stderr == "", run
+
+
+async def test_cases_list_ignores_invalid_service_settings(tmp_path: Path, case_store: str) -> None:
+    env = {"DSRFLOW_PG_DSN": case_store, "DSRFLOW_TASK_TIMEOUT": "soon", "DSRFLOW_STARTUP_TIMEOUT": "0",
+           "DSRFLOW_API_PORT": "abc", "DSRFLOW_KAFKA_SECURITY_PROTOCOL": "bogus"}
+    run = await asyncio.to_thread(dsrflow, "cases", "list", "--json", tmp=tmp_path, env=env)
+    assert run.code == 0 and orjson.loads(run.stdout) == [] and run.stderr == "", run
+
+
+@pytest.mark.parametrize("dsn", [
+    f"postgresql://dsr:{PASSWORD}@db.internal:abc/dsrflow",
+    f"postgresql://dsr:{PASSWORD}@db.internal:99999/dsrflow",
+    f"postgresql://dsr:{PASSWORD}@db.internal:0/dsrflow",
+    f"postgresql://dsr:{PASSWORD}@h1:5432,h2:x/dsrflow",
+    f"postgresql://dsr:{PASSWORD}@db.internal/dsrflow?port=70000",
+    f"postgresql://dsr:{PASSWORD}@[::1/dsrflow",
+    f"postgresql://dsr:{PASSWORD}/dsrflow",  # no "@host": the password parses as a port
+])
+def test_a_malformed_dsn_names_the_variable_and_never_the_password(tmp_path: Path, dsn: str) -> None:
+    for args in (["cases", "list"], ["db", "migrate"], ["api"]):
+        line = assert_error(dsrflow(*args, tmp=tmp_path, env={"DSRFLOW_PG_DSN": dsn, "DSRFLOW_API_TOKEN": "t0ken"}),
+                            "invalid setting DSRFLOW_PG_DSN", never=(PASSWORD, "dsr:"))
+        assert "unexpected" not in line and "db.internal" not in line
 
 
 def test_stack_status_without_a_stack(tmp_path: Path) -> None:
@@ -173,6 +220,7 @@ def test_no_connection_setting_and_no_stack_names_the_setting_each_command_needs
     (["worker", "crm", "--app", "json:nope"], ["module json has no attribute 'nope'"]),
     (["worker", "crm", "--app", "json:dumps"], ["not a dsrflow Worker"]),
     (["worker", "billing", "--app", "examples.crm.worker:worker"], ["worker of system 'crm', not 'billing'"]),
+    (["demo", "--broker", "sideways"], ["argument --broker", "invalid choice: 'sideways'"]),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path: Path, down: dict[str, str], args: list[str],
                                                 mentions: list[str]) -> None:
@@ -190,6 +238,61 @@ def test_api_without_a_token_or_a_free_port(tmp_path: Path, down: dict[str, str]
         port = taken.getsockname()[1]
         run = dsrflow("api", tmp=tmp_path, env={**down, "DSRFLOW_API_PORT": str(port)})
     assert_error(run, f"cannot listen on 127.0.0.1:{port}", "in use")
+
+
+# -- an embedded stack that cannot start ------------------------------------------------
+_FAKE_JAVA = """#!/bin/sh
+case " $* " in
+  *" -version "*) echo 'openjdk version "21.0.2" 2024-01-16' >&2; exit 0;;
+  *kafka.tools.StorageTool*) exit 0;;
+esac
+i=1; while [ $i -le 40 ]; do echo "fake broker log line $i"; i=$((i + 1)); done
+echo "ERROR fake broker: cannot start"
+exit 1
+"""
+_FAKE_MVN = """#!/bin/sh
+for a in "$@"; do case "$a" in -Dmdep.outputFile=*) printf '%s' "$0" > "${a#-Dmdep.outputFile=}";; esac; done
+"""
+
+
+def _fake_jdk(tmp: Path, *, maven: bool) -> dict[str, str]:
+    """Settings under which Apache Kafka cannot start, found out in a second: a Java 21 whose
+    broker exits at once, printing a long log, and, with ``maven``, a Maven that "resolves" the
+    jars (without it, PATH holds only the fake java: no Maven at all)."""
+    home = tmp / "fake-jdk"
+    (home / "bin").mkdir(parents=True)
+    for name, body in (("java", _FAKE_JAVA), ("mvn", _FAKE_MVN if maven else None)):
+        if body is not None:
+            (home / "bin" / name).write_text(body)
+            (home / "bin" / name).chmod(0o755)
+    path = str(home / "bin") + (os.pathsep + os.environ.get("PATH", "") if maven else "")
+    return {"PATH": path, "JAVA_HOME": str(home), "DSRFLOW_CACHE_DIR": str(tmp / "cache"), "DSRFLOW_KAFKA_CDS": "0"}
+
+
+def _state_of(command: list[str], tmp: Path) -> Path:
+    return (tmp / "state" / ("demo" if command == ["demo"] else "")).resolve()
+
+
+@pytest.mark.parametrize("command", [["stack", "up"], ["demo"]])
+def test_a_broker_that_exits_at_start_is_one_line_naming_its_log(tmp_path: Path, command: list[str]) -> None:
+    run = dsrflow(*command, tmp=tmp_path, env=_fake_jdk(tmp_path, maven=True))
+    state = _state_of(command, tmp_path)
+    line = assert_error(run, "error: the embedded stack did not start: Apache Kafka",
+                        "the process exited during start-up", f"(log: {state / 'kafka' / 'server.log'})", within=60)
+    assert "unexpected" not in line and "fake broker" not in line and "log tail" not in line
+    assert "fake broker log line 40" in (state / "kafka" / "server.log").read_text()
+    status = dsrflow("stack", "status", "--json", tmp=tmp_path, env={"DSRFLOW_STATE_DIR": str(state)})
+    assert not any(s["running"] for s in orjson.loads(status.stdout)["services"].values()), status  # none left
+
+
+@pytest.mark.parametrize(("command", "advice"), [(["stack", "up"], "`dsrflow stack up --broker tansu`"),
+                                                 (["demo"], "`dsrflow demo --broker tansu`")])
+def test_a_stack_that_cannot_start_advises_what_this_command_can_do(tmp_path: Path, command: list[str],
+                                                                   advice: str) -> None:
+    run = dsrflow(*command, tmp=tmp_path, env=_fake_jdk(tmp_path, maven=False))
+    line = assert_error(run, "error: the embedded stack did not start: ", "no `mvn` on PATH", advice, within=60)
+    assert "unexpected" not in line and "StackError" not in line
+    assert line.count("--broker tansu") == 1
 
 
 # -- a broker or case store that does not answer -----------------------------------
@@ -224,6 +327,119 @@ def test_topics_apply_without_a_case_store_needs_only_kafka(tmp_path: Path, down
     kafka_only = {"DSRFLOW_KAFKA_BOOTSTRAP": down["DSRFLOW_KAFKA_BOOTSTRAP"]}
     assert_error(dsrflow("topics", "apply", tmp=tmp_path, env=kafka_only),
                  f"no Kafka broker answers at 127.0.0.1:{down['PORT']}")
+
+
+def test_topics_apply_says_how_long_a_silent_host_was_waited_for(tmp_path: Path) -> None:
+    with socket.socket() as silent:  # connections complete in the backlog; nothing ever answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        port = silent.getsockname()[1]
+        run = dsrflow("topics", "apply", tmp=tmp_path, env={"DSRFLOW_KAFKA_BOOTSTRAP": f"127.0.0.1:{port}"})
+    line = assert_error(run, f"no Kafka broker answers at 127.0.0.1:{port} (no answer in ")
+    said = float(re.search(r"no answer in ([\d.]+)s", line).group(1))  # type: ignore[union-attr]
+    assert abs(said - run.seconds) < 2.5, (said, run.seconds)
+
+
+# -- a stack.json of an embedded stack that is not there ------------------------------
+def _write_stack_file(state: Path, *, pid: int, kafka_port: int, pg_port: int) -> None:
+    """stack.json as `dsrflow stack up` writes it, for processes that are not (all) there."""
+    state.mkdir(parents=True, exist_ok=True)
+    (state / "stack.json").write_bytes(orjson.dumps({
+        "state_dir": str(state.resolve()), "broker_kind": "apache", "broker": "Apache Kafka (test)",
+        "pids": {"postgres": pid, "kafka": pid}, "started": {},
+        "addresses": {"postgres": f"127.0.0.1:{pg_port}", "kafka": f"127.0.0.1:{kafka_port}"},
+        "kafka_bootstrap": f"127.0.0.1:{kafka_port}", "idempotent_producer": True,
+        "pg_dsn": f"postgresql://postgres:{PASSWORD}@127.0.0.1:{pg_port}/dsrflow",
+    }))
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_stale_stack_file_is_no_embedded_stack(tmp_path: Path, broker: str, broker_kind: str) -> None:
+    state = (tmp_path / "state").resolve()
+    _write_stack_file(state, pid=_dead_pid(), kafka_port=1, pg_port=1)
+    kafka = {"DSRFLOW_KAFKA_BOOTSTRAP": broker,
+             "DSRFLOW_KAFKA_IDEMPOTENT_PRODUCER": "false" if broker_kind == "tansu" else "true"}
+    # No case store configured: the dead stack's PostgreSQL is not one.
+    run = dsrflow("topics", "apply", tmp=tmp_path, env=kafka)
+    assert run.code == 0 and run.stderr == "" and topics.REQUESTS in run.stdout, run
+    for args, variable in [(["cases", "list"], "DSRFLOW_PG_DSN"), (["db", "migrate"], "DSRFLOW_PG_DSN"),
+                           (SUBMIT, "DSRFLOW_KAFKA_BOOTSTRAP")]:
+        line = assert_error(dsrflow(*args, tmp=tmp_path), f"no {variable} set",
+                            f"the embedded stack in {state} is not running", "dsrflow stack up",
+                            never=(PASSWORD, EMAIL))
+        assert "127.0.0.1:1" not in line
+
+
+def test_an_unreachable_embedded_stack_is_named_as_the_source(tmp_path: Path) -> None:
+    state = (tmp_path / "state").resolve()
+    port = closed_port()
+    _write_stack_file(state, pid=os.getpid(), kafka_port=port, pg_port=port)  # "running", but nothing listens
+    assert_error(dsrflow("cases", "list", tmp=tmp_path),
+                 f"case store unreachable at 127.0.0.1:{port}/dsrflow (connection refused; "
+                 f"from the embedded stack in {state})")
+    assert_error(dsrflow(*SUBMIT, tmp=tmp_path),
+                 f"no Kafka broker answers at 127.0.0.1:{port} (from the embedded stack in {state})", never=(EMAIL,))
+
+
+@pytest.mark.parametrize("args", [["coordinator"], ["worker", "crm"]])
+def test_services_wait_one_startup_timeout_with_broker_and_database_down(tmp_path: Path, down: dict[str, str],
+                                                                        args: list[str]) -> None:
+    timeout = float(down["DSRFLOW_STARTUP_TIMEOUT"])
+    run = dsrflow(*args, tmp=tmp_path, env=down)
+    assert_error(run, "waited 2s (DSRFLOW_STARTUP_TIMEOUT)", one_line=False, within=SERVICE_S)
+    assert timeout <= run.seconds < timeout + 2, run.seconds
+
+
+async def _forward_later(port: int, target: str, delay: float) -> asyncio.Server:
+    """After ``delay`` seconds, forward connections to 127.0.0.1:``port`` to ``target``: a broker
+    that comes up while a service waits for it."""
+    await asyncio.sleep(delay)
+    host, _, target_port = target.rpartition(":")
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(host, int(target_port))
+        except OSError:
+            writer.close()
+            return
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    return await asyncio.start_server(handle, "127.0.0.1", port)
+
+
+@pytest.mark.parametrize("args", [["coordinator"], ["worker", "crm"]])
+async def test_a_late_broker_leaves_the_case_store_only_the_rest_of_the_startup_timeout(
+    tmp_path: Path, down: dict[str, str], broker: str, broker_kind: str, args: list[str]
+) -> None:
+    timeout = 3.0
+    port = closed_port()
+    env = {**down, "DSRFLOW_KAFKA_BOOTSTRAP": f"127.0.0.1:{port}", "DSRFLOW_STARTUP_TIMEOUT": f"{timeout:g}",
+           "DSRFLOW_KAFKA_IDEMPOTENT_PRODUCER": "false" if broker_kind == "tansu" else "true"}
+    forwarder = asyncio.ensure_future(_forward_later(port, broker, 1.0))
+    try:
+        run = await asyncio.to_thread(dsrflow, *args, tmp=tmp_path, env=env)
+    finally:
+        (await forwarder).close()
+    assert_error(run, f"case store unreachable at 127.0.0.1:{down['PORT']}/dsrflow", f"waited {timeout:g}s",
+                 one_line=False, within=SERVICE_S)
+    assert "broker unreachable" in run.stderr  # it did wait for the broker first
+    # One deadline for the start: not a broker's wait and then a whole timeout more.
+    assert run.seconds < timeout + 1.25, run.seconds
 
 
 @pytest.mark.parametrize("args", [["coordinator"], ["worker", "crm"]])
@@ -410,7 +626,7 @@ async def test_cases_list_json_and_verify(tmp_path: Path, case_store: str, cases
     assert run.code == 0 and f"case {awaiting} verified: in_progress" in run.stdout, run
     again = await asyncio.to_thread(dsrflow, "cases", "verify", awaiting, "--by", "dpo@example.vn", tmp=tmp_path,
                                     env=env)
-    assert_error(again, "not awaiting verification", one_line=False)
+    assert_error(again, "verified already", one_line=False)
     ghost = str(uuid.uuid4())
     assert_error(await asyncio.to_thread(dsrflow, "cases", "verify", ghost, "--by", "dpo", tmp=tmp_path, env=env),
                  f"no case {ghost}")
