@@ -11,6 +11,7 @@
     dsrflow cases verify ID --by WHO      identity verified: fan an awaiting case out
     dsrflow cases lift ID --by WHO        lift a restriction or objection
     dsrflow tasks list | complete | decline   manual tasks, done by a person
+    dsrflow systems list | declare FILE   systems that hold personal data (one with no worker too)
     dsrflow api                           serve the DPO HTTP API
     dsrflow demo [--broker B]             the end-to-end demo on the embedded stack
 
@@ -607,6 +608,56 @@ def _cases_lift(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_systems(args: argparse.Namespace, settings: Settings) -> int:
+    """Systems that hold personal data: list them, or declare one from a JSON or TOML file (a
+    system a worker cannot act for, say, declared with ``worker = false``: its tasks are manual)."""
+    import tomllib
+
+    from pydantic import ValidationError
+
+    from .registry import SystemDeclaration, active_systems, register
+
+    declaration = None
+    if args.action == "declare":
+        if not args.file:
+            raise InvalidInput("systems declare needs a file (JSON or TOML, the fields of a SystemDeclaration)")
+        path = Path(args.file)
+        try:
+            text = path.read_text()
+            raw = tomllib.loads(text) if path.suffix == ".toml" else orjson.loads(text)
+        except OSError as exc:
+            raise InvalidInput(f"cannot read {path}: {exc.strerror}") from None
+        except (tomllib.TOMLDecodeError, orjson.JSONDecodeError) as exc:
+            raise InvalidInput(f"{path} is not valid {'TOML' if path.suffix == '.toml' else 'JSON'}: {exc}") from None
+        try:
+            declaration = SystemDeclaration.model_validate(raw)
+        except ValidationError as exc:
+            raise InvalidInput(f"{path}: " + validation_summary(exc)) from None
+
+    async def go() -> list[SystemDeclaration]:
+        conn = await connect_case_store(settings)
+        try:
+            if declaration is not None:
+                await register(conn, declaration)
+            return await active_systems(conn)
+        finally:
+            await conn.close()
+
+    systems = asyncio.run(go())
+    if declaration is not None:
+        print(f"declared system {declaration.name}; the coordinator plans its tasks at its next sweep")
+        return 0
+    if args.json:
+        _print_json([s.model_dump(mode="json") for s in systems])
+        return 0
+    for sy in systems:
+        acts = ", ".join(map(str, sy.actions)) if sy.worker else "no worker: every task is manual"
+        print(f"{sy.name:<16} searches by {', '.join(map(str, sy.identifier_types)):<28} {acts}")
+    if not systems:
+        print("no systems registered")
+    return 0
+
+
 def cmd_tasks(args: argparse.Namespace, settings: Settings) -> int:
     """Manual tasks: the ones a person carries out (no worker, or a worker that cannot do the action)."""
     from .store import queries
@@ -742,6 +793,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--limit", type=_positive_int, default=50)
     s.add_argument("--json", action="store_true", help="print JSON: an array (list) or the case (show)")
     s.set_defaults(func=cmd_cases)
+
+    s = sub.add_parser("systems", help="systems that hold personal data: list, declare")
+    s.add_argument("action", choices=["list", "declare"])
+    s.add_argument("file", nargs="?", help="declare: a JSON or TOML SystemDeclaration")
+    s.add_argument("--json", action="store_true", help="list: print JSON")
+    s.set_defaults(func=cmd_systems)
 
     s = sub.add_parser("tasks", help="manual tasks: list, complete, decline")
     s.add_argument("action", choices=["list", "complete", "decline"])

@@ -691,3 +691,45 @@ async def test_client_checks_fail_fast_with_dsrflow_errors(tmp_path: Path, broke
         await client.submit(gone, [RightsRequested.model_validate(
             {"request_id": "never-sent", "right": "access", "subject": {"identifiers": {"email": EMAIL}}})], timeout=2)
     assert time.monotonic() - t0 < 15
+
+
+async def test_a_system_with_no_worker_is_declared_from_a_file_and_gets_manual_tasks(
+    tmp_path: Path, case_store: str
+) -> None:
+    env = {"DSRFLOW_PG_DSN": case_store}
+    spec = tmp_path / "payroll.toml"
+    spec.write_text('name = "payroll"\nidentifier_types = ["email"]\nworker = false\n'
+                    'purposes = ["essential.service.payment_processing"]\nprocessors = ["Example Payroll JSC"]\n'
+                    'operated_by = "processor"\nstorage_country = "VN"\n')
+    run = await asyncio.to_thread(dsrflow, "systems", "declare", str(spec), tmp=tmp_path, env=env)
+    assert run.code == 0 and "declared system payroll" in run.stdout, run
+    listed = await asyncio.to_thread(dsrflow, "systems", "list", "--json", tmp=tmp_path, env=env)
+    [payroll] = [s for s in orjson.loads(listed.stdout) if s["name"] == "payroll"]
+    assert payroll["worker"] is False and payroll["operated_by"] == "processor"
+    human = await asyncio.to_thread(dsrflow, "systems", "list", tmp=tmp_path, env=env)
+    assert "payroll" in human.stdout and "no worker: every task is manual" in human.stdout
+
+    pool = await asyncpg.create_pool(case_store, min_size=1, max_size=1)
+    try:
+        settings = Settings(pg_dsn=case_store, kafka_bootstrap="unused:9092", state_dir=tmp_path)
+        req = RightsRequested.model_validate({"request_id": f"cli-payroll-{uuid.uuid4().hex[:8]}", "right": "erasure",
+                                              "verified": True, "subject": {"identifiers": {"email": EMAIL}}})
+        value, headers = codec.encode(req, source="test")
+        await Coordinator(settings, pool, export_store=MemoryExportStore()).handle_requests(
+            [Record(topics.REQUESTS, 0, 0, req.request_id.encode(), value, headers)])
+    finally:
+        await pool.close()
+    tasks = await asyncio.to_thread(dsrflow, "tasks", "list", "--json", tmp=tmp_path, env=env)
+    [task] = [t for t in orjson.loads(tasks.stdout) if t["system"] == "payroll"]
+    assert task["kind"] == "manual" and "no dsrflow worker" in task["reason"]
+    done = await asyncio.to_thread(dsrflow, "tasks", "complete", task["task_id"], "--by", "hr@example.vn",
+                                   "--note", "deleted from the payroll export", tmp=tmp_path, env=env)
+    assert done.code == 0 and "succeeded; case completed" in done.stdout, done
+
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"name": "Bad Name", "identifier_types": []}')
+    run = await asyncio.to_thread(dsrflow, "systems", "declare", str(bad), tmp=tmp_path, env=env)
+    assert_error(run, "bad.json", code=2)
+    missing = await asyncio.to_thread(dsrflow, "systems", "declare", str(tmp_path / "nope.toml"), tmp=tmp_path,
+                                      env=env)
+    assert_error(missing, "cannot read", code=2)
