@@ -138,9 +138,13 @@ _PURPOSE = re.compile(r"[a-z][a-z0-9_]*(\.[a-z0-9_]+)*")
 Parser = Callable[[str], object]
 
 
+_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,63}")
+
+
 def _label(key: str) -> str:
-    """A field name for a receipt's reason: quoted, cut short (it came from the request)."""
-    return repr(key if len(key) <= 64 else key[:61] + "...")
+    """A field or purpose name for a receipt's reason. It came from the request, so anything that
+    does not look like a name (free text, perhaps personal data) is not repeated."""
+    return repr(key) if _NAME.fullmatch(key) else "(a name that is not one)"
 
 
 def read_changes(

@@ -153,7 +153,7 @@ class Case:
         """A lasting effect (restriction, opt-out, ...) that reaches systems registered later."""
         return (self.right in LASTING and self.lifted_at is None
                 and self.status in (CaseStatus.in_progress, CaseStatus.completed,
-                                    CaseStatus.completed_with_exceptions))
+                                    CaseStatus.completed_with_exceptions, CaseStatus.failed))
 
     def task(self, task_id: uuid.UUID) -> Task | None:
         return next((t for t in self.tasks if t.task_id == task_id), None)

@@ -174,6 +174,7 @@ async def unplanned_cases(conn: asyncpg.Connection, systems: Sequence[str], last
         """SELECT case_id FROM cases
            WHERE NOT (considered @> $1::text[]) AND right_name = ANY($3::text[]) AND lifted_at IS NULL
              AND (status = 'in_progress'
-                  OR (right_name = ANY($2::text[]) AND status IN ('completed', 'completed_with_exceptions')))
+                  OR (right_name = ANY($2::text[])
+                      AND status IN ('completed', 'completed_with_exceptions', 'failed')))
            ORDER BY received_at LIMIT $4""",
         list(systems), list(lasting), list(fan_out), limit)]

@@ -437,3 +437,16 @@ async def test_the_access_bundle_says_which_systems_are_not_in_it_and_why(
     assert manifest["systems_not_in_bundle"] == {
         "analytics": "succeeded, by a person: export e-mailed from the console", "crm": "conflict"}
     assert manifest["files"] == []
+
+
+async def test_an_opt_out_that_failed_somewhere_still_reaches_a_system_registered_later(
+    coordinator: Coordinator, pool: asyncpg.Pool
+) -> None:
+    await systems(pool, CRM)
+    rid = await submit(coordinator, "opt_out_marketing", {"email": LAN["email"]}, verified=False)
+    await coordinator.handle_receipts([receipt((await tasks(pool, rid))["crm"], "failed", error="mailer gone")])
+    assert (await case_of(pool, rid))["status"] == "failed"
+    await systems(pool, SystemDeclaration(name="mailer", identifier_types=("email",),
+                                          actions=(Action.suppress_marketing,), purposes=("marketing",)))
+    await coordinator.plan_new_systems()
+    assert (await tasks(pool, rid))["mailer"]["status"] == "dispatched"
