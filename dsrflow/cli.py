@@ -12,6 +12,7 @@
     dsrflow cases lift ID --by WHO        lift a restriction or objection
     dsrflow tasks list | complete | decline   manual tasks, done by a person
     dsrflow systems list | declare FILE   systems that hold personal data (one with no worker too)
+    dsrflow audit verify [ID]             timelines against their anchors (case rows, dsr.cases.v1)
     dsrflow api                           serve the DPO HTTP API
     dsrflow demo [--broker B]             the end-to-end demo on the embedded stack
 
@@ -546,11 +547,12 @@ def cmd_cases(args: argparse.Namespace, settings: Settings) -> int:
                     raise DsrflowError(f"no case {case_id}")
                 tasks = await queries.case_tasks(conn, case_id)
                 timeline = await queries.case_timeline(conn, case_id)
+            from .audit import verify
+
+            audit = await verify(conn, [case_id])  # the chain, and its anchor in the case row
         finally:
             await conn.close()
-        from .store.timeline import verify
-
-        verified = verify(dataclasses.asdict(e) for e in timeline)
+        verified = audit.ok
         if args.json:
             _print_json({**dataclasses.asdict(case), "tasks": [dataclasses.asdict(t) for t in tasks],
                          "timeline": [dataclasses.asdict(e) for e in timeline], "timeline_verified": verified})
@@ -605,6 +607,44 @@ def _cases_lift(args: argparse.Namespace, settings: Settings) -> int:
         _print_json({"case_id": str(case_id), "status": status})
     else:
         print(f"case {case_id}: restriction lifted; each system that restricted is asked to lift it ({status})")
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
+    """Check every case's timeline (or one case's) against the anchors outside its table."""
+    from .audit import published_anchors, verify
+
+    case_ids = [_case_id(args)] if args.case_id else None
+
+    async def go() -> Any:
+        anchors = None
+        if not args.no_topic:
+            try:
+                anchors = await published_anchors(settings.kafka_client_options())
+            except Exception as exc:  # noqa: BLE001 - mapped to one line
+                mapped = broker_error(settings, exc)
+                if mapped is None:
+                    raise
+                raise mapped from exc
+        conn = await connect_case_store(settings)
+        try:
+            return await verify(conn, case_ids, anchors=anchors)
+        finally:
+            await conn.close()
+
+    report = asyncio.run(go())
+    if args.json:
+        _print_json({"checked": report.checked, "against_topic": report.against_topic,
+                     "failures": {str(k): v for k, v in report.failures.items()}})
+    else:
+        for case_id, found in sorted(report.failures.items()):
+            for problem in found:
+                print(f"{case_id}  {problem}")
+        against = "case rows and dsr.cases.v1" if report.against_topic else "case rows only (--no-topic)"
+        print(f"{report.checked} case(s) checked against their {against}: "
+              f"{len(report.failures) or 'none'} fail")
+    if not report.ok:
+        raise DsrflowError(f"{len(report.failures)} case timeline(s) fail the audit")
     return 0
 
 
@@ -793,6 +833,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--limit", type=_positive_int, default=50)
     s.add_argument("--json", action="store_true", help="print JSON: an array (list) or the case (show)")
     s.set_defaults(func=cmd_cases)
+
+    s = sub.add_parser("audit", help="check timelines' hash chains against their anchors")
+    s.add_argument("action", choices=["verify"])
+    s.add_argument("case_id", nargs="?", help="one case (default: every case)")
+    s.add_argument("--no-topic", action="store_true", help="compare with the case rows only, not dsr.cases.v1")
+    s.add_argument("--json", action="store_true", help="print JSON")
+    s.set_defaults(func=cmd_audit)
 
     s = sub.add_parser("systems", help="systems that hold personal data: list, declare")
     s.add_argument("action", choices=["list", "declare"])

@@ -294,6 +294,9 @@ class CaseUpdated(Event):
     tasks: dict[str, TaskStatus] = Field(
         default_factory=dict, description="system (or system:lift_restriction) -> task status")
     bundle: Artifact | None = None
+    timeline_length: int | None = Field(default=None, ge=0, description="entries in the case's hash-chained timeline")
+    timeline_head: Sha256 | None = Field(
+        default=None, description="hash of the timeline's last entry: an anchor outside the case store")
 
 
 class DeadLetter(Event):

@@ -125,7 +125,9 @@ class CaseDetail(CaseSummary):
     updated_at: datetime
     tasks: list[Task]
     timeline: list[TimelineEntry]
-    timeline_verified: bool = Field(description="the timeline's hash chain is unbroken: no entry was altered")
+    timeline_verified: bool = Field(
+        description="the timeline's hash chain is unbroken and ends where the case row's anchor says: "
+        "no entry altered, inserted, deleted or cut off")
 
     @classmethod
     def build(

@@ -97,5 +97,9 @@ async def get_case(case_id: UUID, pool: Pool) -> CaseDetail:
             raise HTTPException(404, f"no case {case_id}")
         tasks = await queries.case_tasks(conn, case_id)
         entries = await queries.case_timeline(conn, case_id)
-    verified = timeline.verify(dataclasses.asdict(e) for e in entries)
+        anchor = await conn.fetchrow("SELECT timeline_length, timeline_head FROM cases WHERE case_id = $1", case_id)
+    # The chain, and its anchor in the case row (a cut-off tail shows too).
+    head = bytes(anchor["timeline_head"]) if anchor["timeline_head"] is not None else None
+    verified = not timeline.problems([dataclasses.asdict(e) for e in entries], length=anchor["timeline_length"],
+                                     head=head)
     return CaseDetail.build(case, tasks, entries, timeline_verified=verified)

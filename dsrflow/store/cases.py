@@ -148,12 +148,28 @@ async def _save_tasks(conn: asyncpg.Connection, tasks: Sequence[Task]) -> None:
 async def record(conn: asyncpg.Connection, effects: Effects, *, extra: Iterable[outbox.OutboxMessage] = ()) -> None:
     """Append the effects' timeline entries and queue their events (and ``extra`` messages, such as
     dead letters) in the outbox. Call after :func:`insert` / :func:`save`, in the same transaction."""
-    await append(conn, effects.timeline)
-    # One CaseUpdated per case per unit of work: the last one, which holds the state being committed.
+    heads = await append(conn, effects.timeline)
+    # One CaseUpdated per case per unit of work: the last one, which holds the state being committed,
+    # with the timeline's new head as an anchor outside the case store.
     last_state = {key: i for i, (topic, key, _) in enumerate(effects.events) if topic == topics.CASES}
-    events = [e for i, e in enumerate(effects.events) if e[0] != topics.CASES or last_state[e[1]] == i]
+    events = []
+    for i, (topic, key, event) in enumerate(effects.events):
+        if topic == topics.CASES:
+            if last_state[key] != i:
+                continue
+            head = heads.get(uuid.UUID(key)) or await _head(conn, uuid.UUID(key))
+            if head is not None:
+                event = event.model_copy(update={"timeline_length": head[0], "timeline_head": head[1].hex()})
+        events.append((topic, key, event))
     messages = [outbox.message(topic, key, event, source=SOURCE, subject=key) for topic, key, event in events]
     await outbox.add(conn, [*messages, *extra])
+
+
+async def _head(conn: asyncpg.Connection, case_id: uuid.UUID) -> tuple[int, bytes] | None:
+    row = await conn.fetchrow("SELECT timeline_length, timeline_head FROM cases WHERE case_id = $1", case_id)
+    if row is None or row["timeline_head"] is None:
+        return None
+    return row["timeline_length"], bytes(row["timeline_head"])
 
 
 async def stale_cases(conn: asyncpg.Connection, cutoff: Any, limit: int) -> list[uuid.UUID]:

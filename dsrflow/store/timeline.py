@@ -41,12 +41,13 @@ def chain_hash(prev_hash: bytes, entry: bytes) -> bytes:
 
 
 
-async def append(conn: asyncpg.Connection, entries: Iterable[Entry]) -> None:
-    """Append entries to their cases' timelines. Call inside the transaction that made the change;
-    the caller must hold the case rows locked (``SELECT ... FOR UPDATE``) so chains stay linear."""
+async def append(conn: asyncpg.Connection, entries: Iterable[Entry]) -> dict[UUID, tuple[int, bytes]]:
+    """Append entries to their cases' timelines, and anchor each chain's new head (length, hash) in
+    its case row. Call inside the transaction that made the change; the caller must hold the case
+    rows locked (``SELECT ... FOR UPDATE``) so chains stay linear. Returns the new heads."""
     entries = list(entries)
     if not entries:
-        return
+        return {}
     case_ids = list({e.case_id for e in entries})
     heads = {
         r["case_id"]: (r["position"], bytes(r["hash"]))
@@ -69,6 +70,10 @@ async def append(conn: asyncpg.Connection, entries: Iterable[Entry]) -> None:
            VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7)""",
         rows,
     )
+    moved = {e.case_id: heads[e.case_id] for e in entries}
+    await conn.executemany("UPDATE cases SET timeline_length = $2, timeline_head = $3 WHERE case_id = $1",
+                           [(case_id, pos, h) for case_id, (pos, h) in sorted(moved.items())])
+    return moved
 
 
 def verify(rows: Iterable[Mapping[str, Any]]) -> bool:
@@ -87,3 +92,41 @@ def verify(rows: Iterable[Mapping[str, Any]]) -> bool:
         prev = h
         expected_pos += 1
     return True
+
+
+def problems(rows: Iterable[Mapping[str, Any]], *, length: int, head: bytes | None,
+             published: tuple[int, bytes] | None = None) -> list[str]:
+    """What is wrong with one case's timeline (rows ordered by position), checked against the
+    anchors kept outside the table: the case row's ``(length, head)``, and the last head published
+    on ``dsr.cases.v1`` (``published``). Empty when it verifies. Each problem names positions and
+    what they show; no entry content (it may hold identifiers' types, never values, but stays out)."""
+    found: list[str] = []
+    prev = GENESIS
+    hashes: list[bytes] = []  # the chain recomputed from the entries' content
+    for expected, r in enumerate(rows, start=1):
+        detail = r["detail"]
+        if isinstance(detail, str):
+            detail = orjson.loads(detail)
+        if r["position"] != expected:
+            found.append(f"entry {expected} is missing or out of place (found position {r['position']}): "
+                         "an entry was deleted or inserted")
+            break
+        if bytes(r["prev_hash"]) != prev:
+            found.append(f"entry {expected} does not chain to entry {expected - 1}: an entry was replaced or inserted")
+        h = chain_hash(prev, canonical(r["case_id"], r["position"], r["at"], r["kind"], detail))
+        if h != bytes(r["hash"]):
+            found.append(f"entry {expected}'s content does not match its hash: it was edited")
+        hashes.append(h)
+        prev = bytes(r["hash"])
+    if len(hashes) != length or (hashes and head is not None and bytes(r["hash"]) != head) \
+            or (not hashes and head is not None):
+        found.append(f"the table holds {len(hashes)} entries, but the case row's anchor says {length}: "
+                     "entries were cut off, deleted or added")
+    if published is not None:
+        n, h = published
+        if n > len(hashes):
+            found.append(f"dsr.cases.v1 published a timeline of {n} entries; the table holds {len(hashes)}: "
+                         "it was cut off")
+        elif n and hashes[n - 1] != h:
+            found.append(f"entry {n} differs from the head published on dsr.cases.v1: the timeline was rewritten")
+    return found
