@@ -11,6 +11,7 @@
     dsrflow cases verify ID --by WHO      identity verified: fan an awaiting case out
     dsrflow cases lift ID --by WHO        lift a restriction or objection
     dsrflow tasks list | complete | decline   manual tasks, done by a person
+    dsrflow tasks skip | retry ID --by WHO    the DPO skips an open task (--note why) or retries a stuck one
     dsrflow systems list | declare FILE   systems that hold personal data (one with no worker too)
     dsrflow audit verify [ID]             timelines against their anchors (case rows, dsr.cases.v1)
     dsrflow api                           serve the DPO HTTP API
@@ -725,17 +726,21 @@ def cmd_tasks(args: argparse.Namespace, settings: Settings) -> int:
         task_id = uuid.UUID(args.task_id)
     except ValueError:
         raise InvalidInput("the task id is not a UUID; see `dsrflow tasks list`") from None
-    by = _by(args, "who did it")
+    by = _by(args, "who did it" if args.action in ("complete", "decline") else "who decided")
     note = (args.note or "").strip()
-    if not note:
-        raise InvalidInput(f"tasks {args.action} needs --note (what was done, without personal data)")
-    resolution = (TaskStatus.refused if args.action == "decline"
-                  else TaskStatus.not_found if args.not_found else TaskStatus.succeeded)
+    if not note and args.action != "retry":
+        raise InvalidInput(f"tasks {args.action} needs --note (what was done or why, without personal data)")
+    resolution = {"decline": TaskStatus.refused, "skip": TaskStatus.skipped, "retry": TaskStatus.dispatched}.get(
+        args.action, TaskStatus.not_found if args.not_found else TaskStatus.succeeded)
 
     async def resolve(c: Any) -> str:
         case_id = await queries.task_case(c.pool, task_id)
         if case_id is None:
             raise DsrflowError(f"no task {task_id}")
+        if args.action == "skip":
+            return str(await c.skip_task(case_id, task_id, by=by, reason=note))
+        if args.action == "retry":
+            return str(await c.retry_task(case_id, task_id, by=by))
         return str(await c.resolve_manual_task(case_id, task_id, by=by, resolution=resolution, note=note))
 
     status = _decide(settings, resolve)
@@ -847,12 +852,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="list: print JSON")
     s.set_defaults(func=cmd_systems)
 
-    s = sub.add_parser("tasks", help="manual tasks: list, complete, decline")
-    s.add_argument("action", choices=["list", "complete", "decline"])
+    s = sub.add_parser("tasks", help="tasks: list; complete or decline a manual one; skip or retry one")
+    s.add_argument("action", choices=["list", "complete", "decline", "skip", "retry"])
     s.add_argument("task_id", nargs="?")
     s.add_argument("--status", choices=[t.value for t in TaskStatus], default="manual", help="list: which tasks")
-    s.add_argument("--by", help="complete, decline: who did it")
-    s.add_argument("--note", help="complete, decline: what was done or why not (no personal data)")
+    s.add_argument("--by", help="complete, decline, skip, retry: who did it or decided")
+    s.add_argument("--note", help="complete, decline, skip: what was done, or why not (no personal data)")
     s.add_argument("--not-found", action="store_true", help="complete: the system holds nothing of the subject")
     s.add_argument("--limit", type=_positive_int, default=100)
     s.add_argument("--json", action="store_true", help="print JSON")

@@ -191,6 +191,21 @@ class Coordinator:
             task_id, by=by, resolution=resolution, note=note, now=now), now)
         return case.status
 
+    async def skip_task(self, case_id: uuid.UUID, task_id: uuid.UUID, *, by: str, reason: str,
+                        now: datetime | None = None) -> CaseStatus:
+        """The DPO skips an open task, with a reason."""
+        now = now or datetime.now(UTC)
+        case = await self._decide(case_id, lambda c, _: c.skip_task(task_id, by=by, reason=reason, now=now), now)
+        return case.status
+
+    async def retry_task(self, case_id: uuid.UUID, task_id: uuid.UUID, *, by: str,
+                         now: datetime | None = None) -> CaseStatus:
+        """The DPO sends a stalled, failed or conflicting task again."""
+        now = now or datetime.now(UTC)
+        case = await self._decide(case_id, lambda c, systems: c.retry_task(task_id, by=by, systems=systems, now=now),
+                                  now)
+        return case.status
+
     async def lift_restriction(self, case_id: uuid.UUID, *, by: str, now: datetime | None = None) -> CaseStatus:
         """Lift the restriction (or objection) a case put in place: each system that restricted is
         asked to lift it."""

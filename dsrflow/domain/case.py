@@ -325,6 +325,46 @@ class Case:
         fx.events.append(self.case_event(now))
         return fx
 
+    def skip_task(self, task_id: uuid.UUID, *, by: str, reason: str, now: datetime) -> Effects:
+        """The DPO skips a task that is still open (stalled, waiting for a person, or sent), with a
+        reason: the case then finishes with exceptions, saying so. No personal data in ``reason``."""
+        task = self.task(task_id)
+        if task is None:
+            raise InvalidTransition(f"case {self.case_id} has no task {task_id}")
+        if task.terminal:
+            raise InvalidTransition(f"task {task_id} is {task.status} already")
+        if not reason.strip():
+            raise InvalidTransition("say why the task is skipped (a reason is required)")
+        task.status, task.decided_by, task.note, task.completed_at, task.dirty = (
+            TaskStatus.skipped, by, reason.strip(), now, True)
+        return Effects([self._entry(TimelineKind.task_skipped, now, system=task.system, by=by)])
+
+    def retry_task(self, task_id: uuid.UUID, *, by: str, systems: Sequence[SystemDeclaration],
+                   now: datetime) -> Effects:
+        """The DPO sends a stalled, failed or conflicting task to its worker again (after fixing the
+        cause: the system is back, the records were merged). A finished case opens again for it."""
+        task = self.task(task_id)
+        if task is None:
+            raise InvalidTransition(f"case {self.case_id} has no task {task_id}")
+        if task.status not in (TaskStatus.stalled, TaskStatus.failed, TaskStatus.conflict):
+            raise InvalidTransition(f"task {task_id} is {task.status}: only a stalled, failed or conflicting task "
+                                    "is retried")
+        by_name = {s.name: s for s in systems}
+        system = by_name.get(task.system)
+        if system is None or not system.supports(task.action):
+            raise InvalidTransition(f"system {task.system} has no registered worker that can {task.action}")
+        if task.action == Action.restrict and self.lifted_at is not None:
+            raise InvalidTransition("the restriction was lifted: it is not sent again")
+        task.attempt += 1
+        task.status, task.dispatched_at, task.completed_at, task.dirty = TaskStatus.dispatched, now, None, True
+        fx = Effects([self._entry(TimelineKind.task_retried_by_dpo, now, system=task.system, by=by,
+                                  attempt=task.attempt)], [self.task_event(task, by_name)])
+        if self.status in TERMINAL_CASE and self.status != CaseStatus.denied:
+            self.status, self.completed_at, self.dirty = CaseStatus.in_progress, None, True
+            fx.timeline.append(self._entry(TimelineKind.reopened, now, by=by, system=task.system))
+        fx.events.append(self.case_event(now))
+        return fx
+
     def resolve_manual(self, task_id: uuid.UUID, *, by: str, resolution: TaskStatus, note: str,
                        now: datetime) -> Effects:
         """A person carried out (``succeeded``), found nothing (``not_found``) or declined

@@ -33,6 +33,9 @@ class TimelineKind(StrEnum):
     task_stalled = "task_stalled"
     manual_completed = "manual_completed"
     manual_declined = "manual_declined"
+    task_skipped = "task_skipped"
+    task_retried_by_dpo = "task_retried_by_dpo"
+    reopened = "reopened"  # a finished case opened again: the DPO retried one of its tasks
     restriction_lifted = "restriction_lifted"
     completed = "completed"
     failed = "failed"

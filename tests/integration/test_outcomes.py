@@ -5,6 +5,7 @@ via-processor deadline, and the store's CHECK constraints."""
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -450,3 +451,56 @@ async def test_an_opt_out_that_failed_somewhere_still_reaches_a_system_registere
                                           actions=(Action.suppress_marketing,), purposes=("marketing",)))
     await coordinator.plan_new_systems()
     assert (await tasks(pool, rid))["mailer"]["status"] == "dispatched"
+
+
+async def test_the_dpo_retries_a_stalled_task_and_skips_a_conflicting_one(
+    coordinator: Coordinator, pool: asyncpg.Pool
+) -> None:
+    await systems(pool, CRM, BILLING)
+    rid = await submit(coordinator, "erasure")
+    t = await tasks(pool, rid)
+    case_id = t["crm"]["case_id"]
+    # crm never answers: two sweeps send it again, then it stalls
+    for days in (1, 2):
+        await coordinator.sweep_stalled(now=t["crm"]["dispatched_at"] + timedelta(days=days))
+    await coordinator.handle_receipts([receipt(t["billing"], "conflict", error="two people")])
+    t = await tasks(pool, rid)
+    assert (t["crm"]["status"], t["billing"]["status"]) == ("stalled", "conflict")
+    assert (await case_of(pool, rid))["status"] == "in_progress"
+    with pytest.raises(InvalidTransition, match="reason"):
+        await coordinator.skip_task(case_id, t["crm"]["task_id"], by="dpo", reason="")
+    await coordinator.retry_task(case_id, t["crm"]["task_id"], by="dpo@example.vn")
+    crm = (await tasks(pool, rid))["crm"]
+    assert (crm["status"], crm["attempt"]) == ("dispatched", 3)
+    assert [e.attempt for e in await sent_tasks(pool, "crm") if e.case_id == case_id] == [1, 2, 3]
+    await coordinator.handle_receipts([receipt(crm, "succeeded")])
+    case = await case_of(pool, rid)
+    assert case["status"] == "completed_with_exceptions"  # billing's conflict is an exception
+    # The records were merged in billing: the DPO retries the conflict, and the finished case opens again.
+    await coordinator.retry_task(case_id, t["billing"]["task_id"], by="dpo@example.vn")
+    assert (await case_of(pool, rid))["status"] == "in_progress"
+    billing = (await tasks(pool, rid))["billing"]
+    await coordinator.skip_task(case_id, billing["task_id"], by="dpo@example.vn",
+                                reason="the customer closed the account with billing by phone")
+    case = await case_of(pool, rid)
+    assert case["status"] == "completed_with_exceptions"
+    assert outcome(case)["systems"]["billing"]["status"] == "skipped"
+    kinds = [e["kind"] for e in await timeline(pool, rid)]
+    assert {"task_retried_by_dpo", "reopened", "task_skipped"} <= set(kinds)
+    assert verify(await timeline(pool, rid))
+    with pytest.raises(InvalidTransition, match="only a stalled, failed or conflicting task"):
+        await coordinator.retry_task(case_id, crm["task_id"], by="dpo")
+
+
+async def test_the_store_checks_name_exactly_the_enums(pool: asyncpg.Pool) -> None:
+    from dsrflow.domain.timeline import TimelineKind
+    from dsrflow.rights import CaseStatus
+
+    async def allowed(constraint: str) -> set[str]:
+        text = await pool.fetchval("SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conname = $1",
+                                   constraint)
+        return set(re.findall(r"'([a-z_]+)'::text", text))
+
+    assert await allowed("case_timeline_kind_check") == {str(k) for k in TimelineKind}
+    assert await allowed("tasks_status_check") == {str(s) for s in TaskStatus}
+    assert await allowed("cases_status_check") == {str(s) for s in CaseStatus}
