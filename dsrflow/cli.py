@@ -10,6 +10,7 @@
     dsrflow cases list | show ID          read cases from the case store
     dsrflow cases verify ID --by WHO      identity verified: fan an awaiting case out
     dsrflow cases lift ID --by WHO        lift a restriction or objection
+    dsrflow cases extend ID --by WHO --reason WHY   the one extension the law allows
     dsrflow tasks list | complete | decline   manual tasks, done by a person
     dsrflow tasks skip | retry ID --by WHO    the DPO skips an open task (--note why) or retries a stuck one
     dsrflow systems list | declare FILE   systems that hold personal data (one with no worker too)
@@ -39,7 +40,7 @@ import time
 import traceback
 import uuid
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -521,6 +522,8 @@ def cmd_cases(args: argparse.Namespace, settings: Settings) -> int:
         return _cases_verify(args, settings)
     if args.action == "lift":
         return _cases_lift(args, settings)
+    if args.action == "extend":
+        return _cases_extend(args, settings)
     case_id = _case_id(args) if args.action == "show" else None
 
     async def go() -> int:
@@ -699,6 +702,27 @@ def cmd_systems(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _cases_extend(args: argparse.Namespace, settings: Settings) -> int:
+    case_id = _case_id(args)
+    by = _by(args, "who decides the extension")
+    reason = (args.reason or "").strip()
+    if not reason:
+        raise InvalidInput("cases extend needs --reason (the subject is told it; no personal data)")
+    until = None
+    if args.until:
+        try:
+            day = date.fromisoformat(args.until)
+        except ValueError:
+            raise InvalidInput("--until is a date, YYYY-MM-DD") from None
+        until = day
+    due = _decide(settings, lambda c: c.extend_deadline(case_id, by=by, reason=reason, until=until))
+    if args.json:
+        _print_json({"case_id": str(case_id), "due_at": due})
+    else:
+        print(f"case {case_id}: due date extended to {due}")
+    return 0
+
+
 def cmd_tasks(args: argparse.Namespace, settings: Settings) -> int:
     """Manual tasks: the ones a person carries out (no worker, or a worker that cannot do the action)."""
     from .store import queries
@@ -828,9 +852,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_submit)
 
     s = sub.add_parser("cases", help="read cases; verify an identity; lift a restriction")
-    s.add_argument("action", choices=["list", "show", "verify", "lift"])
+    s.add_argument("action", choices=["list", "show", "verify", "lift", "extend"])
     s.add_argument("case_id", nargs="?")
-    s.add_argument("--by", help="verify, lift: who decided (recorded on the timeline)")
+    s.add_argument("--by", help="verify, lift, extend: who decided (recorded on the timeline)")
+    s.add_argument("--reason", help="extend: the reasons, which the subject is told")
+    s.add_argument("--until", help="extend: the new due date, YYYY-MM-DD (default: the latest the law allows)")
     s.add_argument("--identifier", action="append", choices=[t.value for t in IdentifierType],
                    help="verify: an identifier type that was verified (repeat; default: every one given)")
     s.add_argument("--status", choices=[c.value for c in CaseStatus])

@@ -14,8 +14,9 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, time
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import asyncpg
 import orjson
@@ -150,7 +151,7 @@ class Coordinator:
                 continue
             case, fx = Case.open(req, event_id=env.id, source=env.source, received_at=received,
                                  ack_due_at=due.ack_due_at, due_at=due.due_at, basis=due.basis, systems=systems,
-                                 now=now)
+                                 now=now, max_extension_until=due.max_extension_until)
             existing[req.request_id] = case.case_id
             opened.append(case)
             work.effects.extend(fx)
@@ -190,6 +191,22 @@ class Coordinator:
         case = await self._decide(case_id, lambda c, _: c.resolve_manual(
             task_id, by=by, resolution=resolution, note=note, now=now), now)
         return case.status
+
+    async def extend_deadline(self, case_id: uuid.UUID, *, by: str, reason: str, until: date | None = None,
+                              now: datetime | None = None) -> datetime:
+        """The one extension the law allows, with reasons, to the end of ``until`` in the case's
+        jurisdiction (default: the latest the law allows); returns the new due date."""
+        now = now or datetime.now(UTC)
+
+        def decide(c: Case, _: Any) -> Effects:
+            end = None
+            if until is not None:
+                tz = ZoneInfo(policy.rules(c.jurisdiction).timezone)
+                end = datetime.combine(until, time.max, tzinfo=tz).astimezone(UTC)
+            return c.extend(by=by, reason=reason, until=end, now=now)
+
+        case = await self._decide(case_id, decide, now)
+        return case.due_at
 
     async def skip_task(self, case_id: uuid.UUID, task_id: uuid.UUID, *, by: str, reason: str,
                         now: datetime | None = None) -> CaseStatus:

@@ -129,6 +129,11 @@ class Case:
     outcome: dict[str, Any] | None = None
     bundle: Artifact | None = None
     lifted_at: datetime | None = None
+    #: the latest due date the law's one extension allows (None: no extension allowed)
+    max_extension_until: datetime | None = None
+    #: the due date before the extension, and the extension's {by, reason, at}
+    original_due_at: datetime | None = None
+    extension: dict[str, Any] | None = None
     #: systems this case's planning has looked at (asked or not), so a sweep plans a system once
     considered: list[str] = field(default_factory=list)
     tasks: list[Task] = field(default_factory=list)
@@ -197,7 +202,7 @@ class Case:
     def open(
         cls, request: RightsRequested, *, event_id: str, source: str, received_at: datetime, ack_due_at: datetime,
         due_at: datetime, basis: str, systems: Sequence[SystemDeclaration], now: datetime,
-        case_id: uuid.UUID | None = None,
+        case_id: uuid.UUID | None = None, max_extension_until: datetime | None = None,
     ) -> tuple[Case, Effects]:
         """A new case for ``request``: received, then waiting for verification, fanned out, or
         (an information request, or nothing to ask) answered at once."""
@@ -209,6 +214,7 @@ class Case:
             requester=request.requester.model_dump(mode="json", exclude_none=True) if request.requester else None,
             channel=request.channel, changes=dict(request.changes) if request.changes else None,
             purposes=list(request.purposes) if request.purposes else None, dirty=True,
+            max_extension_until=max_extension_until,
         )
         fx = Effects([case._entry(TimelineKind.received, now, event_id=event_id, source=source,
                                   right=str(request.right), jurisdiction=request.jurisdiction,
@@ -324,6 +330,31 @@ class Case:
                 fx.events.append(self.task_event(t, by_name))
         fx.events.append(self.case_event(now))
         return fx
+
+    def extend(self, *, by: str, reason: str, now: datetime, until: datetime | None = None) -> Effects:
+        """The one extension the law allows: the due date moves to ``until`` (default: the latest
+        the law allows), decided before the original due date, with reasons the subject is told."""
+        if self.status in TERMINAL_CASE or self.status == CaseStatus.received:
+            raise InvalidTransition(f"case {self.case_id} is {self.status}: its deadline cannot be extended")
+        if self.extension is not None:
+            raise InvalidTransition(f"case {self.case_id} was extended already: the law allows one extension")
+        if self.max_extension_until is None:
+            raise InvalidTransition(f"{self.jurisdiction} allows no extension for {self.right}")
+        if now > self.due_at:
+            raise InvalidTransition(f"case {self.case_id} is past its due date: an extension is decided before it")
+        if not reason.strip():
+            raise InvalidTransition("give the reasons for the extension (the subject is told them)")
+        new_due = until or self.max_extension_until
+        if new_due > self.max_extension_until:
+            raise InvalidTransition(f"{self.jurisdiction} allows an extension to {self.max_extension_until:%Y-%m-%d} "
+                                    "at the latest")
+        if new_due <= self.due_at:
+            raise InvalidTransition("an extension moves the due date later")
+        self.original_due_at, self.due_at = self.due_at, new_due
+        self.extension = {"by": by, "reason": reason.strip(), "at": now.isoformat()}
+        self.dirty = True
+        return Effects([self._entry(TimelineKind.deadline_extended, now, by=by, due_at=new_due.isoformat(),
+                                    original_due_at=self.original_due_at.isoformat())], [self.case_event(now)])
 
     def skip_task(self, task_id: uuid.UUID, *, by: str, reason: str, now: datetime) -> Effects:
         """The DPO skips a task that is still open (stalled, waiting for a person, or sent), with a

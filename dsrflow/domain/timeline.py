@@ -37,6 +37,7 @@ class TimelineKind(StrEnum):
     task_retried_by_dpo = "task_retried_by_dpo"
     reopened = "reopened"  # a finished case opened again: the DPO retried one of its tasks
     restriction_lifted = "restriction_lifted"
+    deadline_extended = "deadline_extended"
     completed = "completed"
     failed = "failed"
     outcome_updated = "outcome_updated"

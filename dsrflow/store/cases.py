@@ -60,6 +60,8 @@ def _case(row: Mapping[str, Any], tasks: Iterable[Task]) -> Case:
         changes=_loads(row["changes"]), purposes=_loads(row["purposes"]), completed_at=row["completed_at"],
         outcome=_loads(row["outcome"]), bundle=Artifact.model_validate(bundle) if bundle else None,
         lifted_at=row["lifted_at"], considered=list(row["considered"]),
+        max_extension_until=row["max_extension_until"], original_due_at=row["original_due_at"],
+        extension=_loads(row["extension"]),
         tasks=sorted(tasks, key=lambda t: (t.system, t.action)),
     )
 
@@ -93,7 +95,7 @@ def _case_params(c: Case) -> tuple[Any, ...]:
         _j({str(k): v for k, v in c.subject.items()}), c.verified, c.channel, _j(c.changes), _j(c.purposes),
         c.received_at, c.ack_due_at, c.due_at, c.completed_at, _j(c.outcome),
         _j(c.bundle.model_dump(mode="json")) if c.bundle else None, _j(c.verification or None), _j(c.requester),
-        c.lifted_at, c.considered,
+        c.lifted_at, c.considered, c.max_extension_until, c.original_due_at, _j(c.extension),
     )
 
 
@@ -102,9 +104,9 @@ async def insert(conn: asyncpg.Connection, cases: Sequence[Case]) -> None:
     await conn.executemany(
         """INSERT INTO cases (case_id, request_id, request_event, right_name, jurisdiction, status, subject, verified,
                channel, changes, purposes, received_at, ack_due_at, due_at, completed_at, outcome, bundle,
-               verification, requester, lifted_at, considered)
+               verification, requester, lifted_at, considered, max_extension_until, original_due_at, extension)
            VALUES ($1,$2,$3,$4,$5,$6,$7::jsonb,$8,$9,$10::jsonb,$11::jsonb,$12,$13,$14,$15,$16::jsonb,$17::jsonb,
-                   $18::jsonb,$19::jsonb,$20,$21)""",
+                   $18::jsonb,$19::jsonb,$20,$21,$22,$23,$24::jsonb)""",
         [_case_params(c) for c in cases],
     )
     for c in cases:
@@ -118,10 +120,12 @@ async def save(conn: asyncpg.Connection, cases: Iterable[Case]) -> None:
     changed = [c for c in cases if c.dirty]
     await conn.executemany(
         """UPDATE cases SET status=$2, verified=$3, outcome=$4::jsonb, bundle=$5::jsonb, completed_at=$6,
-               verification=$7::jsonb, requester=$8::jsonb, lifted_at=$9, considered=$10, updated_at=now()
+               verification=$7::jsonb, requester=$8::jsonb, lifted_at=$9, considered=$10, due_at=$11,
+               original_due_at=$12, extension=$13::jsonb, updated_at=now()
            WHERE case_id=$1""",
         [(c.case_id, str(c.status), c.verified, _j(c.outcome), _j(c.bundle.model_dump(mode="json")) if c.bundle
-          else None, c.completed_at, _j(c.verification or None), _j(c.requester), c.lifted_at, c.considered)
+          else None, c.completed_at, _j(c.verification or None), _j(c.requester), c.lifted_at, c.considered,
+          c.due_at, c.original_due_at, _j(c.extension))
          for c in changed],
     )
     for c in changed:

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import asyncpg
 import orjson
@@ -504,3 +505,38 @@ async def test_the_store_checks_name_exactly_the_enums(pool: asyncpg.Pool) -> No
     assert await allowed("case_timeline_kind_check") == {str(k) for k in TimelineKind}
     assert await allowed("tasks_status_check") == {str(s) for s in TaskStatus}
     assert await allowed("cases_status_check") == {str(s) for s in CaseStatus}
+
+
+async def test_the_one_extension_the_law_allows_with_reasons(coordinator: Coordinator, pool: asyncpg.Pool) -> None:
+    from datetime import UTC, datetime
+
+    await systems(pool, CRM)
+    now = datetime.now(UTC)
+    rid = await submit(coordinator, "erasure", received_at=now.isoformat())
+    case = await case_of(pool, rid)
+    expected = policy.deadlines("erasure", "VN", case["received_at"])
+    assert case["max_extension_until"] == expected.max_extension_until
+    with pytest.raises(InvalidTransition, match="reasons"):
+        await coordinator.extend_deadline(case["case_id"], by="dpo", reason=" ")
+    too_late = (expected.max_extension_until + timedelta(days=2)).date()
+    with pytest.raises(InvalidTransition, match="at the latest"):
+        await coordinator.extend_deadline(case["case_id"], by="dpo", reason="backups", until=too_late)
+    due = await coordinator.extend_deadline(case["case_id"], by="dpo@example.vn",
+                                            reason="the billing archive is restored from tape first")
+    case = await case_of(pool, rid)
+    assert due == case["due_at"] == expected.max_extension_until
+    assert case["original_due_at"] == expected.due_at
+    assert orjson.loads(case["extension"])["reason"] == "the billing archive is restored from tape first"
+    with pytest.raises(InvalidTransition, match="one extension"):
+        await coordinator.extend_deadline(case["case_id"], by="dpo", reason="again")
+    assert "deadline_extended" in [e["kind"] for e in await timeline(pool, rid)]
+    # decided after the original due date: refused
+    late = await case_of(pool, await submit(coordinator, "erasure", received_at=now.isoformat()))
+    with pytest.raises(InvalidTransition, match="past its due date"):
+        await coordinator.extend_deadline(late["case_id"], by="dpo", reason="late",
+                                          now=late["due_at"] + timedelta(hours=1))
+    # a date within the limit: the end of that day in Vietnam
+    other = await case_of(pool, await submit(coordinator, "erasure", received_at=now.isoformat()))
+    day = (other["due_at"] + timedelta(days=3)).astimezone(ZoneInfo("Asia/Ho_Chi_Minh")).date()
+    due = await coordinator.extend_deadline(other["case_id"], by="dpo", reason="volume", until=day)
+    assert due.astimezone(ZoneInfo("Asia/Ho_Chi_Minh")).date() == day
