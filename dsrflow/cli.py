@@ -11,6 +11,7 @@
     dsrflow cases verify ID --by WHO      identity verified: fan an awaiting case out
     dsrflow cases lift ID --by WHO        lift a restriction or objection
     dsrflow cases extend ID --by WHO --reason WHY   the one extension the law allows
+    dsrflow cases deny ID --by WHO --ground G --reason WHY   refuse on a ground of the law
     dsrflow tasks list | complete | decline   manual tasks, done by a person
     dsrflow tasks skip | retry ID --by WHO    the DPO skips an open task (--note why) or retries a stuck one
     dsrflow systems list | declare FILE   systems that hold personal data (one with no worker too)
@@ -524,6 +525,8 @@ def cmd_cases(args: argparse.Namespace, settings: Settings) -> int:
         return _cases_lift(args, settings)
     if args.action == "extend":
         return _cases_extend(args, settings)
+    if args.action == "deny":
+        return _cases_deny(args, settings)
     case_id = _case_id(args) if args.action == "show" else None
 
     async def go() -> int:
@@ -702,6 +705,20 @@ def cmd_systems(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _cases_deny(args: argparse.Namespace, settings: Settings) -> int:
+    case_id = _case_id(args)
+    by = _by(args, "who decides the denial")
+    reason = (args.reason or "").strip()
+    if not args.ground or not reason:
+        raise InvalidInput("cases deny needs --ground (from the jurisdiction's data file) and --reason")
+    status = _decide(settings, lambda c: c.deny(case_id, by=by, ground=args.ground, reason=reason))
+    if args.json:
+        _print_json({"case_id": str(case_id), "status": status})
+    else:
+        print(f"case {case_id}: {status} on the ground {args.ground}")
+    return 0
+
+
 def _cases_extend(args: argparse.Namespace, settings: Settings) -> int:
     case_id = _case_id(args)
     by = _by(args, "who decides the extension")
@@ -852,10 +869,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_submit)
 
     s = sub.add_parser("cases", help="read cases; verify an identity; lift a restriction")
-    s.add_argument("action", choices=["list", "show", "verify", "lift", "extend"])
+    s.add_argument("action", choices=["list", "show", "verify", "lift", "extend", "deny"])
     s.add_argument("case_id", nargs="?")
     s.add_argument("--by", help="verify, lift, extend: who decided (recorded on the timeline)")
-    s.add_argument("--reason", help="extend: the reasons, which the subject is told")
+    s.add_argument("--reason", help="extend, deny: the reasons, which the subject is told")
+    s.add_argument("--ground", help="deny: a denial ground of the case's jurisdiction (see its data file)")
     s.add_argument("--until", help="extend: the new due date, YYYY-MM-DD (default: the latest the law allows)")
     s.add_argument("--identifier", action="append", choices=[t.value for t in IdentifierType],
                    help="verify: an identifier type that was verified (repeat; default: every one given)")

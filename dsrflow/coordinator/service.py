@@ -208,6 +208,21 @@ class Coordinator:
         case = await self._decide(case_id, decide, now)
         return case.due_at
 
+    async def deny(self, case_id: uuid.UUID, *, by: str, ground: str, reason: str,
+                   now: datetime | None = None) -> CaseStatus:
+        """Refuse a request on a ground of its jurisdiction's data file, with reasons."""
+        now = now or datetime.now(UTC)
+
+        def decide(c: Case, _: Any) -> Effects:
+            try:
+                found = policy.denial_ground(c.jurisdiction, ground, c.right)
+            except policy.UnsupportedRight as exc:
+                raise InvalidTransition(str(exc)) from None
+            return c.deny(by=by, ground=ground, basis=found.basis, reason=reason, now=now)
+
+        case = await self._decide(case_id, decide, now)
+        return case.status
+
     async def skip_task(self, case_id: uuid.UUID, task_id: uuid.UUID, *, by: str, reason: str,
                         now: datetime | None = None) -> CaseStatus:
         """The DPO skips an open task, with a reason."""

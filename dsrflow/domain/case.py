@@ -356,6 +356,29 @@ class Case:
         return Effects([self._entry(TimelineKind.deadline_extended, now, by=by, due_at=new_due.isoformat(),
                                     original_due_at=self.original_due_at.isoformat())], [self.case_event(now)])
 
+    def deny(self, *, by: str, ground: str, basis: str, reason: str, now: datetime) -> Effects:
+        """Refuse the request on a legal ground of the jurisdiction's data file (``basis`` is its
+        text), with the DPO's reasons, which the subject is told. Only before any worker was asked
+        to act: a case whose tasks are out is finished task by task (skip), so it never claims that
+        nothing was done when a system already did it."""
+        if self.status not in (CaseStatus.received, CaseStatus.awaiting_verification, CaseStatus.in_progress,
+                               CaseStatus.on_hold):
+            raise InvalidTransition(f"case {self.case_id} is {self.status}: it cannot be denied")
+        sent = [t for t in self.tasks if t.kind == TaskKind.worker]
+        if sent:
+            names = ", ".join(sorted(t.system for t in sent))
+            raise InvalidTransition(f"case {self.case_id} has tasks sent to {names}: skip them one by one instead")
+        if not reason.strip():
+            raise InvalidTransition("give the reasons for the denial (the subject is told them)")
+        for t in self.tasks:  # manual tasks nobody needs to do any more
+            if not t.terminal:
+                t.status, t.decided_by, t.note, t.completed_at, t.dirty = (
+                    TaskStatus.skipped, by, "the request was denied", now, True)
+        self.status, self.completed_at, self.dirty = CaseStatus.denied, now, True
+        self.outcome = {"status": str(CaseStatus.denied), "ground": ground, "basis": basis,
+                        "reason": reason.strip(), "by": by}
+        return Effects([self._entry(TimelineKind.denied, now, by=by, ground=ground)], [self.case_event(now)])
+
     def skip_task(self, task_id: uuid.UUID, *, by: str, reason: str, now: datetime) -> Effects:
         """The DPO skips a task that is still open (stalled, waiting for a person, or sent), with a
         reason: the case then finishes with exceptions, saying so. No personal data in ``reason``."""

@@ -38,6 +38,7 @@ class TimelineKind(StrEnum):
     reopened = "reopened"  # a finished case opened again: the DPO retried one of its tasks
     restriction_lifted = "restriction_lifted"
     deadline_extended = "deadline_extended"
+    denied = "denied"
     completed = "completed"
     failed = "failed"
     outcome_updated = "outcome_updated"

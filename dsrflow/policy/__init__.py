@@ -19,17 +19,21 @@ from __future__ import annotations
 from .calendars import WorkingCalendar, add_months
 from .deadlines import (
     Deadlines,
+    DenialGround,
     JurisdictionRules,
     PolicyDataError,
     UnknownJurisdiction,
     UnsupportedRight,
     deadlines,
+    denial_ground,
     jurisdictions,
     rules,
     working_calendar,
 )
 
 __all__ = [
+    "DenialGround",
+    "denial_ground",
     "Deadlines",
     "JurisdictionRules",
     "PolicyDataError",

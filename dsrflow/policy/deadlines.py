@@ -133,6 +133,15 @@ class RightGroup(_Strict):
         return self
 
 
+class DenialGround(_Strict):
+    """A legal ground on which a request may be refused, in whole or for some rights."""
+
+    rights: list[Right] | None = Field(default=None, description="the rights it applies to; none: every right")
+    basis: str = Field(min_length=1, description="the provision, and what it allows")
+    inferred: bool = False
+    note: str | None = None
+
+
 class JurisdictionRules(_Strict):
     """The content of one ``jurisdictions/<CODE>.toml`` file."""
 
@@ -144,6 +153,8 @@ class JurisdictionRules(_Strict):
     calendar: CalendarSpec = CalendarSpec()
     acknowledge: Period | None = None
     groups: dict[str, RightGroup]
+    denial_grounds: dict[str, DenialGround] = Field(
+        default_factory=dict, description="ground name -> where the law allows refusing a request")
 
     @model_validator(mode="after")
     def _consistent(self) -> JurisdictionRules:
@@ -223,6 +234,18 @@ def jurisdictions() -> list[str]:
 def rules(jurisdiction: str) -> JurisdictionRules:
     """The validated content of one jurisdiction's data file."""
     return _get(jurisdiction).rules
+
+
+def denial_ground(jurisdiction: str, name: str, right: Right) -> DenialGround:
+    """The ground ``name`` of the jurisdiction's data file, if it applies to ``right``; raises
+    :class:`UnsupportedRight` (naming the grounds that do) otherwise."""
+    grounds = _get(jurisdiction).rules.denial_grounds
+    usable = sorted(n for n, g in grounds.items() if g.rights is None or Right(right) in g.rights)
+    ground = grounds.get(name)
+    if ground is None or name not in usable:
+        raise UnsupportedRight(f"{jurisdiction} has no denial ground {name!r} for {right}; "
+                               f"its grounds: {', '.join(usable) or 'none'}")
+    return ground
 
 
 def working_calendar(jurisdiction: str) -> WorkingCalendar:

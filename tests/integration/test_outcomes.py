@@ -540,3 +540,27 @@ async def test_the_one_extension_the_law_allows_with_reasons(coordinator: Coordi
     day = (other["due_at"] + timedelta(days=3)).astimezone(ZoneInfo("Asia/Ho_Chi_Minh")).date()
     due = await coordinator.extend_deadline(other["case_id"], by="dpo", reason="volume", until=day)
     assert due.astimezone(ZoneInfo("Asia/Ho_Chi_Minh")).date() == day
+
+
+async def test_a_denial_needs_a_ground_of_the_jurisdiction_and_never_hides_work_done(
+    coordinator: Coordinator, pool: asyncpg.Pool
+) -> None:
+    await systems(pool, CRM)
+    waiting = await case_of(pool, await submit(coordinator, "erasure", verified=False))
+    with pytest.raises(InvalidTransition, match="no denial ground 'harms_others' for erasure"):
+        await coordinator.deny(waiting["case_id"], by="dpo", ground="harms_others", reason="x")
+    status = await coordinator.deny(waiting["case_id"], by="dpo@example.vn", ground="processing_without_consent",
+                                    reason="the account is under a contract still in force until 2027")
+    assert status == "denied"
+    doc = outcome(await case_of(pool, waiting["request_id"]))
+    assert doc["ground"] == "processing_without_consent" and "Art 14(2)" in doc["basis"]
+    assert doc["reason"].startswith("the account is under a contract")
+    assert await tasks(pool, waiting["request_id"]) == {}  # nothing was sent, nothing is claimed
+    # A case whose tasks are out cannot be denied wholesale: its tasks are skipped one by one.
+    sent = await case_of(pool, await submit(coordinator, "erasure"))
+    with pytest.raises(InvalidTransition, match="skip them one by one"):
+        await coordinator.deny(sent["case_id"], by="dpo", ground="processing_without_consent", reason="x")
+    # GDPR's ground for a manifestly excessive request applies to every right.
+    eu = await case_of(pool, await submit(coordinator, "access", verified=False, jurisdiction="EU"))
+    assert await coordinator.deny(eu["case_id"], by="dpo", ground="manifestly_unfounded_or_excessive",
+                                  reason="the fourth identical request this week") == "denied"
