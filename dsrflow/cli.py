@@ -12,6 +12,7 @@
     dsrflow cases lift ID --by WHO        lift a restriction or objection
     dsrflow cases extend ID --by WHO --reason WHY   the one extension the law allows
     dsrflow cases deny ID --by WHO --ground G --reason WHY   refuse on a ground of the law
+    dsrflow cases hold | release ID --by WHO [--kind K --reason WHY]   a legal hold, suspected fraud
     dsrflow tasks list | complete | decline   manual tasks, done by a person
     dsrflow tasks skip | retry ID --by WHO    the DPO skips an open task (--note why) or retries a stuck one
     dsrflow systems list | declare FILE   systems that hold personal data (one with no worker too)
@@ -527,6 +528,8 @@ def cmd_cases(args: argparse.Namespace, settings: Settings) -> int:
         return _cases_extend(args, settings)
     if args.action == "deny":
         return _cases_deny(args, settings)
+    if args.action in ("hold", "release"):
+        return _cases_hold(args, settings)
     case_id = _case_id(args) if args.action == "show" else None
 
     async def go() -> int:
@@ -705,6 +708,23 @@ def cmd_systems(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _cases_hold(args: argparse.Namespace, settings: Settings) -> int:
+    case_id = _case_id(args)
+    by = _by(args, "who decides")
+    if args.action == "hold":
+        reason = (args.reason or "").strip()
+        if not args.kind or not reason:
+            raise InvalidInput("cases hold needs --kind (legal_hold or suspected_fraud) and --reason")
+        status = _decide(settings, lambda c: c.hold(case_id, by=by, kind=args.kind, reason=reason))
+    else:
+        status = _decide(settings, lambda c: c.release(case_id, by=by))
+    if args.json:
+        _print_json({"case_id": str(case_id), "status": status})
+    else:
+        print(f"case {case_id}: {status}")
+    return 0
+
+
 def _cases_deny(args: argparse.Namespace, settings: Settings) -> int:
     case_id = _case_id(args)
     by = _by(args, "who decides the denial")
@@ -869,11 +889,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_submit)
 
     s = sub.add_parser("cases", help="read cases; verify an identity; lift a restriction")
-    s.add_argument("action", choices=["list", "show", "verify", "lift", "extend", "deny"])
+    s.add_argument("action", choices=["list", "show", "verify", "lift", "extend", "deny", "hold", "release"])
     s.add_argument("case_id", nargs="?")
     s.add_argument("--by", help="verify, lift, extend: who decided (recorded on the timeline)")
-    s.add_argument("--reason", help="extend, deny: the reasons, which the subject is told")
+    s.add_argument("--reason", help="extend, deny, hold: the reasons (extend, deny: the subject is told them)")
     s.add_argument("--ground", help="deny: a denial ground of the case's jurisdiction (see its data file)")
+    s.add_argument("--kind", choices=["legal_hold", "suspected_fraud"], help="hold: what kind of hold")
     s.add_argument("--until", help="extend: the new due date, YYYY-MM-DD (default: the latest the law allows)")
     s.add_argument("--identifier", action="append", choices=[t.value for t in IdentifierType],
                    help="verify: an identifier type that was verified (repeat; default: every one given)")

@@ -223,6 +223,19 @@ class Coordinator:
         case = await self._decide(case_id, decide, now)
         return case.status
 
+    async def hold(self, case_id: uuid.UUID, *, by: str, kind: str, reason: str,
+                   now: datetime | None = None) -> CaseStatus:
+        """Put an open case on hold (legal hold, suspected fraud)."""
+        now = now or datetime.now(UTC)
+        case = await self._decide(case_id, lambda c, _: c.hold_case(by=by, kind=kind, reason=reason, now=now), now)
+        return case.status
+
+    async def release(self, case_id: uuid.UUID, *, by: str, now: datetime | None = None) -> CaseStatus:
+        """End a hold; the case goes on where it stopped."""
+        now = now or datetime.now(UTC)
+        case = await self._decide(case_id, lambda c, _: c.release(by=by, now=now), now)
+        return case.status
+
     async def skip_task(self, case_id: uuid.UUID, task_id: uuid.UUID, *, by: str, reason: str,
                         now: datetime | None = None) -> CaseStatus:
         """The DPO skips an open task, with a reason."""

@@ -50,6 +50,9 @@ __all__ = ["Case", "CaseError", "Effects", "InvalidTransition", "Task", "TaskKin
 
 #: Rights whose finished case carries an access bundle.
 BUNDLED: frozenset[Right] = frozenset({Right.access, Right.portability})
+#: Kinds of hold: a legal hold (litigation, an authority's order), or suspected fraud (a request
+#: that may come from someone else, as when a provider suspends email-based requests).
+HOLD_KINDS = ("legal_hold", "suspected_fraud")
 #: Rights a restriction can be lifted from.
 LIFTABLE: frozenset[Right] = frozenset({Right.restriction, Right.objection})
 
@@ -134,6 +137,8 @@ class Case:
     #: the due date before the extension, and the extension's {by, reason, at}
     original_due_at: datetime | None = None
     extension: dict[str, Any] | None = None
+    #: a hold in force: {kind, reason, by, at, resumes (the status it returns to)}
+    hold: dict[str, Any] | None = None
     #: systems this case's planning has looked at (asked or not), so a sweep plans a system once
     considered: list[str] = field(default_factory=list)
     tasks: list[Task] = field(default_factory=list)
@@ -379,6 +384,30 @@ class Case:
                         "reason": reason.strip(), "by": by}
         return Effects([self._entry(TimelineKind.denied, now, by=by, ground=ground)], [self.case_event(now)])
 
+    def hold_case(self, *, by: str, kind: str, reason: str, now: datetime) -> Effects:
+        """Put the case on hold: a legal hold, or suspected fraud. Nothing new is sent while it
+        holds (no fan-out, no retry, no system registered later); receipts of work already out still
+        count; it waits, is never dropped, and its deadline stays as it was, visible."""
+        if kind not in HOLD_KINDS:
+            raise InvalidTransition(f"a hold is one of {', '.join(HOLD_KINDS)}")
+        if self.status not in (CaseStatus.awaiting_verification, CaseStatus.in_progress):
+            raise InvalidTransition(f"case {self.case_id} is {self.status}: only an open case is held")
+        if not reason.strip():
+            raise InvalidTransition("give the reason for the hold")
+        self.hold = {"kind": kind, "reason": reason.strip(), "by": by, "at": now.isoformat(),
+                     "resumes": str(self.status)}
+        self.status, self.dirty = CaseStatus.on_hold, True
+        return Effects([self._entry(TimelineKind.held, now, by=by, hold=kind)], [self.case_event(now)])
+
+    def release(self, *, by: str, now: datetime) -> Effects:
+        """End a hold: the case goes on where it stopped (a finished one is settled next)."""
+        if self.status != CaseStatus.on_hold or self.hold is None:
+            raise InvalidTransition(f"case {self.case_id} is {self.status}, not on hold")
+        resumes = CaseStatus(self.hold["resumes"])
+        self.status, self.hold, self.dirty = resumes, None, True
+        return Effects([self._entry(TimelineKind.released, now, by=by, status=str(resumes))],
+                       [self.case_event(now)])
+
     def skip_task(self, task_id: uuid.UUID, *, by: str, reason: str, now: datetime) -> Effects:
         """The DPO skips a task that is still open (stalled, waiting for a person, or sent), with a
         reason: the case then finishes with exceptions, saying so. No personal data in ``reason``."""
@@ -403,6 +432,8 @@ class Case:
         if task.status not in (TaskStatus.stalled, TaskStatus.failed, TaskStatus.conflict):
             raise InvalidTransition(f"task {task_id} is {task.status}: only a stalled, failed or conflicting task "
                                     "is retried")
+        if self.status == CaseStatus.on_hold:
+            raise InvalidTransition(f"case {self.case_id} is on hold: release it first")
         by_name = {s.name: s for s in systems}
         system = by_name.get(task.system)
         if system is None or not system.supports(task.action):
@@ -474,6 +505,8 @@ class Case:
     def plan_new_systems(self, systems: Sequence[SystemDeclaration], now: datetime) -> Effects:
         """Ask systems that registered after the case was planned: while it is open, and for a
         lasting effect (restriction, opt-out, ...) still in force, also after it finished."""
+        if self.status == CaseStatus.on_hold:
+            return Effects()  # planned once it is released
         if self.right not in ACTION_FOR_RIGHT or (self.right in LIFTABLE and self.lifted_at is not None):
             self.considered = sorted({*self.considered, *(s.name for s in systems)})
             self.dirty = True
@@ -507,6 +540,10 @@ class Case:
         task.dirty = True
         if (receipt.status == ReceiptStatus.failed and receipt.retryable and receipt.attempt < max_attempts
                 and receipt.system in systems):  # a system no longer registered gets no retry
+            if self.status == CaseStatus.on_hold:  # nothing new is sent while held: the sweep retries after release
+                task.error = receipt.error
+                return Effects([self._entry(TimelineKind.task_failed, now, **detail, counts=receipt.counts,
+                                            retry="after the hold is released")])
             task.attempt, task.status, task.dispatched_at, task.error = (
                 receipt.attempt + 1, TaskStatus.dispatched, now, receipt.error)
             return Effects([self._entry(TimelineKind.task_retried, now, **detail, next_attempt=receipt.attempt + 1)],
@@ -519,7 +556,7 @@ class Case:
                  now: datetime) -> Effects:
         """No receipt for ``task`` within the task timeout: send it again, or after the last attempt
         mark it stalled (a late receipt still completes it)."""
-        if task.status != TaskStatus.dispatched or task.dispatched_at is None:
+        if task.status != TaskStatus.dispatched or task.dispatched_at is None or self.status == CaseStatus.on_hold:
             return Effects()
         detail = {"system": task.system, "attempt": task.attempt,
                   "waited_s": int((now - task.dispatched_at).total_seconds())}

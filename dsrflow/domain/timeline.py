@@ -39,6 +39,8 @@ class TimelineKind(StrEnum):
     restriction_lifted = "restriction_lifted"
     deadline_extended = "deadline_extended"
     denied = "denied"
+    held = "held"
+    released = "released"
     completed = "completed"
     failed = "failed"
     outcome_updated = "outcome_updated"

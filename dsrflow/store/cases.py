@@ -61,7 +61,7 @@ def _case(row: Mapping[str, Any], tasks: Iterable[Task]) -> Case:
         outcome=_loads(row["outcome"]), bundle=Artifact.model_validate(bundle) if bundle else None,
         lifted_at=row["lifted_at"], considered=list(row["considered"]),
         max_extension_until=row["max_extension_until"], original_due_at=row["original_due_at"],
-        extension=_loads(row["extension"]),
+        extension=_loads(row["extension"]), hold=_loads(row["hold"]),
         tasks=sorted(tasks, key=lambda t: (t.system, t.action)),
     )
 
@@ -95,7 +95,7 @@ def _case_params(c: Case) -> tuple[Any, ...]:
         _j({str(k): v for k, v in c.subject.items()}), c.verified, c.channel, _j(c.changes), _j(c.purposes),
         c.received_at, c.ack_due_at, c.due_at, c.completed_at, _j(c.outcome),
         _j(c.bundle.model_dump(mode="json")) if c.bundle else None, _j(c.verification or None), _j(c.requester),
-        c.lifted_at, c.considered, c.max_extension_until, c.original_due_at, _j(c.extension),
+        c.lifted_at, c.considered, c.max_extension_until, c.original_due_at, _j(c.extension), _j(c.hold),
     )
 
 
@@ -104,9 +104,10 @@ async def insert(conn: asyncpg.Connection, cases: Sequence[Case]) -> None:
     await conn.executemany(
         """INSERT INTO cases (case_id, request_id, request_event, right_name, jurisdiction, status, subject, verified,
                channel, changes, purposes, received_at, ack_due_at, due_at, completed_at, outcome, bundle,
-               verification, requester, lifted_at, considered, max_extension_until, original_due_at, extension)
+               verification, requester, lifted_at, considered, max_extension_until, original_due_at, extension,
+               hold)
            VALUES ($1,$2,$3,$4,$5,$6,$7::jsonb,$8,$9,$10::jsonb,$11::jsonb,$12,$13,$14,$15,$16::jsonb,$17::jsonb,
-                   $18::jsonb,$19::jsonb,$20,$21,$22,$23,$24::jsonb)""",
+                   $18::jsonb,$19::jsonb,$20,$21,$22,$23,$24::jsonb,$25::jsonb)""",
         [_case_params(c) for c in cases],
     )
     for c in cases:
@@ -121,11 +122,11 @@ async def save(conn: asyncpg.Connection, cases: Iterable[Case]) -> None:
     await conn.executemany(
         """UPDATE cases SET status=$2, verified=$3, outcome=$4::jsonb, bundle=$5::jsonb, completed_at=$6,
                verification=$7::jsonb, requester=$8::jsonb, lifted_at=$9, considered=$10, due_at=$11,
-               original_due_at=$12, extension=$13::jsonb, updated_at=now()
+               original_due_at=$12, extension=$13::jsonb, hold=$14::jsonb, updated_at=now()
            WHERE case_id=$1""",
         [(c.case_id, str(c.status), c.verified, _j(c.outcome), _j(c.bundle.model_dump(mode="json")) if c.bundle
           else None, c.completed_at, _j(c.verification or None), _j(c.requester), c.lifted_at, c.considered,
-          c.due_at, c.original_due_at, _j(c.extension))
+          c.due_at, c.original_due_at, _j(c.extension), _j(c.hold))
          for c in changed],
     )
     for c in changed:

@@ -564,3 +564,34 @@ async def test_a_denial_needs_a_ground_of_the_jurisdiction_and_never_hides_work_
     eu = await case_of(pool, await submit(coordinator, "access", verified=False, jurisdiction="EU"))
     assert await coordinator.deny(eu["case_id"], by="dpo", ground="manifestly_unfounded_or_excessive",
                                   reason="the fourth identical request this week") == "denied"
+
+
+async def test_a_held_erasure_waits_sends_nothing_new_and_keeps_its_deadline(
+    coordinator: Coordinator, pool: asyncpg.Pool
+) -> None:
+    await systems(pool, CRM, BILLING)
+    rid = await submit(coordinator, "erasure")
+    case = await case_of(pool, rid)
+    t = await tasks(pool, rid)
+    with pytest.raises(InvalidTransition, match="legal_hold, suspected_fraud"):
+        await coordinator.hold(case["case_id"], by="dpo", kind="whim", reason="x")
+    assert await coordinator.hold(case["case_id"], by="dpo@example.vn", kind="legal_hold",
+                                  reason="litigation hold from the legal department, ref LH-12") == "on_hold"
+    # work already out still counts; nothing new is sent; the case does not finish while held
+    await coordinator.handle_receipts([receipt(t["crm"], "succeeded"), receipt(t["billing"], "failed",
+                                                                               retryable=True, error="db down")])
+    await coordinator.sweep_stalled(now=t["crm"]["dispatched_at"] + timedelta(days=1))
+    held = await case_of(pool, rid)
+    assert held["status"] == "on_hold" and held["due_at"] == case["due_at"]
+    assert [e.attempt for e in await sent_tasks(pool, "billing") if e.case_id == case["case_id"]] == [1]
+    with pytest.raises(InvalidTransition, match="on_hold"):
+        await coordinator.verify(case["case_id"], by="dpo")
+    assert await coordinator.release(case["case_id"], by="dpo@example.vn") == "in_progress"
+    await coordinator.sweep_stalled(now=t["billing"]["dispatched_at"] + timedelta(days=1))  # retried after release
+    assert [e.attempt for e in await sent_tasks(pool, "billing") if e.case_id == case["case_id"]] == [1, 2]
+    await coordinator.handle_receipts([receipt((await tasks(pool, rid))["billing"], "succeeded")])
+    assert (await case_of(pool, rid))["status"] == "completed"
+    kinds = [e["kind"] for e in await timeline(pool, rid)]
+    assert kinds.index("held") < kinds.index("released") < kinds.index("completed")
+    with pytest.raises(InvalidTransition, match="not on hold"):
+        await coordinator.release(case["case_id"], by="dpo")
