@@ -13,6 +13,7 @@
     dsrflow cases extend ID --by WHO --reason WHY   the one extension the law allows
     dsrflow cases deny ID --by WHO --ground G --reason WHY   refuse on a ground of the law
     dsrflow cases hold | release ID --by WHO [--kind K --reason WHY]   a legal hold, suspected fraud
+    dsrflow cases open --right R --email E --by WHO --reason WHY   a case with no request behind it
     dsrflow tasks list | complete | decline   manual tasks, done by a person
     dsrflow tasks skip | retry ID --by WHO    the DPO skips an open task (--note why) or retries a stuck one
     dsrflow systems list | declare FILE   systems that hold personal data (one with no worker too)
@@ -530,6 +531,8 @@ def cmd_cases(args: argparse.Namespace, settings: Settings) -> int:
         return _cases_deny(args, settings)
     if args.action in ("hold", "release"):
         return _cases_hold(args, settings)
+    if args.action == "open":
+        return _cases_open(args, settings)
     case_id = _case_id(args) if args.action == "show" else None
 
     async def go() -> int:
@@ -705,6 +708,33 @@ def cmd_systems(args: argparse.Namespace, settings: Settings) -> int:
         print(f"{sy.name:<16} searches by {', '.join(map(str, sy.identifier_types)):<28} {acts}")
     if not systems:
         print("no systems registered")
+    return 0
+
+
+def _cases_open(args: argparse.Namespace, settings: Settings) -> int:
+    from pydantic import ValidationError
+
+    from .events import RightsRequested
+
+    by = _by(args, "who opens the case")
+    why = (args.reason or "").strip()
+    if not args.right or not why:
+        raise InvalidInput("cases open needs --right and --reason (why, without personal data), and identifiers")
+    identifiers = {k: v for k, v in (("email", args.email), ("phone", args.phone),
+                                       ("customer_id", args.customer_id)) if v}
+    if not identifiers:
+        raise InvalidInput("cases open needs at least one of --email, --phone, --customer-id")
+    try:
+        req = RightsRequested.model_validate({
+            "request_id": f"dpo-{uuid.uuid4()}", "right": args.right, "jurisdiction": args.jurisdiction or
+            settings.jurisdiction, "subject": {"identifiers": identifiers}})
+    except ValidationError as exc:
+        raise InvalidInput("invalid case: " + validation_summary(exc, _request_field)) from exc
+    case_id = _decide(settings, lambda c: c.open_case(req, by=by, why=why))
+    if args.json:
+        _print_json({"case_id": case_id})
+    else:
+        print(f"opened case {case_id} ({req.right}) for {by}")
     return 0
 
 
@@ -889,12 +919,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_submit)
 
     s = sub.add_parser("cases", help="read cases; verify an identity; lift a restriction")
-    s.add_argument("action", choices=["list", "show", "verify", "lift", "extend", "deny", "hold", "release"])
+    s.add_argument("action", choices=["list", "show", "verify", "lift", "extend", "deny", "hold", "release", "open"])
     s.add_argument("case_id", nargs="?")
     s.add_argument("--by", help="verify, lift, extend: who decided (recorded on the timeline)")
     s.add_argument("--reason", help="extend, deny, hold: the reasons (extend, deny: the subject is told them)")
     s.add_argument("--ground", help="deny: a denial ground of the case's jurisdiction (see its data file)")
     s.add_argument("--kind", choices=["legal_hold", "suspected_fraud"], help="hold: what kind of hold")
+    s.add_argument("--email", help="open: the subject's email")
+    s.add_argument("--phone", help="open: the subject's phone")
+    s.add_argument("--customer-id", help="open: the subject's customer id")
+    s.add_argument("--jurisdiction", help="open: default DSRFLOW_JURISDICTION")
     s.add_argument("--until", help="extend: the new due date, YYYY-MM-DD (default: the latest the law allows)")
     s.add_argument("--identifier", action="append", choices=[t.value for t in IdentifierType],
                    help="verify: an identifier type that was verified (repeat; default: every one given)")

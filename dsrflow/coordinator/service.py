@@ -157,6 +157,33 @@ class Coordinator:
             work.effects.extend(fx)
         await repo.insert(conn, opened)
 
+    async def open_case(self, request: RightsRequested, *, by: str, why: str,
+                        now: datetime | None = None) -> uuid.UUID:
+        """A case with no request from the subject behind it, opened by the DPO: the deletion of an
+        under-16 account, data whose retention ran out, a client company's data returned or deleted
+        when it leaves. Its identifiers count as verified by ``by``; ``by`` and ``why`` (no personal
+        data) are on its first timeline entry. Deadlines run from now, as for any request."""
+        now = now or datetime.now(UTC)
+        if not why.strip():
+            raise InvalidTransition("say why the case is opened (no personal data)")
+        req = RightsRequested.model_validate({
+            **request.model_dump(mode="json", exclude_none=True), "channel": "dpo", "verified": False,
+            "verification": [{"identifier": str(t), "method": "dpo_opened", "verified_by": by}
+                             for t in request.subject.identifiers]})
+        async with self.pool.acquire() as conn, conn.transaction():
+            if await repo.find_request_ids(conn, [req.request_id]):
+                raise InvalidTransition(f"a case for {req.request_id} exists already")
+            systems = await active_systems(conn)
+            received = req.received_at or now
+            due = policy.deadlines(req.right, req.jurisdiction, received, via_processor=_via_processor(req, systems))
+            case, fx = Case.open(req, event_id=f"dpo-{uuid.uuid4()}", source="dsrflow/dpo", received_at=received,
+                                 ack_due_at=due.ack_due_at, due_at=due.due_at, basis=due.basis, systems=systems,
+                                 now=now, max_extension_until=due.max_extension_until,
+                                 opened={"by": by, "why": why.strip()})
+            await repo.insert(conn, [case])
+            await repo.record(conn, fx)
+        return case.case_id
+
     # -- the DPO's decisions --------------------------------------------------
     async def _decide(self, case_id: uuid.UUID, decide: Callable[[Case, list[SystemDeclaration]], Effects],
                       now: datetime) -> Case:

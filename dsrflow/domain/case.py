@@ -208,6 +208,7 @@ class Case:
         cls, request: RightsRequested, *, event_id: str, source: str, received_at: datetime, ack_due_at: datetime,
         due_at: datetime, basis: str, systems: Sequence[SystemDeclaration], now: datetime,
         case_id: uuid.UUID | None = None, max_extension_until: datetime | None = None,
+        opened: dict[str, str] | None = None,
     ) -> tuple[Case, Effects]:
         """A new case for ``request``: received, then waiting for verification, fanned out, or
         (an information request, or nothing to ask) answered at once."""
@@ -225,7 +226,8 @@ class Case:
                                   right=str(request.right), jurisdiction=request.jurisdiction,
                                   due_at=due_at.isoformat(), ack_due_at=ack_due_at.isoformat(), basis=basis,
                                   verified=sorted(str(t) for t in case.verified_types),
-                                  requester=(case.requester or {}).get("relationship", "self"))])
+                                  requester=(case.requester or {}).get("relationship", "self"),
+                                  **({"opened_by_dpo": opened} if opened else {}))])
         if case._waits_for_verification():
             case.status = CaseStatus.awaiting_verification
             fx.timeline.append(case._entry(TimelineKind.awaiting_verification, now,

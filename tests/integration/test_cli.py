@@ -733,3 +733,40 @@ async def test_a_system_with_no_worker_is_declared_from_a_file_and_gets_manual_t
     missing = await asyncio.to_thread(dsrflow, "systems", "declare", str(tmp_path / "nope.toml"), tmp=tmp_path,
                                       env=env)
     assert_error(missing, "cannot read", code=2)
+
+
+async def test_the_dpo_decisions_from_the_command_line(tmp_path: Path, case_store: str) -> None:
+    env = {"DSRFLOW_PG_DSN": case_store}
+    pool = await asyncpg.create_pool(case_store, min_size=1, max_size=1)
+    try:
+        async with pool.acquire() as conn:
+            await register(conn, SystemDeclaration(name="crm", identifier_types=("email",), actions=("erase",)))
+    finally:
+        await pool.close()
+    opened = await asyncio.to_thread(dsrflow, "cases", "open", "--right", "erasure", "--email", EMAIL, "--by",
+                                     "dpo@example.vn", "--reason", "retention ran out", "--json", tmp=tmp_path,
+                                     env=env)
+    assert opened.code == 0, opened
+    case_id = orjson.loads(opened.stdout)["case_id"]
+    assert EMAIL not in opened.stdout + opened.stderr
+    held = await asyncio.to_thread(dsrflow, "cases", "hold", case_id, "--by", "dpo", "--kind", "legal_hold",
+                                   "--reason", "litigation", tmp=tmp_path, env=env)
+    assert held.code == 0 and "on_hold" in held.stdout, held
+    released = await asyncio.to_thread(dsrflow, "cases", "release", case_id, "--by", "dpo", tmp=tmp_path, env=env)
+    assert released.code == 0 and "in_progress" in released.stdout, released
+    extended = await asyncio.to_thread(dsrflow, "cases", "extend", case_id, "--by", "dpo", "--reason",
+                                       "archives on tape", tmp=tmp_path, env=env)
+    assert extended.code == 0 and "due date extended" in extended.stdout, extended
+    again = await asyncio.to_thread(dsrflow, "cases", "extend", case_id, "--by", "dpo", "--reason", "x",
+                                    tmp=tmp_path, env=env)
+    assert_error(again, "one extension", one_line=False)
+    denied = await asyncio.to_thread(dsrflow, "cases", "deny", case_id, "--by", "dpo", "--ground",
+                                     "processing_without_consent", "--reason", "x", tmp=tmp_path, env=env)
+    assert_error(denied, "skip them one by one", one_line=False)  # a task is out already
+    missing = await asyncio.to_thread(dsrflow, "cases", "deny", case_id, "--by", "dpo", tmp=tmp_path, env=env)
+    assert_error(missing, "--ground", code=2)
+    shown = await asyncio.to_thread(dsrflow, "cases", "show", case_id, "--json", tmp=tmp_path, env=env)
+    kinds = [e["kind"] for e in orjson.loads(shown.stdout)["timeline"]]
+    assert ["held", "released", "deadline_extended"] == [k for k in kinds if k in ("held", "released",
+                                                                                      "deadline_extended")]
+    assert orjson.loads(shown.stdout)["timeline_verified"] is True

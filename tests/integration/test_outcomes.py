@@ -595,3 +595,23 @@ async def test_a_held_erasure_waits_sends_nothing_new_and_keeps_its_deadline(
     assert kinds.index("held") < kinds.index("released") < kinds.index("completed")
     with pytest.raises(InvalidTransition, match="not on hold"):
         await coordinator.release(case["case_id"], by="dpo")
+
+
+async def test_the_dpo_opens_a_case_with_no_request_behind_it(coordinator: Coordinator, pool: asyncpg.Pool) -> None:
+    await systems(pool, CRM)
+    req = RightsRequested.model_validate({"request_id": f"dpo-{uuid.uuid4().hex[:8]}", "right": "erasure",
+                                          "subject": {"identifiers": {"email": LAN["email"]}}})
+    with pytest.raises(InvalidTransition, match="say why"):
+        await coordinator.open_case(req, by="dpo@example.vn", why=" ")
+    case_id = await coordinator.open_case(req, by="dpo@example.vn",
+                                          why="account of a user under 16 (terms of service 4.2)")
+    case = await case_of(pool, req.request_id)
+    assert case["case_id"] == case_id and case["status"] == "in_progress" and case["channel"] == "dpo"
+    assert (await tasks(pool, req.request_id))["crm"]["status"] == "dispatched"
+    [first, *_] = await timeline(pool, req.request_id)
+    assert orjson.loads(first["detail"])["opened_by_dpo"] == {
+        "by": "dpo@example.vn", "why": "account of a user under 16 (terms of service 4.2)"}
+    [v] = orjson.loads(case["verification"])
+    assert (v["method"], v["verified_by"]) == ("dpo_opened", "dpo@example.vn")
+    with pytest.raises(InvalidTransition, match="exists already"):
+        await coordinator.open_case(req, by="dpo", why="again")
