@@ -225,7 +225,13 @@ class Coordinator:
         jurisdiction (default: the latest the law allows); returns the new due date."""
         now = now or datetime.now(UTC)
 
-        def decide(c: Case, _: Any) -> Effects:
+        def decide(c: Case, systems: Any) -> Effects:
+            if c.max_extension_until is None and c.original_due_at is None:
+                # a case opened before the maximum was recorded at intake: work it out as intake would
+                by_name = {s.name: s for s in systems}
+                via = any(by_name[t.system].operated_by != "controller" for t in c.tasks if t.system in by_name)
+                c.max_extension_until = policy.deadlines(c.right, c.jurisdiction, c.received_at,
+                                                         via_processor=via).max_extension_until
             end = None
             if until is not None:
                 tz = ZoneInfo(policy.rules(c.jurisdiction).timezone)
@@ -383,9 +389,10 @@ class Coordinator:
             for case in cases.values():
                 for task in case.tasks:
                     if task.status == TaskStatus.dispatched and task.dispatched_at and task.dispatched_at < cutoff:
-                        fx.extend(case.time_out(task, max_attempts=self.settings.max_task_attempts, systems=systems,
-                                                now=now))
-                        changed += 1
+                        moved = case.time_out(task, max_attempts=self.settings.max_task_attempts, systems=systems,
+                                              now=now)
+                        changed += bool(moved.timeline)
+                        fx.extend(moved)
                         if task.status != TaskStatus.dispatched:  # stalled
                             log.warning("task %s of case %s stalled after %d attempts", task.task_id, case.case_id,
                                         task.attempt)

@@ -20,6 +20,7 @@ A manual task waits in ``manual`` for a person to complete or decline it.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -139,6 +140,9 @@ class Case:
     extension: dict[str, Any] | None = None
     #: a hold in force: {kind, reason, by, at, resumes (the status it returns to)}
     hold: dict[str, Any] | None = None
+    #: a case the DPO opened with no request: {by, why}. The reason is kept here, where it can be
+    #: pseudonymised later, not in the append-only timeline (which keeps its hash).
+    opened: dict[str, str] | None = None
     #: systems this case's planning has looked at (asked or not), so a sweep plans a system once
     considered: list[str] = field(default_factory=list)
     tasks: list[Task] = field(default_factory=list)
@@ -220,14 +224,15 @@ class Case:
             requester=request.requester.model_dump(mode="json", exclude_none=True) if request.requester else None,
             channel=request.channel, changes=dict(request.changes) if request.changes else None,
             purposes=list(request.purposes) if request.purposes else None, dirty=True,
-            max_extension_until=max_extension_until,
+            max_extension_until=max_extension_until, opened=opened,
         )
         fx = Effects([case._entry(TimelineKind.received, now, event_id=event_id, source=source,
                                   right=str(request.right), jurisdiction=request.jurisdiction,
                                   due_at=due_at.isoformat(), ack_due_at=ack_due_at.isoformat(), basis=basis,
                                   verified=sorted(str(t) for t in case.verified_types),
                                   requester=(case.requester or {}).get("relationship", "self"),
-                                  **({"opened_by_dpo": opened} if opened else {}))])
+                                  **({"opened_by_dpo": {"by": opened["by"], "why_sha256": hashlib.sha256(
+                                      opened["why"].encode()).hexdigest()}} if opened else {}))])
         if case._waits_for_verification():
             case.status = CaseStatus.awaiting_verification
             fx.timeline.append(case._entry(TimelineKind.awaiting_verification, now,
@@ -268,6 +273,8 @@ class Case:
         return fx
 
     def _plan(self, systems: Sequence[SystemDeclaration], now: datetime, *, late: bool = False) -> Effects:
+        if self.right in LIFTABLE and self.lifted_at is not None:
+            return Effects()  # a lifted restriction is never sent again
         fresh = [s for s in systems if s.name not in self.considered]
         plan = plan_for(self.right, self.subject, fresh, verified=self.verified_types, changes=self.changes,
                         purposes=self.purposes)
@@ -371,6 +378,10 @@ class Case:
         if self.status not in (CaseStatus.received, CaseStatus.awaiting_verification, CaseStatus.in_progress,
                                CaseStatus.on_hold):
             raise InvalidTransition(f"case {self.case_id} is {self.status}: it cannot be denied")
+        done = [t for t in self.tasks if t.status in (TaskStatus.succeeded, TaskStatus.retained)]
+        if done:
+            names = ", ".join(sorted(t.system for t in done))
+            raise InvalidTransition(f"case {self.case_id} was already carried out by {names}: it cannot be denied")
         sent = [t for t in self.tasks if t.kind == TaskKind.worker]
         if sent:
             names = ", ".join(sorted(t.system for t in sent))
@@ -381,7 +392,7 @@ class Case:
             if not t.terminal:
                 t.status, t.decided_by, t.note, t.completed_at, t.dirty = (
                     TaskStatus.skipped, by, "the request was denied", now, True)
-        self.status, self.completed_at, self.dirty = CaseStatus.denied, now, True
+        self.status, self.completed_at, self.hold, self.dirty = CaseStatus.denied, now, None, True
         self.outcome = {"status": str(CaseStatus.denied), "ground": ground, "basis": basis,
                         "reason": reason.strip(), "by": by}
         return Effects([self._entry(TimelineKind.denied, now, by=by, ground=ground)], [self.case_event(now)])
@@ -477,13 +488,14 @@ class Case:
             raise InvalidTransition(f"a {self.right} case has no restriction to lift")
         if self.lifted_at is not None:
             raise InvalidTransition(f"the restriction of case {self.case_id} was lifted already")
-        if self.status in (CaseStatus.awaiting_verification, CaseStatus.received, CaseStatus.denied):
-            raise InvalidTransition(f"case {self.case_id} is {self.status}: nothing was restricted")
+        if self.status in (CaseStatus.awaiting_verification, CaseStatus.received, CaseStatus.denied,
+                           CaseStatus.on_hold):
+            raise InvalidTransition(f"case {self.case_id} is {self.status}: release or verify it first")
         self.lifted_at = now
         self.dirty = True
         restricted = [t for t in self.tasks if t.action == Action.restrict
                       and t.status in (TaskStatus.succeeded, TaskStatus.retained, TaskStatus.dispatched,
-                                       TaskStatus.stalled, TaskStatus.manual)]
+                                       TaskStatus.stalled, TaskStatus.manual, TaskStatus.skipped)]
         by_name = {s.name: s for s in systems}
         fx = Effects([self._entry(TimelineKind.restriction_lifted, now, by=by,
                                   systems=sorted(t.system for t in restricted))])
@@ -532,6 +544,15 @@ class Case:
         task = self.task(receipt.task_id)
         if task is None or task.system != receipt.system:
             raise InvalidTransition(f"no task {receipt.task_id} for case {self.case_id} in system {receipt.system}")
+        if (task.status == TaskStatus.skipped and task.kind == TaskKind.worker and receipt.attempt <= task.attempt
+                and receipt.status in (ReceiptStatus.succeeded, ReceiptStatus.retained, ReceiptStatus.not_found)):
+            # Skipped by the DPO, but the worker had it and did it: what happened is what counts.
+            task.status, task.completed_at, task.dirty = TaskStatus(receipt.status), receipt.completed_at, True
+            task.note = f"{task.note or 'skipped'}; the system did it before the skip reached it"
+            task.result = receipt.model_dump(mode="json", include={"counts", "categories", "retained", "artifacts"})
+            return Effects([self._entry(TimelineKind(f"task_{receipt.status}"), now, system=receipt.system,
+                                        attempt=receipt.attempt, status=str(receipt.status), counts=receipt.counts,
+                                        after_skip=True)])
         if task.terminal or task.kind == TaskKind.manual or receipt.attempt > task.attempt:
             return Effects()  # a late duplicate, an attempt never sent, or a task a person holds: changes nothing
         if receipt.attempt < task.attempt and receipt.status == ReceiptStatus.failed:

@@ -61,7 +61,7 @@ def _case(row: Mapping[str, Any], tasks: Iterable[Task]) -> Case:
         outcome=_loads(row["outcome"]), bundle=Artifact.model_validate(bundle) if bundle else None,
         lifted_at=row["lifted_at"], considered=list(row["considered"]),
         max_extension_until=row["max_extension_until"], original_due_at=row["original_due_at"],
-        extension=_loads(row["extension"]), hold=_loads(row["hold"]),
+        extension=_loads(row["extension"]), hold=_loads(row["hold"]), opened=_loads(row["opened"]),
         tasks=sorted(tasks, key=lambda t: (t.system, t.action)),
     )
 
@@ -96,6 +96,7 @@ def _case_params(c: Case) -> tuple[Any, ...]:
         c.received_at, c.ack_due_at, c.due_at, c.completed_at, _j(c.outcome),
         _j(c.bundle.model_dump(mode="json")) if c.bundle else None, _j(c.verification or None), _j(c.requester),
         c.lifted_at, c.considered, c.max_extension_until, c.original_due_at, _j(c.extension), _j(c.hold),
+        _j(c.opened),
     )
 
 
@@ -105,9 +106,9 @@ async def insert(conn: asyncpg.Connection, cases: Sequence[Case]) -> None:
         """INSERT INTO cases (case_id, request_id, request_event, right_name, jurisdiction, status, subject, verified,
                channel, changes, purposes, received_at, ack_due_at, due_at, completed_at, outcome, bundle,
                verification, requester, lifted_at, considered, max_extension_until, original_due_at, extension,
-               hold)
+               hold, opened)
            VALUES ($1,$2,$3,$4,$5,$6,$7::jsonb,$8,$9,$10::jsonb,$11::jsonb,$12,$13,$14,$15,$16::jsonb,$17::jsonb,
-                   $18::jsonb,$19::jsonb,$20,$21,$22,$23,$24::jsonb,$25::jsonb)""",
+                   $18::jsonb,$19::jsonb,$20,$21,$22,$23,$24::jsonb,$25::jsonb,$26::jsonb)""",
         [_case_params(c) for c in cases],
     )
     for c in cases:
@@ -180,7 +181,9 @@ async def _head(conn: asyncpg.Connection, case_id: uuid.UUID) -> tuple[int, byte
 async def stale_cases(conn: asyncpg.Connection, cutoff: Any, limit: int) -> list[uuid.UUID]:
     """Cases with a task dispatched before ``cutoff`` and no receipt since."""
     return [r["case_id"] for r in await conn.fetch(
-        """SELECT DISTINCT case_id FROM tasks WHERE status = 'dispatched' AND dispatched_at < $1 LIMIT $2""",
+        """SELECT t.case_id FROM tasks t JOIN cases c USING (case_id)
+           WHERE t.status = 'dispatched' AND t.dispatched_at < $1 AND c.status <> 'on_hold'
+           GROUP BY t.case_id ORDER BY min(t.dispatched_at) LIMIT $2""",
         cutoff, limit)]
 
 

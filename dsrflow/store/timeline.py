@@ -118,10 +118,13 @@ def problems(rows: Iterable[Mapping[str, Any]], *, length: int, head: bytes | No
             found.append(f"entry {expected}'s content does not match its hash: it was edited")
         hashes.append(h)
         prev = bytes(r["hash"])
-    if len(hashes) != length or (hashes and head is not None and bytes(r["hash"]) != head) \
-            or (not hashes and head is not None):
+    if len(hashes) != length:
         found.append(f"the table holds {len(hashes)} entries, but the case row's anchor says {length}: "
                      "entries were cut off, deleted or added")
+    elif hashes and (head is None or bytes(r["hash"]) != head):
+        found.append("the last entry is not the one the case row's anchor names: the tail was replaced")
+    elif not hashes and head is not None:
+        found.append("the case row names a head, but the table holds no entry: the timeline was deleted")
     if published is not None:
         n, h = published
         if n > len(hashes):

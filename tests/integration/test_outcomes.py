@@ -5,6 +5,7 @@ via-processor deadline, and the store's CHECK constraints."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 import uuid
 from collections.abc import AsyncIterator
@@ -609,9 +610,75 @@ async def test_the_dpo_opens_a_case_with_no_request_behind_it(coordinator: Coord
     assert case["case_id"] == case_id and case["status"] == "in_progress" and case["channel"] == "dpo"
     assert (await tasks(pool, req.request_id))["crm"]["status"] == "dispatched"
     [first, *_] = await timeline(pool, req.request_id)
+    why = "account of a user under 16 (terms of service 4.2)"
     assert orjson.loads(first["detail"])["opened_by_dpo"] == {
-        "by": "dpo@example.vn", "why": "account of a user under 16 (terms of service 4.2)"}
+        "by": "dpo@example.vn", "why_sha256": hashlib.sha256(why.encode()).hexdigest()}
+    assert orjson.loads(case["opened"]) == {"by": "dpo@example.vn", "why": why}  # kept where it can be erased
     [v] = orjson.loads(case["verification"])
     assert (v["method"], v["verified_by"]) == ("dpo_opened", "dpo@example.vn")
     with pytest.raises(InvalidTransition, match="exists already"):
         await coordinator.open_case(req, by="dpo", why="again")
+
+
+async def test_a_receipt_for_a_task_skipped_too_late_records_what_the_system_did(
+    coordinator: Coordinator, pool: asyncpg.Pool
+) -> None:
+    await systems(pool, CRM)
+    rid = await submit(coordinator, "erasure")
+    t = (await tasks(pool, rid))["crm"]
+    await coordinator.skip_task(t["case_id"], t["task_id"], by="dpo", reason="the system is being retired")
+    assert (await case_of(pool, rid))["status"] == "completed_with_exceptions"
+    await coordinator.handle_receipts([receipt(t, "succeeded", counts={"erased": 4})])  # it was done after all
+    crm = outcome(await case_of(pool, rid))["systems"]["crm"]
+    assert crm["status"] == "succeeded" and crm["counts"] == {"erased": 4}
+    assert "did it before the skip reached it" in crm["note"]
+
+
+async def test_a_denial_is_refused_once_a_person_carried_out_a_task(
+    coordinator: Coordinator, pool: asyncpg.Pool
+) -> None:
+    await systems(pool, ANALYTICS, ANALYTICS.model_copy(update={"name": "archive"}))
+    rid = await submit(coordinator, "erasure")
+    t = (await tasks(pool, rid))["archive"]
+    await coordinator.resolve_manual_task(t["case_id"], t["task_id"], by="ops", resolution=TaskStatus.succeeded,
+                                          note="paper file shredded")
+    with pytest.raises(InvalidTransition, match="already carried out by archive"):
+        await coordinator.deny(t["case_id"], by="dpo", ground="processing_without_consent", reason="x")
+
+
+async def test_a_held_restriction_cannot_be_lifted_and_a_lifted_one_is_never_sent(
+    coordinator: Coordinator, pool: asyncpg.Pool
+) -> None:
+    await systems(pool, CRM)
+    rid = await submit(coordinator, "restriction", verified=False)
+    case_id = (await case_of(pool, rid))["case_id"]
+    await coordinator.hold(case_id, by="dpo", kind="suspected_fraud", reason="request from a new device")
+    with pytest.raises(InvalidTransition, match="release or verify it first"):
+        await coordinator.lift_restriction(case_id, by="dpo")
+    await coordinator.release(case_id, by="dpo")
+    await coordinator.verify(case_id, by="dpo")
+    assert [e.action for e in await sent_tasks(pool, "crm") if e.case_id == case_id] == [Action.restrict]
+
+
+async def test_held_cases_never_starve_the_sweep(coordinator: Coordinator, pool: asyncpg.Pool) -> None:
+    await systems(pool, CRM)
+    held = [await case_of(pool, await submit(coordinator, "erasure")) for _ in range(3)]
+    for c in held:
+        await coordinator.hold(c["case_id"], by="dpo", kind="legal_hold", reason="litigation")
+    rid = await submit(coordinator, "erasure")
+    open_task = (await tasks(pool, rid))["crm"]
+    changed = await coordinator.sweep_stalled(now=open_task["dispatched_at"] + timedelta(days=1), limit=2)
+    assert changed == 1 and (await tasks(pool, rid))["crm"]["attempt"] == 2
+
+
+async def test_a_case_from_before_the_maximum_was_recorded_can_still_be_extended(
+    coordinator: Coordinator, pool: asyncpg.Pool
+) -> None:
+    from datetime import UTC, datetime
+
+    await systems(pool, CRM)
+    rid = await submit(coordinator, "erasure", received_at=datetime.now(UTC).isoformat())
+    await pool.execute("UPDATE cases SET max_extension_until = NULL WHERE request_id = $1", rid)  # as migrated
+    case = await case_of(pool, rid)
+    due = await coordinator.extend_deadline(case["case_id"], by="dpo", reason="volume")
+    assert due == policy.deadlines("erasure", "VN", case["received_at"]).max_extension_until

@@ -3,6 +3,7 @@
 ALTER TABLE cases ADD COLUMN max_extension_until timestamptz;
 ALTER TABLE cases ADD COLUMN original_due_at timestamptz;
 ALTER TABLE cases ADD COLUMN extension jsonb;          -- {by, reason, at}
+ALTER TABLE cases ADD COLUMN opened jsonb;             -- a case the DPO opened: {by, why} (why stays out of the timeline)
 ALTER TABLE cases ADD COLUMN hold jsonb;               -- {kind, reason, by, at, resumes}: on_hold until released
 ALTER TABLE case_timeline DROP CONSTRAINT case_timeline_kind_check;
 ALTER TABLE case_timeline ADD CONSTRAINT case_timeline_kind_check CHECK (kind IN (
