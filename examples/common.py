@@ -10,6 +10,7 @@ import re
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import date
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import asyncpg
@@ -18,7 +19,7 @@ from dsrflow.identity import normalise
 from dsrflow.rights import IdentifierType, change_category
 from dsrflow.settings import Settings
 from dsrflow.stack.postgres import create_database, with_database
-from dsrflow.worker import Result, TaskContext, TaskError, Worker
+from dsrflow.worker import Result, SubjectMatch, TaskContext, TaskError, Worker
 
 
 def system_dsn(system: str, settings: Settings) -> str:
@@ -122,6 +123,24 @@ class Refusal(Exception):
     names fields, never their values."""
 
 
+class Answered(Exception):
+    """The task's answer is known before anything was changed (identifiers that point to different
+    people, or nobody found): raised to leave the handler and its transaction at once."""
+
+    def __init__(self, result: Result) -> None:
+        super().__init__(str(result.status))
+        self.result = result
+
+
+def require_one_person(match: SubjectMatch[Any]) -> None:
+    """Raise :class:`Answered` with ``conflict`` or ``not_found`` unless the match names one
+    person's records to act on (see :func:`dsrflow.identity.match_subject`)."""
+    if match.conflict:
+        raise Answered(Result.conflict(match.reason()))
+    if match.not_found:
+        raise Answered(Result.not_found())
+
+
 def task_purposes(ctx: TaskContext) -> list[str] | None:
     """The purposes (fideslang data uses) an objection or a consent withdrawal names, sorted and
     without duplicates; None when it names none: the whole of the processing."""
@@ -216,14 +235,16 @@ def parse_text(raw: str) -> str:
 Handler = Callable[[TaskContext], Awaitable[Result]]
 
 
-def refusing(handler: Handler) -> Handler:
-    """Turn a :class:`Refusal` raised by ``handler`` (inside its transaction, which then rolls
-    back) into ``Result.refused``."""
+def answering(handler: Handler) -> Handler:
+    """Turn an :class:`Answered` raised by ``handler`` into its result, and a :class:`Refusal` into
+    ``Result.refused`` (raised inside its transaction, which then rolls back: nothing changes)."""
 
     @functools.wraps(handler)
     async def wrapped(ctx: TaskContext) -> Result:
         try:
             return await handler(ctx)
+        except Answered as exc:
+            return exc.result
         except Refusal as exc:
             return Result.refused(str(exc))
 

@@ -35,13 +35,14 @@ from ..common import (
     Database,
     Parser,
     Refusal,
+    answering,
     open_with,
     parse_email,
     parse_name,
     parse_phone,
     parse_text,
     read_changes,
-    refusing,
+    require_one_person,
     rowcount,
     setup_database,
     subject_identifiers,
@@ -185,14 +186,12 @@ def _categories(customers: list[asyncpg.Record], n_invoices: int) -> list[str]:
 
 
 @worker.handler(Action.export)
+@answering
 async def export(ctx: TaskContext) -> Result:
     """The customer record(s) with every invoice and its payments, and any restriction."""
     async with db.pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
         match, customers = await _locate(conn, ctx, lock=False)
-        if match.conflict:
-            return Result.conflict(match.reason())
-        if match.not_found:
-            return Result.not_found()
+        require_one_person(match)
         ids = [c["id"] for c in customers]
         invoices = await conn.fetch(
             """SELECT id, customer_id, number, issued_on, amount_vnd, vat_vnd, description
@@ -246,6 +245,7 @@ async def export(ctx: TaskContext) -> Result:
 
 
 @worker.handler(Action.erase)
+@answering
 async def erase(ctx: TaskContext) -> Result:
     """Anonymise customers with invoices (keeping invoices and payments), delete those without.
 
@@ -255,10 +255,7 @@ async def erase(ctx: TaskContext) -> Result:
     async with db.pool.acquire() as conn:
         async with conn.transaction():
             match, customers = await _locate(conn, ctx, lock=True)
-            if match.conflict:
-                return Result.conflict(match.reason())
-            if match.not_found:
-                return Result.not_found()
+            require_one_person(match)
             ids = [c["id"] for c in customers]
             kept = await conn.fetch(
                 """SELECT i.customer_id, count(DISTINCT i.id) AS invoices, count(p.id) AS payments,
@@ -337,7 +334,7 @@ _CATEGORY_OF = {column: category for category, (column, _) in _CORRECTABLE.items
 
 
 @worker.handler(Action.rectify)
-@refusing
+@answering
 async def rectify(ctx: TaskContext) -> Result:
     """Correct the customer record: name, email, phone, billing address, tax code. Invoices
     already issued are accounting records and keep the details printed on them; the corrected
@@ -346,10 +343,7 @@ async def rectify(ctx: TaskContext) -> Result:
     fixes = read_changes(ctx.task.changes, _CORRECTABLE, system=NAME)
     async with db.pool.acquire() as conn, conn.transaction():
         match, customers = await _locate(conn, ctx, lock=True)
-        if match.conflict:
-            return Result.conflict(match.reason())
-        if match.not_found:
-            return Result.not_found()
+        require_one_person(match)
         ids = [c["id"] for c in customers]
         for column in ("email", "phone"):
             if column in fixes and await conn.fetchval(
@@ -380,7 +374,7 @@ async def rectify(ctx: TaskContext) -> Result:
 
 
 @worker.handler(Action.restrict)
-@refusing
+@answering
 async def restrict(ctx: TaskContext) -> Result:
     """Keep the records the law requires, stop the rest: a restriction for this case (all
     processing, or the purposes an objection names). A restricted customer gets no payment
@@ -388,10 +382,7 @@ async def restrict(ctx: TaskContext) -> Result:
     purposes = task_purposes(ctx)
     async with db.pool.acquire() as conn, conn.transaction():
         match, customers = await _locate(conn, ctx, lock=True)
-        if match.conflict:
-            return Result.conflict(match.reason())
-        if match.not_found:
-            return Result.not_found()
+        require_one_person(match)
         ids = [c["id"] for c in customers]
         new = await conn.fetch(
             """INSERT INTO restrictions (customer_id, case_id, purposes)
@@ -410,15 +401,13 @@ async def restrict(ctx: TaskContext) -> Result:
 
 
 @worker.handler(Action.lift_restriction)
+@answering
 async def lift_restriction(ctx: TaskContext) -> Result:
     """Lift the restriction this case set (the row stays, with ``lifted_at``); reminders resume.
     not_found when this case restricted none of the customers."""
     async with db.pool.acquire() as conn, conn.transaction():
         match, customers = await _locate(conn, ctx, lock=True)
-        if match.conflict:
-            return Result.conflict(match.reason())
-        if match.not_found:
-            return Result.not_found()
+        require_one_person(match)
         ids = [c["id"] for c in customers]
         lifted = rowcount(await conn.execute(
             """UPDATE restrictions SET lifted_at = now()

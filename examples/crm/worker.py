@@ -40,6 +40,7 @@ from ..common import (
     Database,
     Parser,
     Refusal,
+    answering,
     open_with,
     parse_date,
     parse_email,
@@ -48,7 +49,7 @@ from ..common import (
     parse_text,
     purposes_overlap,
     read_changes,
-    refusing,
+    require_one_person,
     rowcount,
     setup_database,
     subject_identifiers,
@@ -198,15 +199,13 @@ def _categories(contacts: list[asyncpg.Record], n_addresses: int, n_notes: int, 
 
 
 @worker.handler(Action.export)
+@answering
 async def export(ctx: TaskContext) -> Result:
     """Every contact the identifiers agree on, with addresses, notes, tracking identifiers,
     consents, restrictions and whether the suppression list holds them."""
     async with db.pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
         match, contacts = await _locate(conn, ctx, lock=False)
-        if match.conflict:
-            return Result.conflict(match.reason())
-        if match.not_found:
-            return Result.not_found()
+        require_one_person(match)
         ids = [c["id"] for c in contacts]
         addresses = await conn.fetch(
             "SELECT contact_id, kind, line, ward, district, city FROM addresses WHERE contact_id = ANY($1) ORDER BY id",
@@ -265,6 +264,7 @@ _CHILDREN = ("notes", "addresses", "tracking_ids", "consents", "restrictions", "
 
 
 @worker.handler(Action.erase)
+@answering
 async def erase(ctx: TaskContext) -> Result:
     """Delete the contacts and every row about them, children first, in one transaction; then
     check that nothing is left. The suppression list keeps its keyed hashes of the person's email
@@ -274,10 +274,7 @@ async def erase(ctx: TaskContext) -> Result:
     async with db.pool.acquire() as conn:
         async with conn.transaction():
             match, contacts = await _locate(conn, ctx, lock=True)
-            if match.conflict:
-                return Result.conflict(match.reason())
-            if match.not_found:
-                return Result.not_found()
+            require_one_person(match)
             ids = [c["id"] for c in contacts]
             tracking = [r["kind"] for r in await conn.fetch(
                 "SELECT DISTINCT kind FROM tracking_ids WHERE contact_id = ANY($1)", ids)]
@@ -384,7 +381,7 @@ async def _correct_home_addresses(conn: asyncpg.Connection, ids: list[int], fixe
 
 
 @worker.handler(Action.rectify)
-@refusing
+@answering
 async def rectify(ctx: TaskContext) -> Result:
     """Apply the task's corrections to every contact the identifiers agree on. A field the CRM
     does not keep, or a value that is not valid, refuses the whole task and changes nothing.
@@ -392,10 +389,7 @@ async def rectify(ctx: TaskContext) -> Result:
     fixes = read_changes(ctx.task.changes, _CORRECTABLE, system=NAME)
     async with db.pool.acquire() as conn, conn.transaction():
         match, contacts = await _locate(conn, ctx, lock=True)
-        if match.conflict:
-            return Result.conflict(match.reason())
-        if match.not_found:
-            return Result.not_found()
+        require_one_person(match)
         ids = [c["id"] for c in contacts]
         for column in ("email", "phone"):
             if column in fixes and await conn.fetchval(
@@ -425,7 +419,7 @@ async def rectify(ctx: TaskContext) -> Result:
 
 
 @worker.handler(Action.restrict)
-@refusing
+@answering
 async def restrict(ctx: TaskContext) -> Result:
     """Keep the data, stop processing it: a restriction for this case, covering the purposes an
     objection names, or all processing. Counts: contacts restricted by this case, of which already
@@ -433,10 +427,7 @@ async def restrict(ctx: TaskContext) -> Result:
     purposes = task_purposes(ctx)
     async with db.pool.acquire() as conn, conn.transaction():
         match, contacts = await _locate(conn, ctx, lock=True)
-        if match.conflict:
-            return Result.conflict(match.reason())
-        if match.not_found:
-            return Result.not_found()
+        require_one_person(match)
         ids = [c["id"] for c in contacts]
         new = await conn.fetch(
             """INSERT INTO restrictions (contact_id, case_id, purposes)
@@ -455,15 +446,13 @@ async def restrict(ctx: TaskContext) -> Result:
 
 
 @worker.handler(Action.lift_restriction)
+@answering
 async def lift_restriction(ctx: TaskContext) -> Result:
     """Lift the restriction this case set (the row stays, with ``lifted_at``, as the record of
     it). not_found when this case restricted none of the contacts."""
     async with db.pool.acquire() as conn, conn.transaction():
         match, contacts = await _locate(conn, ctx, lock=True)
-        if match.conflict:
-            return Result.conflict(match.reason())
-        if match.not_found:
-            return Result.not_found()
+        require_one_person(match)
         ids = [c["id"] for c in contacts]
         lifted = rowcount(await conn.execute(
             """UPDATE restrictions SET lifted_at = now()
@@ -479,7 +468,7 @@ async def lift_restriction(ctx: TaskContext) -> Result:
 
 
 @worker.handler(Action.revoke_consent)
-@refusing
+@answering
 async def revoke_consent(ctx: TaskContext) -> Result:
     """Withdraw consent for the task's purposes (every consent that overlaps one of them; a
     purpose with no consent on file is recorded as withdrawn, so no later import assumes it), or
@@ -487,10 +476,7 @@ async def revoke_consent(ctx: TaskContext) -> Result:
     purposes = task_purposes(ctx)
     async with db.pool.acquire() as conn, conn.transaction():
         match, contacts = await _locate(conn, ctx, lock=True)
-        if match.conflict:
-            return Result.conflict(match.reason())
-        if match.not_found:
-            return Result.not_found()
+        require_one_person(match)
         ids = [c["id"] for c in contacts]
         revoked = rowcount(await conn.execute(
             """UPDATE consents SET granted = false, updated_at = now()
@@ -517,6 +503,7 @@ async def revoke_consent(ctx: TaskContext) -> Result:
 
 
 @worker.handler(Action.suppress_marketing)
+@answering
 async def suppress_marketing(ctx: TaskContext) -> Result:
     """Opt the contacts out of marketing and put their emails and phones, and the task's, on the
     suppression list (keyed hashes), so that no re-import subscribes them again. Someone the CRM
@@ -546,10 +533,7 @@ async def _opt_out(ctx: TaskContext, flag: str, *, extra: str | None = None) -> 
     """Set the contacts' opt-out ``flag``. Counts: contacts opted out, of which newly."""
     async with db.pool.acquire() as conn, conn.transaction():
         match, contacts = await _locate(conn, ctx, lock=True)
-        if match.conflict:
-            return Result.conflict(match.reason())
-        if match.not_found:
-            return Result.not_found()
+        require_one_person(match)
         ids = [c["id"] for c in contacts]
         changed = rowcount(await conn.execute(f"UPDATE contacts SET {flag} = true WHERE id = ANY($1) AND NOT {flag}",
                                               ids))
@@ -560,12 +544,14 @@ async def _opt_out(ctx: TaskContext, flag: str, *, extra: str | None = None) -> 
 
 
 @worker.handler(Action.suppress_sale_share)
+@answering
 async def suppress_sale_share(ctx: TaskContext) -> Result:
     """No more uploads to advertising platforms' custom audiences (processing.shared_audience)."""
     return await _opt_out(ctx, "sale_share_opt_out")
 
 
 @worker.handler(Action.suppress_tracking)
+@answering
 async def suppress_tracking(ctx: TaskContext) -> Result:
     """No more analytics on any of the contact's cookies and devices (processing.tracking_allowed);
     counts the tracking identifiers this covers."""
@@ -573,6 +559,7 @@ async def suppress_tracking(ctx: TaskContext) -> Result:
 
 
 @worker.handler(Action.stop_automated)
+@answering
 async def stop_automated(ctx: TaskContext) -> Result:
     """No more automated lead scoring (processing.lead_scoring_candidates)."""
     return await _opt_out(ctx, "automated_processing_opt_out")
