@@ -593,6 +593,15 @@ def _decide(settings: Settings, decide: Any) -> str:
     return asyncio.run(go())
 
 
+def _answer(args: argparse.Namespace, doc: dict[str, Any], line: str) -> int:
+    """A decision's result: ``doc`` with --json, else one line for a person."""
+    if args.json:
+        _print_json(doc)
+    else:
+        print(line)
+    return 0
+
+
 def _by(args: argparse.Namespace, what: str) -> str:
     by = (args.by or "").strip()
     if not by:
@@ -605,22 +614,15 @@ def _cases_verify(args: argparse.Namespace, settings: Settings) -> int:
     by = _by(args, "who verified the identity")
     identifiers = args.identifier or None
     status = _decide(settings, lambda c: c.verify(case_id, by=by, identifiers=identifiers))
-    if args.json:
-        _print_json({"case_id": str(case_id), "status": status})
-    else:
-        print(f"case {case_id} verified: {status}")
-    return 0
+    return _answer(args, {"case_id": str(case_id), "status": status}, f"case {case_id} verified: {status}")
 
 
 def _cases_lift(args: argparse.Namespace, settings: Settings) -> int:
     case_id = _case_id(args)
     by = _by(args, "who lifts the restriction")
     status = _decide(settings, lambda c: c.lift_restriction(case_id, by=by))
-    if args.json:
-        _print_json({"case_id": str(case_id), "status": status})
-    else:
-        print(f"case {case_id}: restriction lifted; each system that restricted is asked to lift it ({status})")
-    return 0
+    return _answer(args, {"case_id": str(case_id), "status": status},
+                   f"case {case_id}: restriction lifted; each system that restricted is asked to lift it ({status})")
 
 
 def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
@@ -731,11 +733,7 @@ def _cases_open(args: argparse.Namespace, settings: Settings) -> int:
     except ValidationError as exc:
         raise InvalidInput("invalid case: " + validation_summary(exc, _request_field)) from exc
     case_id = _decide(settings, lambda c: c.open_case(req, by=by, why=why))
-    if args.json:
-        _print_json({"case_id": case_id})
-    else:
-        print(f"opened case {case_id} ({req.right}) for {by}")
-    return 0
+    return _answer(args, {"case_id": case_id}, f"opened case {case_id} ({req.right}) for {by}")
 
 
 def _cases_hold(args: argparse.Namespace, settings: Settings) -> int:
@@ -748,11 +746,7 @@ def _cases_hold(args: argparse.Namespace, settings: Settings) -> int:
         status = _decide(settings, lambda c: c.hold(case_id, by=by, kind=args.kind, reason=reason))
     else:
         status = _decide(settings, lambda c: c.release(case_id, by=by))
-    if args.json:
-        _print_json({"case_id": str(case_id), "status": status})
-    else:
-        print(f"case {case_id}: {status}")
-    return 0
+    return _answer(args, {"case_id": str(case_id), "status": status}, f"case {case_id}: {status}")
 
 
 def _cases_deny(args: argparse.Namespace, settings: Settings) -> int:
@@ -762,11 +756,8 @@ def _cases_deny(args: argparse.Namespace, settings: Settings) -> int:
     if not args.ground or not reason:
         raise InvalidInput("cases deny needs --ground (from the jurisdiction's data file) and --reason")
     status = _decide(settings, lambda c: c.deny(case_id, by=by, ground=args.ground, reason=reason))
-    if args.json:
-        _print_json({"case_id": str(case_id), "status": status})
-    else:
-        print(f"case {case_id}: {status} on the ground {args.ground}")
-    return 0
+    return _answer(args, {"case_id": str(case_id), "status": status},
+                   f"case {case_id}: {status} on the ground {args.ground}")
 
 
 def _cases_extend(args: argparse.Namespace, settings: Settings) -> int:
@@ -778,16 +769,11 @@ def _cases_extend(args: argparse.Namespace, settings: Settings) -> int:
     until = None
     if args.until:
         try:
-            day = date.fromisoformat(args.until)
+            until = date.fromisoformat(args.until)
         except ValueError:
             raise InvalidInput("--until is a date, YYYY-MM-DD") from None
-        until = day
     due = _decide(settings, lambda c: c.extend_deadline(case_id, by=by, reason=reason, until=until))
-    if args.json:
-        _print_json({"case_id": str(case_id), "due_at": due})
-    else:
-        print(f"case {case_id}: due date extended to {due}")
-    return 0
+    return _answer(args, {"case_id": str(case_id), "due_at": due}, f"case {case_id}: due date extended to {due}")
 
 
 def cmd_tasks(args: argparse.Namespace, settings: Settings) -> int:
@@ -835,11 +821,8 @@ def cmd_tasks(args: argparse.Namespace, settings: Settings) -> int:
         return str(await c.resolve_manual_task(case_id, task_id, by=by, resolution=resolution, note=note))
 
     status = _decide(settings, resolve)
-    if args.json:
-        _print_json({"task_id": str(task_id), "status": str(resolution), "case_status": status})
-    else:
-        print(f"task {task_id}: {resolution}; case {status}")
-    return 0
+    return _answer(args, {"task_id": str(task_id), "status": str(resolution), "case_status": status},
+                   f"task {task_id}: {resolution}; case {status}")
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
