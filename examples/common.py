@@ -235,6 +235,42 @@ def parse_text(raw: str) -> str:
 Handler = Callable[[TaskContext], Awaitable[Result]]
 
 
+async def restrict_records(conn: asyncpg.Connection, owner: str, ids: list[Any], case_id: Any,
+                           purposes: list[str] | None) -> dict[str, int]:
+    """Record this case's restriction of the records ``ids`` in the ``restrictions`` table, whose
+    key column is ``owner`` (``contact_id``, ``customer_id``). Idempotent. Counts: restricted by
+    this case and in force, of which already before (a second delivery), and the purposes named."""
+    new = await conn.fetch(
+        f"""INSERT INTO restrictions ({owner}, case_id, purposes)
+            SELECT unnest($1::{_SQL_TYPE[owner]}[]), $2, $3::text[]
+            ON CONFLICT ({owner}, case_id) DO NOTHING RETURNING {owner}""",
+        ids, case_id, purposes,
+    )
+    in_force = await conn.fetchval(
+        f"SELECT count(*) FROM restrictions WHERE case_id = $1 AND {owner} = ANY($2) AND lifted_at IS NULL",
+        case_id, ids,
+    )
+    counts = {"restricted": in_force, "already_restricted": len(ids) - len(new)}
+    if purposes:
+        counts["purposes"] = len(purposes)
+    return counts
+
+
+async def lift_records(conn: asyncpg.Connection, owner: str, ids: list[Any], case_id: Any) -> tuple[int, int]:
+    """Lift the restriction this case set on ``ids`` (the rows stay, with ``lifted_at``, as its
+    record). Returns (lifted now, restricted by this case at all)."""
+    lifted = rowcount(await conn.execute(
+        f"UPDATE restrictions SET lifted_at = now() WHERE case_id = $1 AND {owner} = ANY($2) AND lifted_at IS NULL",
+        case_id, ids))
+    total = await conn.fetchval(f"SELECT count(*) FROM restrictions WHERE case_id = $1 AND {owner} = ANY($2)",
+                                case_id, ids)
+    return lifted, total
+
+
+#: the SQL type of each restrictions table's key column
+_SQL_TYPE = {"contact_id": "bigint", "customer_id": "text"}
+
+
 def answering(handler: Handler) -> Handler:
     """Turn an :class:`Answered` raised by ``handler`` into its result, and a :class:`Refusal` into
     ``Result.refused`` (raised inside its transaction, which then rolls back: nothing changes)."""

@@ -36,6 +36,7 @@ from ..common import (
     Parser,
     Refusal,
     answering,
+    lift_records,
     open_with,
     parse_email,
     parse_name,
@@ -43,6 +44,7 @@ from ..common import (
     parse_text,
     read_changes,
     require_one_person,
+    restrict_records,
     rowcount,
     setup_database,
     subject_identifiers,
@@ -383,20 +385,7 @@ async def restrict(ctx: TaskContext) -> Result:
     async with db.pool.acquire() as conn, conn.transaction():
         match, customers = await _locate(conn, ctx, lock=True)
         require_one_person(match)
-        ids = [c["id"] for c in customers]
-        new = await conn.fetch(
-            """INSERT INTO restrictions (customer_id, case_id, purposes)
-               SELECT unnest($1::text[]), $2, $3::text[]
-               ON CONFLICT (customer_id, case_id) DO NOTHING RETURNING customer_id""",
-            ids, ctx.task.case_id, purposes,
-        )
-        in_force = await conn.fetchval(
-            "SELECT count(*) FROM restrictions WHERE case_id = $1 AND customer_id = ANY($2) AND lifted_at IS NULL",
-            ctx.task.case_id, ids,
-        )
-    counts = {"restricted": in_force, "already_restricted": len(ids) - len(new)}
-    if purposes:
-        counts["purposes"] = len(purposes)
+        counts = await restrict_records(conn, "customer_id", [c["id"] for c in customers], ctx.task.case_id, purposes)
     return Result.succeeded(counts=counts, categories=["user.privacy_preferences"])
 
 
@@ -408,12 +397,7 @@ async def lift_restriction(ctx: TaskContext) -> Result:
     async with db.pool.acquire() as conn, conn.transaction():
         match, customers = await _locate(conn, ctx, lock=True)
         require_one_person(match)
-        ids = [c["id"] for c in customers]
-        lifted = rowcount(await conn.execute(
-            """UPDATE restrictions SET lifted_at = now()
-               WHERE case_id = $1 AND customer_id = ANY($2) AND lifted_at IS NULL""", ctx.task.case_id, ids))
-        total = await conn.fetchval(
-            "SELECT count(*) FROM restrictions WHERE case_id = $1 AND customer_id = ANY($2)", ctx.task.case_id, ids)
+        lifted, total = await lift_records(conn, "customer_id", [c["id"] for c in customers], ctx.task.case_id)
     if not total:
         return Result.not_found(counts={"located": len(customers)})
     return Result.succeeded(counts={"lifted": lifted, "already_lifted": total - lifted},

@@ -41,6 +41,7 @@ from ..common import (
     Parser,
     Refusal,
     answering,
+    lift_records,
     open_with,
     parse_date,
     parse_email,
@@ -50,6 +51,7 @@ from ..common import (
     purposes_overlap,
     read_changes,
     require_one_person,
+    restrict_records,
     rowcount,
     setup_database,
     subject_identifiers,
@@ -428,20 +430,7 @@ async def restrict(ctx: TaskContext) -> Result:
     async with db.pool.acquire() as conn, conn.transaction():
         match, contacts = await _locate(conn, ctx, lock=True)
         require_one_person(match)
-        ids = [c["id"] for c in contacts]
-        new = await conn.fetch(
-            """INSERT INTO restrictions (contact_id, case_id, purposes)
-               SELECT unnest($1::bigint[]), $2, $3::text[]
-               ON CONFLICT (contact_id, case_id) DO NOTHING RETURNING contact_id""",
-            ids, ctx.task.case_id, purposes,
-        )
-        in_force = await conn.fetchval(
-            "SELECT count(*) FROM restrictions WHERE case_id = $1 AND contact_id = ANY($2) AND lifted_at IS NULL",
-            ctx.task.case_id, ids,
-        )
-    counts = {"restricted": in_force, "already_restricted": len(ids) - len(new)}
-    if purposes:
-        counts["purposes"] = len(purposes)
+        counts = await restrict_records(conn, "contact_id", [c["id"] for c in contacts], ctx.task.case_id, purposes)
     return Result.succeeded(counts=counts, categories=[PREFERENCES])
 
 
@@ -453,12 +442,7 @@ async def lift_restriction(ctx: TaskContext) -> Result:
     async with db.pool.acquire() as conn, conn.transaction():
         match, contacts = await _locate(conn, ctx, lock=True)
         require_one_person(match)
-        ids = [c["id"] for c in contacts]
-        lifted = rowcount(await conn.execute(
-            """UPDATE restrictions SET lifted_at = now()
-               WHERE case_id = $1 AND contact_id = ANY($2) AND lifted_at IS NULL""", ctx.task.case_id, ids))
-        total = await conn.fetchval(
-            "SELECT count(*) FROM restrictions WHERE case_id = $1 AND contact_id = ANY($2)", ctx.task.case_id, ids)
+        lifted, total = await lift_records(conn, "contact_id", [c["id"] for c in contacts], ctx.task.case_id)
     if not total:
         return Result.not_found(counts={"located": len(contacts)})
     return Result.succeeded(counts={"lifted": lifted, "already_lifted": total - lifted}, categories=[PREFERENCES])
