@@ -8,20 +8,26 @@
     dsrflow worker NAME [--app MOD:ATTR]  run a system's worker
     dsrflow submit --right R --email E    publish a RightsRequested event
     dsrflow cases list | show ID          read cases from the case store
-    dsrflow cases verify ID --by WHO      identity verified: fan an awaiting case out
-    dsrflow cases lift ID --by WHO        lift a restriction or objection
-    dsrflow cases extend ID --by WHO --reason WHY   the one extension the law allows
-    dsrflow cases deny ID --by WHO --ground G --reason WHY   refuse on a ground of the law
-    dsrflow cases hold | release ID --by WHO [--kind K --reason WHY]   a legal hold, suspected fraud
-    dsrflow cases open --right R --email E --by WHO --reason WHY   a case with no request behind it
-    dsrflow tasks list | complete | decline   manual tasks, done by a person
-    dsrflow tasks skip | retry ID --by WHO    the DPO skips an open task (--note why) or retries a stuck one
+    dsrflow cases verify ID [--method M]  identity verified: fan an awaiting case out
+    dsrflow cases lift ID                 lift a restriction or objection
+    dsrflow cases extend ID --reason WHY  the one extension the law allows
+    dsrflow cases deny ID --ground G --reason WHY   refuse on a ground of the law
+    dsrflow cases hold | release ID [--kind K --reason WHY]   a legal hold, suspected fraud
+    dsrflow cases open --right R --email E --reason WHY [--controller C]   a case with no request behind it
+    dsrflow tasks list | complete | decline ID --note WHAT   manual tasks, done by a person
+    dsrflow tasks skip | retry ID         the DPO skips an open task (--note why) or retries a stuck one
+    dsrflow tasks reassign ID --to-system S | --to-person P --reason WHY   give a task to someone else
+    dsrflow actors add NAME --role R      an actor (dpo, operator, admin) and its credential file
+    dsrflow actors key NAME | revoke KEY_ID | disable NAME | list   rotate, revoke, disable, list
     dsrflow systems list | declare FILE   systems that hold personal data (one with no worker too)
     dsrflow audit verify [ID]             timelines against their anchors (case rows, dsr.cases.v1)
     dsrflow api                           serve the DPO HTTP API
     dsrflow demo [--broker B]             the end-to-end demo on the embedded stack
 
 `stack status`, `cases list` and `cases show` take --json for machine-readable output.
+A decision (cases verify ... open, tasks complete ... reassign) is signed with the credential of
+--credential FILE or DSRFLOW_CREDENTIAL (made by `dsrflow actors add`): the case records that
+credential's actor as who decided, and the actor's role must allow the decision.
 Settings come from DSRFLOW_* variables (see dsrflow/settings.py); each command reads only
 the ones it uses, so an invalid value of another one does not stop it. A failure is one line
 on stderr, `error: ...`, with exit code 1 (2 for bad arguments). The services (coordinator,

@@ -30,6 +30,9 @@ Token = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0
 SystemName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_-]{0,62}$")]
 Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 Jurisdiction = Annotated[str, StringConstraints(pattern=r"^[A-Z]{2}(-[A-Z0-9]{1,3})?$")]
+#: a controller (tenant): the organisation a case, system and export belong to (docs/tenants.md)
+Controller = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_-]{0,62}$")]
+DEFAULT_CONTROLLER = "default"
 
 # trimmed, non-empty strings of at most so many characters
 Text64 = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]
@@ -136,6 +139,10 @@ class RightsRequested(Event):
         description="who made the request on the subject's behalf (authorised agent, parent or guardian); "
         "absent: the subject themself",
     )
+    controller: Controller = Field(
+        default=DEFAULT_CONTROLLER,
+        description="the controller (tenant) the request is made to; only its own systems are asked",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -229,6 +236,7 @@ class TaskAssigned(Event):
     purposes: list[str] | None = None
     jurisdiction: str | None = Field(
         default=None, description="the case's jurisdiction: the region a system's locally written phones are read in")
+    controller: Controller = Field(default=DEFAULT_CONTROLLER, description="the case's controller (tenant)")
 
 
 class Artifact(BaseModel):
@@ -297,6 +305,9 @@ class CaseUpdated(Event):
     timeline_length: int | None = Field(default=None, ge=0, description="entries in the case's hash-chained timeline")
     timeline_head: Sha256 | None = Field(
         default=None, description="hash of the timeline's last entry: an anchor outside the case store")
+    controller: Controller = Field(default=DEFAULT_CONTROLLER, description="the case's controller (tenant)")
+    target_at: datetime | None = Field(default=None, description="the organisation's internal target, before due_at")
+    overdue: bool = Field(default=False, description="still open after its due date")
 
 
 class DeadLetter(Event):
@@ -314,6 +325,141 @@ class DeadLetter(Event):
     failed_at: datetime
 
 
+class NoticeSystem(BaseModel):
+    """What one system did for a finished case, as the subject is told it: no personal data."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    system: str
+    action: Action
+    status: TaskStatus
+    counts: dict[str, int] = Field(default_factory=dict)
+
+
+class NoticeRetained(BaseModel):
+    """Data kept although the request asked otherwise, and the law that made us keep it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    system: str
+    category: str
+    records: int = Field(ge=0)
+    legal_basis: str
+    retain_until: datetime | None = None
+
+
+class NoticeBundle(BaseModel):
+    """The access bundle is ready: its checksum and size, never its content or location."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sha256: Sha256
+    size: int = Field(ge=0)
+    records: int = Field(ge=0)
+
+
+NoticeKind = Literal["acknowledged", "more_information_needed", "extended", "denied", "completed", "bundle_ready"]
+
+
+class SubjectNotice(Event):
+    """Something the subject is to be told, for a privacy centre to turn into a message.
+    Topic ``dsr.notices.v1``, key: case_id.
+
+    It names the request by the privacy centre's own request_id and carries no identifier of the
+    subject: the privacy centre knows whom to write to. What each kind carries:
+
+    - acknowledged: the request arrived; ack_due_at, due_at, counting (the law's procedure);
+    - more_information_needed: ``needed`` (identity_verification, representative_authority);
+    - extended: due_at (new), original_due_at, reasons;
+    - denied: ground, basis, reasons;
+    - completed: status, systems (what was done), retained (what was kept, on which basis),
+      information (for an information request: what the systems declare);
+    - bundle_ready: bundle (checksum and size of the access bundle).
+    """
+
+    ce_type: ClassVar[str] = "dsrflow.notice.v1"
+
+    notice_id: UUID = Field(description="stable per case and kind: a privacy centre drops repeats by it")
+    kind: NoticeKind
+    case_id: UUID
+    request_id: Token
+    controller: Controller = DEFAULT_CONTROLLER
+    right: Right
+    jurisdiction: str
+    at: datetime
+    due_at: datetime
+    ack_due_at: datetime | None = None
+    original_due_at: datetime | None = None
+    acknowledged_on_time: bool | None = None
+    basis: str | None = Field(default=None, description="the law behind the deadline (acknowledged) or the denial")
+    needed: list[str] | None = None
+    reasons: str | None = Field(default=None, max_length=2000, description="the DPO's reasons (extended, denied)")
+    ground: str | None = None
+    status: CaseStatus | None = None
+    systems: list[NoticeSystem] | None = None
+    retained: list[NoticeRetained] | None = None
+    information: dict[str, Any] | None = None
+    bundle: NoticeBundle | None = None
+
+
+AlertKind = Literal["deadline_warning", "target_passed", "deadline_overdue", "task_stalled"]
+
+
+class CaseAlert(Event):
+    """Something the DPO must look at: a deadline near or passed, a task that will not answer.
+    Topic ``dsr.alerts.v1``, key: case_id. No personal data."""
+
+    ce_type: ClassVar[str] = "dsrflow.case.alert.v1"
+
+    alert_id: UUID = Field(description="stable per case, kind (and task): tools drop repeats by it")
+    kind: AlertKind
+    case_id: UUID
+    request_id: Token
+    controller: Controller = DEFAULT_CONTROLLER
+    right: Right
+    status: CaseStatus
+    jurisdiction: str
+    at: datetime
+    due_at: datetime
+    target_at: datetime | None = None
+    share_used: float | None = Field(default=None, description="share of the time from receipt to due_at gone")
+    system: str | None = None
+    task_id: UUID | None = None
+    attempts: int | None = None
+
+
+class DecisionCommand(Event):
+    """A decision of the DPO (or an operator), sent by a tool in any language.
+    Topic ``dsr.commands.v1``, key: case_id (or request_id for open_case).
+
+    ``token`` is a JWT (RFC 7519) signed with EdDSA by a key registered for an actor
+    (``dsrflow actors``); its ``cmd`` claim holds the decision (dsrflow.commands), its ``iss`` the
+    actor, its ``jti`` the command id. Who decided is the key's actor, never a name in the command.
+    """
+
+    ce_type: ClassVar[str] = "dsrflow.command.v1"
+
+    token: Annotated[str, StringConstraints(min_length=16, max_length=65536)]
+
+
+class CommandResult(Event):
+    """What became of a command: applied, or refused and why. Topic ``dsr.command-results.v1``,
+    key: command id. No personal data."""
+
+    ce_type: ClassVar[str] = "dsrflow.command.result.v1"
+
+    command_id: str = Field(max_length=128, description="the token's jti; the CloudEvent id when it had none")
+    accepted: bool
+    decision: str | None = None
+    actor: str | None = Field(default=None, description="the key's actor, once the token verified")
+    case_id: UUID | None = None
+    case_status: CaseStatus | None = None
+    error_type: str | None = None
+    error: str | None = Field(default=None, max_length=2000)
+    at: datetime
+
+
 EVENT_TYPES: dict[str, type[Event]] = {
-    m.ce_type: m for m in (RightsRequested, TaskAssigned, TaskReceipt, CaseUpdated, DeadLetter)
+    m.ce_type: m for m in (RightsRequested, TaskAssigned, TaskReceipt, CaseUpdated, DeadLetter, SubjectNotice,
+                           CaseAlert, DecisionCommand, CommandResult)
 }

@@ -14,7 +14,8 @@ import asyncpg
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .events import SystemName
+from .errors import DsrflowError
+from .events import DEFAULT_CONTROLLER, Controller, SystemName
 from .rights import Action, IdentifierType
 
 
@@ -52,6 +53,9 @@ class SystemDeclaration(BaseModel):
     sensitive_categories: tuple[str, ...] = Field(default=(), description="Decree 356/2025 Art 4(1) categories held")
     backup_retention: timedelta | None = Field(default=None, description="how long backups keep erased data")
     worker: bool = Field(default=True, description="false: no worker acts for it; every task is manual")
+    controller: Controller = Field(
+        default=DEFAULT_CONTROLLER,
+        description="the controller (tenant) whose data it holds: only that controller's cases ask it")
 
     @model_validator(mode="after")
     def _a_worker_acts(self) -> SystemDeclaration:
@@ -63,19 +67,28 @@ class SystemDeclaration(BaseModel):
         return self.worker and action in self.actions
 
 
+class SystemOwnedElsewhere(DsrflowError, ValueError):
+    """A declaration names a system that another controller (tenant) registered."""
+
+
 async def register(conn: asyncpg.Connection, system: SystemDeclaration) -> None:
     """Insert or update a system's declaration. Idempotent. The coordinator's sweep then plans the
-    tasks the system was not yet given: open cases, and lasting effects still in force."""
-    await conn.execute(
+    tasks the system was not yet given: open cases, and lasting effects still in force.
+
+    A system belongs to the controller that registered it first: a declaration of the same name
+    for another controller raises :class:`SystemOwnedElsewhere` and changes nothing."""
+    row = await conn.fetchrow(
         """
         INSERT INTO systems (name, identifier_types, categories, actions, retention, description, declaration,
-                             active)
-        VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7::jsonb, true)
+                             active, controller)
+        VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7::jsonb, true, $8)
         ON CONFLICT (name) DO UPDATE SET
             identifier_types = EXCLUDED.identifier_types, categories = EXCLUDED.categories,
             actions = EXCLUDED.actions, retention = EXCLUDED.retention,
             description = EXCLUDED.description, declaration = EXCLUDED.declaration, active = true,
             updated_at = now()
+        WHERE systems.controller = EXCLUDED.controller
+        RETURNING name
         """,
         system.name,
         [str(t) for t in system.identifier_types],
@@ -84,7 +97,11 @@ async def register(conn: asyncpg.Connection, system: SystemDeclaration) -> None:
         orjson.dumps([r.model_dump(mode="json") for r in system.retention]).decode(),
         system.description,
         system.model_dump_json(),
+        system.controller,
     )
+    if row is None:
+        raise SystemOwnedElsewhere(f"system {system.name!r} is registered for another controller; "
+                                   f"pick another name for controller {system.controller!r}")
 
 
 def _from_row(row: asyncpg.Record | dict[str, Any]) -> SystemDeclaration:
@@ -103,6 +120,7 @@ def _from_row(row: asyncpg.Record | dict[str, Any]) -> SystemDeclaration:
         actions=tuple(row["actions"]),
         retention=tuple(Retention.model_validate(r) for r in retention),
         description=row["description"],
+        controller=row.get("controller", DEFAULT_CONTROLLER) if isinstance(row, dict) else row["controller"],
     )
 
 

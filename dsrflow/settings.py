@@ -126,9 +126,45 @@ class Settings(BaseSettings):
         default=timedelta(seconds=120),
         description="how long a service waits at start for its broker and case store (seconds or ISO 8601)",
     )
+    task_backoff_max: timedelta = Field(
+        default=timedelta(hours=12),
+        description="a silent task is re-sent after task_timeout, doubled each time up to this (seconds or ISO 8601)",
+    )
+    deadline_warning_share: float = Field(
+        default=0.75, gt=0, lt=1,
+        description="share of the time from receipt to due date after which the watcher warns; silent tasks are "
+        "then surfaced to the DPO instead of re-sent",
+    )
+    internal_target: str | None = Field(
+        default=None,
+        description="the organisation's own target, before the legal due date: '80%' of the period, '5wd' "
+        "working days or '3d' days before it",
+    )
+    case_data_retention: timedelta | None = Field(
+        default=None,
+        description="how long a closed case keeps the subject's identifiers, corrections and notes; then they "
+        "are pseudonymised (the evidence stays). Unset: kept (seconds or ISO 8601)",
+    )
+    pseudonym_key: SecretStr | None = Field(
+        default=None, description="key of the keyed hash that replaces a pseudonymised case's identifiers")
+    credential: Path | None = Field(
+        default=None, description="the CLI's credential file (dsrflow actors add): who the DPO's decisions are by")
     log_level: str = "INFO"
 
-    @field_validator("task_timeout", "outbox_retention", "inbox_retention", "startup_timeout", mode="before")
+    @field_validator("internal_target")
+    @classmethod
+    def _target_spec(cls, v: Any) -> Any:
+        if isinstance(v, str) and v.strip():
+            from .policy import deadlines as _deadlines
+
+            parse = getattr(_deadlines, "parse_target_spec", None)
+            if parse is not None:
+                parse(v.strip())
+            return v.strip()
+        return None if v is not None and not str(v).strip() else v
+
+    @field_validator("task_timeout", "outbox_retention", "inbox_retention", "startup_timeout", "task_backoff_max",
+                     "case_data_retention", mode="before")
     @classmethod
     def _seconds(cls, v: Any) -> Any:
         """A plain number in the environment ("120", "2.5") is seconds, as it is in code;

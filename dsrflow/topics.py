@@ -19,6 +19,10 @@ REQUESTS = "dsr.requests.v1"
 RECEIPTS = "dsr.receipts.v1"
 CASES = "dsr.cases.v1"
 DEADLETTER = "dsr.deadletter.v1"
+NOTICES = "dsr.notices.v1"
+ALERTS = "dsr.alerts.v1"
+COMMANDS = "dsr.commands.v1"
+COMMAND_RESULTS = "dsr.command-results.v1"
 TASKS_TEMPLATE = "dsr.tasks.{system}.v1"
 
 SCHEMA_MODELS: dict[str, type[events.Event]] = {
@@ -27,6 +31,10 @@ SCHEMA_MODELS: dict[str, type[events.Event]] = {
     "TaskReceipt": events.TaskReceipt,
     "CaseUpdated": events.CaseUpdated,
     "DeadLetter": events.DeadLetter,
+    "SubjectNotice": events.SubjectNotice,
+    "CaseAlert": events.CaseAlert,
+    "DecisionCommand": events.DecisionCommand,
+    "CommandResult": events.CommandResult,
 }
 
 

@@ -33,6 +33,8 @@ class CaseSummary(_Model):
     overdue: bool = Field(description="not in a terminal status and past due_at")
     completed_at: datetime | None
     task_counts: dict[TaskStatus, int] = Field(description="number of the case's tasks in each status")
+    controller: str = Field(description="the controller (tenant) the request was made to")
+    target_at: datetime | None = Field(description="the organisation's internal target, before due_at")
 
     @classmethod
     def of(cls, row: queries.CaseSummary) -> CaseSummary:
@@ -48,6 +50,8 @@ class CaseSummary(_Model):
             overdue=row.overdue,
             completed_at=row.completed_at,
             task_counts={TaskStatus(k): v for k, v in row.task_counts.items()},
+            controller=row.controller,
+            target_at=row.target_at,
         )
 
 

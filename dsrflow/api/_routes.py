@@ -60,6 +60,8 @@ async def list_cases(
     status: Annotated[CaseStatus | None, Query(description="only cases in this status")] = None,
     right: Annotated[Right | None, Query(description="only cases for this right")] = None,
     overdue: Annotated[bool | None, Query(description="only cases that are (true) or are not (false) overdue")] = None,
+    controller: Annotated[str | None, Query(pattern=r"^[a-z][a-z0-9_-]{0,62}$",
+                                            description="only cases of this controller (tenant)")] = None,
     limit: Annotated[int, Query(ge=1, le=200, description="page size")] = 50,
     cursor: Annotated[
         str | None, Query(max_length=512, description="`next_cursor` of the previous page")
@@ -75,7 +77,8 @@ async def list_cases(
                   "type": "value_error"}]
             ) from exc
     page = await queries.list_cases(
-        pool, now=datetime.now(UTC), status=status, right=right, overdue=overdue, after=after, limit=limit
+        pool, now=datetime.now(UTC), status=status, right=right, overdue=overdue, controller=controller,
+        after=after, limit=limit,
     )
     return CaseList(
         items=[CaseSummary.of(c) for c in page.items],

@@ -21,7 +21,7 @@ from .. import topics
 from ..settings import Settings
 from ..store.errors import is_transient, where
 from .relay import OutboxRelay
-from .service import AGGREGATOR, INTAKE, Coordinator, Record
+from .service import AGGREGATOR, COMMANDS, INTAKE, Coordinator, Record
 
 if TYPE_CHECKING:
     from .._startup import StartupBudget
@@ -86,6 +86,7 @@ def create_app(settings: Settings) -> faust.App:
 
     requests = app.topic(topics.REQUESTS, key_type=bytes, value_type=bytes)
     receipts = app.topic(topics.RECEIPTS, key_type=bytes, value_type=bytes)
+    decisions = app.topic(topics.COMMANDS, key_type=bytes, value_type=bytes)
 
     async def consume(stream: faust.StreamT[bytes], label: str, consumer: str, handler: str) -> None:
         c = await coordinator()
@@ -101,11 +102,17 @@ def create_app(settings: Settings) -> faust.App:
     async def aggregate(stream: faust.StreamT[bytes]) -> None:
         await consume(stream, "receipts", AGGREGATOR, "handle_receipts")
 
+    @app.agent(decisions)
+    async def command(stream: faust.StreamT[bytes]) -> None:
+        await consume(stream, "commands", COMMANDS, "handle_commands")
+
     @app.timer(interval=SWEEP_INTERVAL)  # type: ignore[untyped-decorator]
     async def sweep() -> None:
         if ready.is_set():
             try:
                 await state["coordinator"].sweep_stalled()
+                await state["coordinator"].watch_deadlines()
+                await state["coordinator"].pseudonymise_closed()
                 await state["coordinator"].plan_new_systems()
                 await state["coordinator"].prune()
             except Exception as exc:  # noqa: BLE001 - a timer must not die; the next interval retries

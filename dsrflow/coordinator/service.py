@@ -21,11 +21,11 @@ from zoneinfo import ZoneInfo
 import asyncpg
 import orjson
 
-from .. import codec, policy, topics
+from .. import auth, codec, commands, policy, topics
 from ..domain import planner
 from ..domain.case import Case, CaseError, Effects, InvalidTransition, TaskKind
 from ..domain.timeline import Entry, TimelineKind
-from ..events import Artifact, DeadLetter, RightsRequested, TaskReceipt
+from ..events import Artifact, CommandResult, DeadLetter, DecisionCommand, RightsRequested, TaskReceipt
 from ..exports import BundleError, ExportError, ExportStore, LocalExportStore, build_bundle
 from ..registry import SystemDeclaration, active_systems
 from ..rights import ACTION_FOR_RIGHT, LASTING, CaseStatus, TaskStatus
@@ -39,8 +39,9 @@ log = logging.getLogger("dsrflow.coordinator")
 SOURCE = repo.SOURCE
 INTAKE = "coordinator.requests"
 AGGREGATOR = "coordinator.receipts"
+COMMANDS = "coordinator.commands"
 
-__all__ = ["AGGREGATOR", "INTAKE", "CaseNotFound", "Coordinator", "InvalidTransition", "Record"]
+__all__ = ["AGGREGATOR", "COMMANDS", "INTAKE", "CaseNotFound", "Coordinator", "InvalidTransition", "Record"]
 
 
 class CaseNotFound(CaseError, LookupError):
@@ -151,7 +152,8 @@ class Coordinator:
                 continue
             case, fx = Case.open(req, event_id=env.id, source=env.source, received_at=received,
                                  ack_due_at=due.ack_due_at, due_at=due.due_at, basis=due.basis, systems=systems,
-                                 now=now, max_extension_until=due.max_extension_until)
+                                 now=now, max_extension_until=due.max_extension_until,
+                                 target_at=self._target(req.jurisdiction, received, due.due_at))
             existing[req.request_id] = case.case_id
             opened.append(case)
             work.effects.extend(fx)
@@ -164,32 +166,52 @@ class Coordinator:
         when it leaves. Its identifiers count as verified by ``by``; ``by`` and ``why`` (no personal
         data) are on its first timeline entry. Deadlines run from now, as for any request."""
         now = now or datetime.now(UTC)
+        async with self.pool.acquire() as conn, conn.transaction():
+            case = await self._open_case_in(conn, request, by=by, why=why, now=now)
+        return case.case_id
+
+    async def _open_case_in(self, conn: asyncpg.Connection, request: RightsRequested, *, by: str, why: str,
+                            now: datetime) -> Case:
         if not why.strip():
             raise InvalidTransition("say why the case is opened (no personal data)")
         req = RightsRequested.model_validate({
             **request.model_dump(mode="json", exclude_none=True), "channel": "dpo", "verified": False,
             "verification": [{"identifier": str(t), "method": "dpo_opened", "verified_by": by}
                              for t in request.subject.identifiers]})
-        async with self.pool.acquire() as conn, conn.transaction():
-            if await repo.find_request_ids(conn, [req.request_id]):
-                raise InvalidTransition(f"a case for {req.request_id} exists already")
-            systems = await active_systems(conn)
-            received = req.received_at or now
-            due = policy.deadlines(req.right, req.jurisdiction, received, via_processor=_via_processor(req, systems))
-            case, fx = Case.open(req, event_id=f"dpo-{uuid.uuid4()}", source="dsrflow/dpo", received_at=received,
-                                 ack_due_at=due.ack_due_at, due_at=due.due_at, basis=due.basis, systems=systems,
-                                 now=now, max_extension_until=due.max_extension_until,
-                                 opened={"by": by, "why": why.strip()})
-            await repo.insert(conn, [case])
-            await repo.record(conn, fx)
-        return case.case_id
+        if await repo.find_request_ids(conn, [req.request_id]):
+            raise InvalidTransition(f"a case for {req.request_id} exists already")
+        systems = await active_systems(conn)
+        received = req.received_at or now
+        due = policy.deadlines(req.right, req.jurisdiction, received, via_processor=_via_processor(req, systems))
+        case, fx = Case.open(req, event_id=f"dpo-{uuid.uuid4()}", source="dsrflow/dpo", received_at=received,
+                             ack_due_at=due.ack_due_at, due_at=due.due_at, basis=due.basis, systems=systems,
+                             now=now, max_extension_until=due.max_extension_until,
+                             opened={"by": by, "why": why.strip()},
+                             target_at=self._target(req.jurisdiction, received, due.due_at))
+        await repo.insert(conn, [case])
+        await repo.record(conn, fx)
+        return case
+
+    def _target(self, jurisdiction: str, received: datetime, due: datetime) -> datetime | None:
+        """The organisation's internal target for a case (``settings.internal_target``), if set."""
+        spec = self.settings.internal_target
+        if not spec:
+            return None
+        target: datetime = policy.internal_target(jurisdiction, received, due, spec)
+        return target
 
     # -- the DPO's decisions --------------------------------------------------
     async def _decide(self, case_id: uuid.UUID, decide: Callable[[Case, list[SystemDeclaration]], Effects],
-                      now: datetime) -> Case:
-        async with self.pool.acquire() as conn, conn.transaction():
+                      now: datetime, *, conn: asyncpg.Connection | None = None, controller: str | None = None) -> Case:
+        """Load and lock the case, apply ``decide``, settle it, and record it all in one
+        transaction (a savepoint inside ``conn``'s, when given). ``controller``: the decider's
+        tenant; a case of another controller is not found."""
+        if conn is None:
+            async with self.pool.acquire() as own:
+                return await self._decide(case_id, decide, now, conn=own, controller=controller)
+        async with conn.transaction():
             case = (await repo.load(conn, [case_id])).get(case_id)
-            if case is None:
+            if case is None or (controller is not None and case.controller != controller):
                 raise CaseNotFound(f"no case {case_id}")
             systems = await active_systems(conn)
             fx = decide(case, systems)
@@ -197,6 +219,112 @@ class Coordinator:
             await repo.save(conn, [case])
             await repo.record(conn, fx)
         return case
+
+    # -- decisions as signed commands (dsr.commands.v1, and the CLI) ------------------------------
+    async def handle_commands(self, records: Sequence[Record]) -> None:
+        """Decisions sent on ``dsr.commands.v1`` by a DPO tool: each is checked (its token's
+        signature, the actor's role and tenant) and applied in its own transaction, and its result
+        (applied, or refused and why) goes to ``dsr.command-results.v1``. Undecodable records are
+        dead-lettered."""
+        work = _Work()
+        decoded = _decode_all(records, DecisionCommand, COMMANDS, work)
+        if work.dead:
+            async with self.pool.acquire() as conn, conn.transaction():
+                await outbox.add(conn, work.dead)
+        for _, env in decoded:
+            await self.execute(env.data.token, fallback_id=f"{env.source}/{env.id}")
+
+    async def execute(self, token: str, *, fallback_id: str, now: datetime | None = None) -> CommandResult:
+        """Verify a command token and apply its decision, once: who decided is the actor of the
+        key that signed it. The inbox (by the token's jti) makes a redelivered command a no-op
+        that reports its first result's acceptance again; the result is published through the
+        outbox with the decision's effects, in the same transaction."""
+        async with self.pool.acquire() as conn:
+            now = now or await db_now(conn)
+            try:
+                who = await auth.verify_command(conn, token, now=now)
+            except auth.AuthError as exc:
+                log.warning("command refused: %s", exc.reason_code)
+                return await self._result(conn, CommandResult(
+                    command_id=fallback_id[:128], accepted=False, error_type=f"auth.{exc.reason_code}",
+                    error=str(exc), at=now), claim=None)
+            command_id = str(who.command_id)
+            decision = str(who.cmd.get("decision")) if isinstance(who.cmd.get("decision"), str) else None
+            base: dict[str, Any] = {"command_id": command_id, "actor": who.actor, "decision": decision, "at": now}
+            claim = (COMMANDS, f"{who.key_id}/{command_id}")
+            try:
+                cmd = commands.parse_command(who.cmd)
+                commands.check_role(who.role, cmd)
+            except commands.CommandError as exc:
+                return await self._result(conn, CommandResult(
+                    **base, accepted=False, error_type="not_allowed" if isinstance(exc, commands.NotAllowed)
+                    else "invalid_command", error=str(exc)), claim=claim)
+            async with conn.transaction():
+                if not await outbox.claim_inbox(conn, COMMANDS, [claim]):
+                    log.info("command %s seen already", command_id)
+                    return CommandResult(**base, accepted=False, error_type="duplicate",
+                                         error="this command was received before; its first result stands")
+                try:
+                    case = await self._apply(conn, cmd, by=who.actor, tenant=who.tenant, now=now)
+                except (CaseError, policy.UnsupportedRight, policy.UnknownJurisdiction) as exc:
+                    result = CommandResult(**base, accepted=False, error_type=type(exc).__name__, error=str(exc)[:2000],
+                                           case_id=getattr(cmd, "case_id", None))
+                else:
+                    result = CommandResult(**base, accepted=True, case_id=case.case_id, case_status=case.status)
+                await outbox.add(conn, [outbox.message(topics.COMMAND_RESULTS, command_id, result, source=SOURCE,
+                                                       subject=command_id)])
+            log.info("command %s (%s by %s): %s", command_id, decision, who.actor,
+                     "applied" if result.accepted else result.error_type)
+            return result
+
+    async def _result(self, conn: asyncpg.Connection, result: CommandResult,
+                      claim: tuple[str, str] | None) -> CommandResult:
+        """Publish a refused command's result (once per command id, when it has one)."""
+        async with conn.transaction():
+            if claim is not None and not await outbox.claim_inbox(conn, COMMANDS, [claim]):
+                return result
+            await outbox.add(conn, [outbox.message(topics.COMMAND_RESULTS, result.command_id, result, source=SOURCE,
+                                                   subject=result.command_id)])
+        return result
+
+    async def _apply(self, conn: asyncpg.Connection, cmd: commands.Command, *, by: str, tenant: str,
+                     now: datetime) -> Case:
+        """One decision, inside ``conn``'s transaction (as a savepoint: a refusal undoes only it)."""
+        c = cmd
+        if isinstance(c, commands.OpenCase):
+            if c.request.controller != tenant:
+                raise InvalidTransition(f"an actor of controller {tenant!r} opens cases of that controller only")
+            async with conn.transaction():
+                return await self._open_case_in(conn, c.request, by=by, why=c.why, now=now)
+
+        def decide(case: Case, systems: list[SystemDeclaration]) -> Effects:
+            if isinstance(c, commands.Verify):
+                return case.verify(by=by, systems=systems, now=now, identifiers=c.identifiers, method=c.method)
+            if isinstance(c, commands.Deny):
+                return self._deny(case, by=by, ground=c.ground, reason=c.reason, now=now)
+            if isinstance(c, commands.Extend):
+                return self._extend(case, systems, by=by, reason=c.reason, until=c.until, now=now)
+            if isinstance(c, commands.Hold):
+                return case.hold_case(by=by, kind=c.kind, reason=c.reason, now=now)
+            if isinstance(c, commands.Release):
+                return case.release(by=by, now=now)
+            if isinstance(c, commands.Lift):
+                return case.lift(by=by, systems=systems, now=now)
+            if isinstance(c, commands.RetryTask):
+                return case.retry_task(c.task_id, by=by, systems=systems, now=now)
+            if isinstance(c, commands.SkipTask):
+                return case.skip_task(c.task_id, by=by, reason=c.reason, now=now)
+            if isinstance(c, commands.ReassignTask):
+                return case.reassign_task(c.task_id, by=by, reason=c.reason, systems=systems, now=now,
+                                          to_system=c.to_system, to_person=c.to_person)
+            if isinstance(c, commands.CompleteTask):
+                return case.resolve_manual(c.task_id, by=by, resolution=TaskStatus(c.resolution), note=c.note,
+                                           now=now)
+            if isinstance(c, commands.DeclineTask):
+                return case.resolve_manual(c.task_id, by=by, resolution=TaskStatus.refused, note=c.note, now=now)
+            raise InvalidTransition(f"unknown decision {c.decision}")
+
+        return await self._decide(c.case_id, decide, now, conn=conn, controller=tenant)
 
     async def verify(self, case_id: uuid.UUID, *, by: str, identifiers: Sequence[str] | None = None,
                      now: datetime | None = None) -> CaseStatus:
@@ -224,37 +352,40 @@ class Coordinator:
         """The one extension the law allows, with reasons, to the end of ``until`` in the case's
         jurisdiction (default: the latest the law allows); returns the new due date."""
         now = now or datetime.now(UTC)
-
-        def decide(c: Case, systems: Any) -> Effects:
-            if c.max_extension_until is None and c.original_due_at is None:
-                # a case opened before the maximum was recorded at intake: work it out as intake would
-                by_name = {s.name: s for s in systems}
-                via = any(by_name[t.system].operated_by != "controller" for t in c.tasks if t.system in by_name)
-                c.max_extension_until = policy.deadlines(c.right, c.jurisdiction, c.received_at,
-                                                         via_processor=via).max_extension_until
-            end = None
-            if until is not None:
-                tz = ZoneInfo(policy.rules(c.jurisdiction).timezone)
-                end = datetime.combine(until, time.max, tzinfo=tz).astimezone(UTC)
-            return c.extend(by=by, reason=reason, until=end, now=now)
-
-        case = await self._decide(case_id, decide, now)
+        case = await self._decide(case_id, lambda c, systems: self._extend(
+            c, systems, by=by, reason=reason, until=until, now=now), now)
         return case.due_at
+
+    @staticmethod
+    def _extend(c: Case, systems: Sequence[SystemDeclaration], *, by: str, reason: str, until: date | None,
+                now: datetime) -> Effects:
+        if c.max_extension_until is None and c.original_due_at is None:
+            # a case opened before the maximum was recorded at intake: work it out as intake would
+            by_name = {s.name: s for s in systems}
+            via = any(by_name[t.system].operated_by != "controller" for t in c.tasks if t.system in by_name)
+            c.max_extension_until = policy.deadlines(c.right, c.jurisdiction, c.received_at,
+                                                     via_processor=via).max_extension_until
+        end = None
+        if until is not None:
+            tz = ZoneInfo(policy.rules(c.jurisdiction).timezone)
+            end = datetime.combine(until, time.max, tzinfo=tz).astimezone(UTC)
+        return c.extend(by=by, reason=reason, until=end, now=now)
 
     async def deny(self, case_id: uuid.UUID, *, by: str, ground: str, reason: str,
                    now: datetime | None = None) -> CaseStatus:
         """Refuse a request on a ground of its jurisdiction's data file, with reasons."""
         now = now or datetime.now(UTC)
-
-        def decide(c: Case, _: Any) -> Effects:
-            try:
-                found = policy.denial_ground(c.jurisdiction, ground, c.right)
-            except policy.UnsupportedRight as exc:
-                raise InvalidTransition(str(exc)) from None
-            return c.deny(by=by, ground=ground, basis=found.basis, reason=reason, now=now)
-
-        case = await self._decide(case_id, decide, now)
+        case = await self._decide(case_id, lambda c, _: self._deny(c, by=by, ground=ground, reason=reason, now=now),
+                                  now)
         return case.status
+
+    @staticmethod
+    def _deny(c: Case, *, by: str, ground: str, reason: str, now: datetime) -> Effects:
+        try:
+            found = policy.denial_ground(c.jurisdiction, ground, c.right)
+        except policy.UnsupportedRight as exc:
+            raise InvalidTransition(str(exc)) from None
+        return c.deny(by=by, ground=ground, basis=found.basis, reason=reason, now=now)
 
     async def hold(self, case_id: uuid.UUID, *, by: str, kind: str, reason: str,
                    now: datetime | None = None) -> CaseStatus:
@@ -282,6 +413,15 @@ class Coordinator:
         now = now or datetime.now(UTC)
         case = await self._decide(case_id, lambda c, systems: c.retry_task(task_id, by=by, systems=systems, now=now),
                                   now)
+        return case.status
+
+    async def reassign_task(self, case_id: uuid.UUID, task_id: uuid.UUID, *, by: str, reason: str,
+                            to_system: str | None = None, to_person: str | None = None,
+                            now: datetime | None = None) -> CaseStatus:
+        """The DPO gives a task to another system of the case's controller, or to a person."""
+        now = now or datetime.now(UTC)
+        case = await self._decide(case_id, lambda c, systems: c.reassign_task(
+            task_id, by=by, reason=reason, systems=systems, now=now, to_system=to_system, to_person=to_person), now)
         return case.status
 
     async def lift_restriction(self, case_id: uuid.UUID, *, by: str, now: datetime | None = None) -> CaseStatus:
@@ -374,12 +514,15 @@ class Coordinator:
 
     # -- timers --------------------------------------------------------------
     async def sweep_stalled(self, now: datetime | None = None, *, limit: int = 500) -> int:
-        """Re-dispatch tasks that got no receipt within ``task_timeout``; after the last attempt
-        mark them stalled (a late receipt still completes them). Returns how many changed."""
-        now = now or datetime.now(UTC)
-        cutoff = now - self.settings.task_timeout
+        """Re-send tasks whose wait for a receipt ran out (``task_timeout``, doubled with every
+        attempt up to ``task_backoff_max``); once a case's deadline nears (its warning point, see
+        :meth:`watch_deadlines`) mark them stalled instead and alert the DPO. A late receipt still
+        completes a stalled task. Times are the database's clock unless ``now`` is given. Returns
+        how many tasks changed."""
+        timeout, cap = self.settings.task_timeout, self.settings.task_backoff_max
         async with self.pool.acquire() as conn, conn.transaction():
-            ids = await repo.stale_cases(conn, cutoff, limit)
+            now = now or await db_now(conn)
+            ids = await repo.stale_cases(conn, now, timeout, cap, limit)
             if not ids:
                 return 0
             cases = await repo.load(conn, ids, skip_locked=True)
@@ -387,19 +530,41 @@ class Coordinator:
             fx = Effects()
             changed = 0
             for case in cases.values():
+                surface = now >= case.warn_at(self.settings.deadline_warning_share)
                 for task in case.tasks:
-                    if task.status == TaskStatus.dispatched and task.dispatched_at and task.dispatched_at < cutoff:
-                        moved = case.time_out(task, max_attempts=self.settings.max_task_attempts, systems=systems,
-                                              now=now)
+                    if (task.status == TaskStatus.dispatched and task.dispatched_at
+                            and task.dispatched_at + repo.task_wait(timeout, cap, task.attempt) < now):
+                        moved = case.time_out(task, systems=systems, now=now, surface=surface)
                         changed += bool(moved.timeline)
                         fx.extend(moved)
-                        if task.status != TaskStatus.dispatched:  # stalled
-                            log.warning("task %s of case %s stalled after %d attempts", task.task_id, case.case_id,
-                                        task.attempt)
+                        if task.status != TaskStatus.dispatched:  # stalled and surfaced
+                            log.warning("task %s of case %s stalled after %d attempts: the DPO is alerted",
+                                        task.task_id, case.case_id, task.attempt)
             fx.extend(await self._settle(conn, list(cases.values()), systems, now))
             await repo.save(conn, cases.values())
             await repo.record(conn, fx)
             return changed
+
+    async def watch_deadlines(self, now: datetime | None = None, *, limit: int = 500) -> int:
+        """The deadline watcher: for open cases (held ones too), a warning once
+        ``deadline_warning_share`` of the time is gone, a note when the internal target passes, an
+        overdue alert after the due date; each once, on the timeline and on ``dsr.alerts.v1``.
+        Times are the database's clock unless ``now`` is given. Returns how many cases had news."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            now = now or await db_now(conn)
+            ids = await repo.cases_to_watch(conn, now, self.settings.deadline_warning_share, limit)
+            if not ids:
+                return 0
+            cases = await repo.load(conn, ids, skip_locked=True)
+            fx = Effects()
+            news = 0
+            for case in cases.values():
+                seen = case.watch(now, warning_share=self.settings.deadline_warning_share)
+                news += bool(seen.timeline)
+                fx.extend(seen)
+            await repo.save(conn, cases.values())
+            await repo.record(conn, fx)
+            return news
 
     async def plan_new_systems(self, now: datetime | None = None, *, limit: int = 500) -> int:
         """Give systems registered after a case was planned their tasks: open cases, and finished
@@ -421,6 +586,32 @@ class Coordinator:
             await repo.record(conn, fx)
             return len(cases)
 
+    async def pseudonymise_closed(self, now: datetime | None = None, *, limit: int = 500) -> int:
+        """Pseudonymise closed cases older than ``case_data_retention`` (unset: none): their
+        identifiers, corrections and notes are replaced, their evidence stays. Returns how many."""
+        retention = self.settings.case_data_retention
+        if retention is None:
+            return 0
+        secret = self.settings.pseudonym_key
+        key = secret.get_secret_value().encode() if secret is not None else None
+        async with self.pool.acquire() as conn, conn.transaction():
+            now = now or await db_now(conn)
+            ids = await repo.cases_to_pseudonymise(conn, now - retention, [str(r) for r in LASTING], limit)
+            cases = await repo.load(conn, ids, skip_locked=True)
+            fx = Effects()
+            done = 0
+            for case in cases.values():
+                try:
+                    fx.extend(case.pseudonymise(now, key=key))
+                    done += 1
+                except InvalidTransition:
+                    continue  # an open task came back (a retry), say: next time
+            await repo.save(conn, cases.values())
+            await repo.record(conn, fx)
+        if done:
+            log.info("pseudonymised %d closed case(s)", done)
+        return done
+
     async def prune(self, now: datetime | None = None) -> tuple[int, int]:
         """Delete outbox rows sent longer ago than ``outbox_retention`` and inbox ids older than
         ``inbox_retention`` (which must outlast the topics' retention, or a replay could repeat an
@@ -432,9 +623,16 @@ class Coordinator:
         return int(sent.split()[-1]), int(seen.split()[-1])
 
 
+async def db_now(conn: asyncpg.Connection) -> datetime:
+    """The database's clock: every coordinator instance times cases by the same clock."""
+    now: datetime = await conn.fetchval("SELECT now()")
+    return now
+
+
 def _via_processor(req: RightsRequested, systems: Sequence[SystemDeclaration]) -> bool:
     """Whether a system operated by a processor or third party would act on this request: the law
     then gives the longer via-processor period where it has one."""
+    systems = [s for s in systems if s.controller == req.controller]
     asked = {t.system for t in planner.plan_for(req.right, req.subject.identifiers, systems,
                                                 verified=req.verified_types() or req.subject.identifiers.keys(),
                                                 changes=req.changes, purposes=req.purposes).tasks}

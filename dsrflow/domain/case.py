@@ -21,6 +21,7 @@ A manual task waits in ``manual`` for a person to complete or decline it.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,7 +30,20 @@ from typing import Any
 
 from .. import topics
 from ..errors import DsrflowError
-from ..events import Artifact, CaseUpdated, Event, RightsRequested, TaskAssigned, TaskReceipt
+from ..events import (
+    DEFAULT_CONTROLLER,
+    Artifact,
+    CaseAlert,
+    CaseUpdated,
+    Event,
+    NoticeBundle,
+    NoticeRetained,
+    NoticeSystem,
+    RightsRequested,
+    SubjectNotice,
+    TaskAssigned,
+    TaskReceipt,
+)
 from ..registry import SystemDeclaration
 from ..rights import (
     ACTION_FOR_RIGHT,
@@ -56,6 +70,8 @@ BUNDLED: frozenset[Right] = frozenset({Right.access, Right.portability})
 HOLD_KINDS = ("legal_hold", "suspected_fraud")
 #: Rights a restriction can be lifted from.
 LIFTABLE: frozenset[Right] = frozenset({Right.restriction, Right.objection})
+#: Namespace of the stable ids of notices and alerts (uuid5 of case, kind and what it is about).
+_IDS = uuid.UUID("5b1e0b0e-4d2b-4a43-9a4e-6f0d2c1d7a11")
 
 
 class CaseError(DsrflowError):
@@ -98,6 +114,8 @@ class Task:
     changes: dict[str, str] | None = None
     decided_by: str | None = None
     note: str | None = None
+    #: the person a manual task is assigned to (an actor), if any
+    assignee: str | None = None
     #: touched by the transition in hand: the store writes it
     dirty: bool = field(default=False, compare=False)
 
@@ -145,6 +163,18 @@ class Case:
     opened: dict[str, str] | None = None
     #: systems this case's planning has looked at (asked or not), so a sweep plans a system once
     considered: list[str] = field(default_factory=list)
+    #: the controller (tenant) the request was made to: only its systems are asked
+    controller: str = DEFAULT_CONTROLLER
+    #: when the subject was told the request arrived (the acknowledged notice)
+    acknowledged_at: datetime | None = None
+    #: the organisation's internal target, earlier than due_at (None: none set)
+    target_at: datetime | None = None
+    #: when the deadline watcher warned, saw the internal target pass, saw the case overdue
+    warned_at: datetime | None = None
+    target_passed_at: datetime | None = None
+    overdue_at: datetime | None = None
+    #: when the subject's identifiers, corrections and notes were replaced (closed cases only)
+    pseudonymised_at: datetime | None = None
     tasks: list[Task] = field(default_factory=list)
     dirty: bool = field(default=False, compare=False)
 
@@ -175,13 +205,46 @@ class Case:
     def summary(self) -> dict[str, str]:
         return {t.label: str(t.status) for t in self.tasks}
 
+    def mine(self, systems: Iterable[SystemDeclaration]) -> list[SystemDeclaration]:
+        """The systems of this case's controller: no other tenant's system is ever asked."""
+        return [s for s in systems if s.controller == self.controller]
+
     def case_event(self, now: datetime) -> tuple[str, str, Event]:
         event = CaseUpdated(
             case_id=self.case_id, request_id=self.request_id, right=self.right, status=self.status,
             jurisdiction=self.jurisdiction, received_at=self.received_at, due_at=self.due_at, updated_at=now,
-            tasks={t.label: t.status for t in self.tasks}, bundle=self.bundle,
+            tasks={t.label: t.status for t in self.tasks}, bundle=self.bundle, controller=self.controller,
+            target_at=self.target_at, overdue=self.status not in TERMINAL_CASE and now > self.due_at,
         )
         return topics.CASES, str(self.case_id), event
+
+    def notice(self, kind: str, now: datetime, *, key: str = "", **detail: Any) -> tuple[str, str, Event]:
+        """A :class:`SubjectNotice` of ``kind`` for this case (``key`` tells apart two notices of one
+        kind, such as a second completion after a reopening)."""
+        event = SubjectNotice(
+            notice_id=uuid.uuid5(_IDS, f"{self.case_id}/notice/{kind}/{key}"), kind=kind,  # type: ignore[arg-type]
+            case_id=self.case_id, request_id=self.request_id, controller=self.controller, right=self.right,
+            jurisdiction=self.jurisdiction, at=now, due_at=self.due_at, **detail)
+        return topics.NOTICES, str(self.case_id), event
+
+    def _tell(self, fx: Effects, kind: str, now: datetime, *, key: str = "", **detail: Any) -> None:
+        """Add a notice to the subject to ``fx``, unless the DPO opened the case: nobody asked, so
+        there is nobody to tell (the DPO informs the person where the law requires it)."""
+        if self.opened is None:
+            fx.events.append(self.notice(kind, now, key=key, **detail))
+
+    def alert(self, kind: str, now: datetime, *, task: Task | None = None, key: str = "") -> tuple[str, str, Event]:
+        """A :class:`CaseAlert` of ``kind`` for the DPO's tools."""
+        span = (self.due_at - self.received_at).total_seconds()
+        used = (now - self.received_at).total_seconds() / span if span > 0 else 1.0
+        event = CaseAlert(
+            alert_id=uuid.uuid5(_IDS, f"{self.case_id}/alert/{kind}/{task.task_id if task else ''}/{key}"),
+            kind=kind, case_id=self.case_id, request_id=self.request_id,  # type: ignore[arg-type]
+            controller=self.controller, right=self.right, status=self.status, jurisdiction=self.jurisdiction,
+            at=now, due_at=self.due_at, target_at=self.target_at, share_used=round(used, 4),
+            system=task.system if task else None, task_id=task.task_id if task else None,
+            attempts=task.attempt if task else None)
+        return topics.ALERTS, str(self.case_id), event
 
     def task_event(self, task: Task, systems: Mapping[str, SystemDeclaration]) -> tuple[str, str, Event]:
         """The TaskAssigned for ``task``'s current attempt: only the identifier types its system
@@ -193,7 +256,7 @@ class Case:
             task_id=task.task_id, case_id=self.case_id, system=task.system, action=task.action, right=self.right,
             attempt=task.attempt, identifiers=ids, due_at=self.due_at,
             changes=task.changes if task.action == Action.rectify else None, purposes=self.purposes,
-            jurisdiction=self.jurisdiction,
+            jurisdiction=self.jurisdiction, controller=self.controller,
         )
         return topics.tasks_topic(task.system), str(self.case_id), event
 
@@ -212,10 +275,12 @@ class Case:
         cls, request: RightsRequested, *, event_id: str, source: str, received_at: datetime, ack_due_at: datetime,
         due_at: datetime, basis: str, systems: Sequence[SystemDeclaration], now: datetime,
         case_id: uuid.UUID | None = None, max_extension_until: datetime | None = None,
-        opened: dict[str, str] | None = None,
+        opened: dict[str, str] | None = None, target_at: datetime | None = None,
     ) -> tuple[Case, Effects]:
-        """A new case for ``request``: received, then waiting for verification, fanned out, or
-        (an information request, or nothing to ask) answered at once."""
+        """A new case for ``request``: received and acknowledged (the subject is told, and the
+        acknowledgement is recorded against its deadline), then waiting for verification (the
+        subject is told what is needed), fanned out, or (an information request, or nothing to
+        ask) answered at once. Only systems of the request's controller are asked."""
         case = cls(
             case_id=case_id or uuid.uuid4(), request_id=request.request_id, request_event=event_id,
             right=request.right, jurisdiction=request.jurisdiction, status=CaseStatus.received,
@@ -224,8 +289,10 @@ class Case:
             requester=request.requester.model_dump(mode="json", exclude_none=True) if request.requester else None,
             channel=request.channel, changes=dict(request.changes) if request.changes else None,
             purposes=list(request.purposes) if request.purposes else None, dirty=True,
-            max_extension_until=max_extension_until, opened=opened,
+            max_extension_until=max_extension_until, opened=opened, controller=request.controller,
+            target_at=target_at, acknowledged_at=now,
         )
+        systems = case.mine(systems)
         fx = Effects([case._entry(TimelineKind.received, now, event_id=event_id, source=source,
                                   right=str(request.right), jurisdiction=request.jurisdiction,
                                   due_at=due_at.isoformat(), ack_due_at=ack_due_at.isoformat(), basis=basis,
@@ -233,10 +300,17 @@ class Case:
                                   requester=(case.requester or {}).get("relationship", "self"),
                                   **({"opened_by_dpo": {"by": opened["by"], "why_sha256": hashlib.sha256(
                                       opened["why"].encode()).hexdigest()}} if opened else {}))])
+        on_time = now <= ack_due_at
+        fx.timeline.append(case._entry(TimelineKind.acknowledged, now, ack_due_at=ack_due_at.isoformat(),
+                                       on_time=on_time))
+        case._tell(fx, "acknowledged", now, ack_due_at=ack_due_at, acknowledged_on_time=on_time, basis=basis)
         if case._waits_for_verification():
             case.status = CaseStatus.awaiting_verification
             fx.timeline.append(case._entry(TimelineKind.awaiting_verification, now,
                                            representative=case.representative_unverified))
+            needed = (["identity_verification"] if not case.verified_types else []) + (
+                ["representative_authority"] if case.representative_unverified else [])
+            case._tell(fx, "more_information_needed", now, needed=needed)
             fx.events.append(case.case_event(now))
             return case, fx
         return case, fx.extend(case._fan_out(systems, now))
@@ -248,6 +322,7 @@ class Case:
 
     def _fan_out(self, systems: Sequence[SystemDeclaration], now: datetime) -> Effects:
         fx = Effects()
+        systems = self.mine(systems)
         self.status = CaseStatus.in_progress
         self.dirty = True
         if self.right == Right.information:
@@ -275,6 +350,7 @@ class Case:
     def _plan(self, systems: Sequence[SystemDeclaration], now: datetime, *, late: bool = False) -> Effects:
         if self.right in LIFTABLE and self.lifted_at is not None:
             return Effects()  # a lifted restriction is never sent again
+        systems = self.mine(systems)
         fresh = [s for s in systems if s.name not in self.considered]
         plan = plan_for(self.right, self.subject, fresh, verified=self.verified_types, changes=self.changes,
                         purposes=self.purposes)
@@ -366,9 +442,12 @@ class Case:
             raise InvalidTransition("an extension moves the due date later")
         self.original_due_at, self.due_at = self.due_at, new_due
         self.extension = {"by": by, "reason": reason.strip(), "at": now.isoformat()}
+        self.warned_at = None  # the watcher warns again against the new due date
         self.dirty = True
-        return Effects([self._entry(TimelineKind.deadline_extended, now, by=by, due_at=new_due.isoformat(),
-                                    original_due_at=self.original_due_at.isoformat())], [self.case_event(now)])
+        fx = Effects([self._entry(TimelineKind.deadline_extended, now, by=by, due_at=new_due.isoformat(),
+                                  original_due_at=self.original_due_at.isoformat())], [self.case_event(now)])
+        self._tell(fx, "extended", now, original_due_at=self.original_due_at, reasons=reason.strip())
+        return fx
 
     def deny(self, *, by: str, ground: str, basis: str, reason: str, now: datetime) -> Effects:
         """Refuse the request on a legal ground of the jurisdiction's data file (``basis`` is its
@@ -395,7 +474,9 @@ class Case:
         self.status, self.completed_at, self.hold, self.dirty = CaseStatus.denied, now, None, True
         self.outcome = {"status": str(CaseStatus.denied), "ground": ground, "basis": basis,
                         "reason": reason.strip(), "by": by}
-        return Effects([self._entry(TimelineKind.denied, now, by=by, ground=ground)], [self.case_event(now)])
+        fx = Effects([self._entry(TimelineKind.denied, now, by=by, ground=ground)], [self.case_event(now)])
+        self._tell(fx, "denied", now, ground=ground, basis=basis, reasons=reason.strip())
+        return fx
 
     def hold_case(self, *, by: str, kind: str, reason: str, now: datetime) -> Effects:
         """Put the case on hold: a legal hold, or suspected fraud. Nothing new is sent while it
@@ -463,6 +544,63 @@ class Case:
         fx.events.append(self.case_event(now))
         return fx
 
+    def reassign_task(self, task_id: uuid.UUID, *, by: str, reason: str, systems: Sequence[SystemDeclaration],
+                      now: datetime, to_system: str | None = None, to_person: str | None = None) -> Effects:
+        """The DPO gives an open (or failed, or conflicting) task to someone else: another system of
+        this controller (the data moved; the old task is skipped, saying where it went), or a person,
+        who then completes or declines it as a manual task. A worker's late receipt for the task it
+        had still records what that system did."""
+        task = self.task(task_id)
+        if task is None:
+            raise InvalidTransition(f"case {self.case_id} has no task {task_id}")
+        if (to_system is None) == (to_person is None):
+            raise InvalidTransition("reassign to exactly one of a system or a person")
+        if task.status not in (TaskStatus.dispatched, TaskStatus.stalled, TaskStatus.manual, TaskStatus.failed,
+                               TaskStatus.conflict):
+            raise InvalidTransition(f"task {task_id} is {task.status}: only an open, failed or conflicting task "
+                                    "is reassigned")
+        if self.status in (CaseStatus.on_hold, CaseStatus.denied):
+            raise InvalidTransition(f"case {self.case_id} is {self.status}: it cannot be reassigned now")
+        if not reason.strip():
+            raise InvalidTransition("say why the task is reassigned (a reason is required)")
+        fx = Effects()
+        mine = {s.name: s for s in self.mine(systems)}
+        if to_person is not None:
+            if task.kind == TaskKind.manual and task.assignee == to_person and task.status == TaskStatus.manual:
+                raise InvalidTransition(f"task {task_id} is assigned to {to_person} already")
+            task.kind, task.status, task.assignee, task.completed_at = (
+                TaskKind.manual, TaskStatus.manual, to_person, None)
+            task.reason, task.dirty = f"reassigned to a person: {reason.strip()}", True
+            fx.timeline.append(self._entry(TimelineKind.task_reassigned, now, system=task.system, by=by,
+                                           to_person=to_person))
+        else:
+            assert to_system is not None
+            target = mine.get(to_system)
+            if target is None:
+                raise InvalidTransition(f"no registered system {to_system!r} of this case's controller")
+            if to_system == task.system:
+                raise InvalidTransition("reassign to another system (use retry for the same one)")
+            if any(t.system == to_system and t.action == task.action for t in self.tasks):
+                raise InvalidTransition(f"system {to_system} has a {task.action} task in this case already")
+            task.status, task.decided_by, task.completed_at, task.dirty = TaskStatus.skipped, by, now, True
+            task.note = f"reassigned to {to_system}: {reason.strip()}"
+            worker = target.supports(task.action)
+            new = self._new_task(PlannedTask(
+                to_system, task.action, {}, TaskKind.worker if worker else TaskKind.manual,
+                None if worker else f"reassigned from {task.system}; no worker can {task.action}: a person must act",
+                task.changes), now)
+            self.considered = sorted({*self.considered, to_system})
+            if worker:
+                fx.events.append(self.task_event(new, mine))
+            fx.timeline.append(self._entry(TimelineKind.task_reassigned, now, system=task.system, by=by,
+                                           to_system=to_system, task_kind=str(new.kind)))
+        if self.status in TERMINAL_CASE:
+            self.status, self.completed_at = CaseStatus.in_progress, None
+            fx.timeline.append(self._entry(TimelineKind.reopened, now, by=by, system=task.system))
+        self.dirty = True
+        fx.events.append(self.case_event(now))
+        return fx
+
     def resolve_manual(self, task_id: uuid.UUID, *, by: str, resolution: TaskStatus, note: str,
                        now: datetime) -> Effects:
         """A person carried out (``succeeded``), found nothing (``not_found``) or declined
@@ -521,6 +659,7 @@ class Case:
         lasting effect (restriction, opt-out, ...) still in force, also after it finished."""
         if self.status == CaseStatus.on_hold:
             return Effects()  # planned once it is released
+        systems = self.mine(systems)  # another controller's systems are never asked, nor named
         if self.right not in ACTION_FOR_RIGHT or (self.right in LIFTABLE and self.lifted_at is not None):
             self.considered = sorted({*self.considered, *(s.name for s in systems)})
             self.dirty = True
@@ -544,11 +683,15 @@ class Case:
         task = self.task(receipt.task_id)
         if task is None or task.system != receipt.system:
             raise InvalidTransition(f"no task {receipt.task_id} for case {self.case_id} in system {receipt.system}")
-        if (task.status == TaskStatus.skipped and task.kind == TaskKind.worker and receipt.attempt <= task.attempt
+        taken_from_worker = (task.status == TaskStatus.skipped and task.kind == TaskKind.worker) or (
+            task.status == TaskStatus.manual and task.dispatched_at is not None)  # reassigned to a person
+        if (taken_from_worker and receipt.attempt <= task.attempt
                 and receipt.status in (ReceiptStatus.succeeded, ReceiptStatus.retained, ReceiptStatus.not_found)):
-            # Skipped by the DPO, but the worker had it and did it: what happened is what counts.
+            # Skipped or reassigned by the DPO, but the worker had it and did it: what happened counts.
+            task.note = (f"{task.note or 'skipped'}; the system did it before the skip reached it"
+                         if task.status == TaskStatus.skipped else
+                         f"reassigned to {task.assignee}, but the system did it before that reached it")
             task.status, task.completed_at, task.dirty = TaskStatus(receipt.status), receipt.completed_at, True
-            task.note = f"{task.note or 'skipped'}; the system did it before the skip reached it"
             task.result = receipt.model_dump(mode="json", include={"counts", "categories", "retained", "artifacts"})
             return Effects([self._entry(TimelineKind(f"task_{receipt.status}"), now, system=receipt.system,
                                         attempt=receipt.attempt, status=str(receipt.status), counts=receipt.counts,
@@ -575,22 +718,110 @@ class Case:
         task.result = receipt.model_dump(mode="json", include={"counts", "categories", "retained", "artifacts"})
         return Effects([self._entry(TimelineKind(f"task_{receipt.status}"), now, **detail, counts=receipt.counts)])
 
-    def time_out(self, task: Task, *, max_attempts: int, systems: Mapping[str, SystemDeclaration],
-                 now: datetime) -> Effects:
-        """No receipt for ``task`` within the task timeout: send it again, or after the last attempt
-        mark it stalled (a late receipt still completes it)."""
+    def time_out(self, task: Task, *, systems: Mapping[str, SystemDeclaration], now: datetime,
+                 surface: bool) -> Effects:
+        """No receipt for ``task`` within its wait (the task timeout, doubled with every attempt):
+        send it again; or, once the deadline nears (``surface``) or its system is gone, mark it
+        stalled and alert the DPO, who retries, reassigns or skips it (a late receipt still
+        completes it)."""
         if task.status != TaskStatus.dispatched or task.dispatched_at is None or self.status == CaseStatus.on_hold:
             return Effects()
         detail = {"system": task.system, "attempt": task.attempt,
                   "waited_s": int((now - task.dispatched_at).total_seconds())}
         task.dirty = True
-        if task.attempt < max_attempts and task.system in systems:
+        if not surface and task.system in systems:
             task.attempt += 1
             task.dispatched_at = now
             return Effects([self._entry(TimelineKind.task_redispatched, now, **detail, next_attempt=task.attempt)],
                            [self.task_event(task, systems)])
         task.status = TaskStatus.stalled
-        return Effects([self._entry(TimelineKind.task_stalled, now, **detail)])
+        return Effects([self._entry(TimelineKind.task_stalled, now, **detail, surfaced=True)],
+                       [self.alert("task_stalled", now, task=task, key=str(task.attempt)), self.case_event(now)])
+
+    # -- the deadline watcher ------------------------------------------------------
+    def warn_at(self, warning_share: float) -> datetime:
+        """When ``warning_share`` of the time from receipt to the due date is gone."""
+        return self.received_at + (self.due_at - self.received_at) * warning_share
+
+    def watch(self, now: datetime, *, warning_share: float) -> Effects:
+        """The deadline watcher's look at an open case (held ones too: a hold does not stop the
+        law's clock): once ``warning_share`` of its time is gone a warning, once the internal target
+        passes a note of it, once the due date passes an overdue alert; each once (an extension
+        arms the warning again)."""
+        if self.status in TERMINAL_CASE:
+            return Effects()
+        fx = Effects()
+        if self.overdue_at is None and now > self.due_at:
+            self.overdue_at = self.warned_at = self.overdue_at or now
+            fx.timeline.append(self._entry(TimelineKind.deadline_overdue, now, due_at=self.due_at.isoformat(),
+                                           status=str(self.status)))
+            fx.events.append(self.alert("deadline_overdue", now, key=self.due_at.isoformat()))
+        elif self.warned_at is None and now >= self.warn_at(warning_share):
+            self.warned_at = now
+            fx.timeline.append(self._entry(TimelineKind.deadline_warning, now, due_at=self.due_at.isoformat(),
+                                           share=warning_share))
+            fx.events.append(self.alert("deadline_warning", now, key=self.due_at.isoformat()))
+        if self.target_at is not None and self.target_passed_at is None and now > self.target_at:
+            self.target_passed_at = now
+            fx.timeline.append(self._entry(TimelineKind.target_passed, now, target_at=self.target_at.isoformat()))
+            fx.events.append(self.alert("target_passed", now))
+        if fx.timeline:
+            self.dirty = True
+            fx.events.append(self.case_event(now))
+        return fx
+
+    # -- dsrflow's own personal data ---------------------------------------------------
+    def pseudonymise(self, now: datetime, *, key: bytes | None) -> Effects:
+        """Replace what this closed case keeps of the person once its retention ran out: each
+        identifier by a keyed hash (HMAC-SHA256 with ``key``: the same person is still recognised,
+        by whoever holds the key, but not read), or dropped without a key; corrections' values,
+        the representative's name and contact, and the free text staff wrote (notes, reasons) by
+        their SHA-256 (so a kept copy can still be matched). The evidence stays: timeline, statuses,
+        what was done and kept on which basis, who decided, and the hashes. A lasting effect still
+        in force (a restriction, an opt-out) keeps its identifiers: later systems need them."""
+        if self.status not in TERMINAL_CASE or self.pseudonymised_at is not None:
+            raise InvalidTransition(f"case {self.case_id} is {self.status}: only a closed case is pseudonymised")
+        if self.lasting_in_force or any(not t.terminal for t in self.tasks):
+            raise InvalidTransition(f"case {self.case_id} still acts (a lasting effect or an open task)")
+
+        def ident(kind: IdentifierType, value: str) -> str:
+            if key is None:
+                return "pseudonymised"
+            return "hmac-sha256:" + hmac.new(key, f"{kind}:{value}".encode(), hashlib.sha256).hexdigest()
+
+        def digest(text: str) -> str:
+            return text if text.startswith("sha256:") else "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+        self.subject = {k: ident(k, v) for k, v in self.subject.items()}
+        if self.changes:
+            self.changes = {f: digest(v) for f, v in self.changes.items()}
+        if self.requester:
+            self.requester = {k: (digest(v) if k in ("name", "contact", "evidence") and isinstance(v, str) else v)
+                              for k, v in self.requester.items()}
+        if self.opened and "why" in self.opened:
+            self.opened = {**self.opened, "why": digest(self.opened["why"])}
+        for held in ("extension", "hold"):
+            doc = getattr(self, held)
+            if doc and doc.get("reason"):
+                setattr(self, held, {**doc, "reason": digest(doc["reason"])})
+        for t in self.tasks:
+            if t.changes:
+                t.changes = {f: digest(v) for f, v in t.changes.items()}
+            if t.note:
+                t.note = digest(t.note)
+            t.dirty = True
+        if self.outcome:
+            outcome = dict(self.outcome)
+            if outcome.get("reason"):
+                outcome["reason"] = digest(outcome["reason"])
+            systems = outcome.get("systems")
+            if isinstance(systems, dict):
+                outcome["systems"] = {name: ({**e, "note": digest(e["note"])} if isinstance(e, dict) and e.get("note")
+                                             else e) for name, e in systems.items()}
+            self.outcome = outcome
+        self.pseudonymised_at, self.dirty = now, True
+        return Effects([self._entry(TimelineKind.pseudonymised, now, identifiers=sorted(str(k) for k in self.subject),
+                                    keyed=key is not None)], [self.case_event(now)])
 
     # -- finishing -------------------------------------------------------------------
     def settle(self) -> CaseStatus | None:
@@ -622,8 +853,22 @@ class Case:
         self.status, self.completed_at, self.outcome = status, now, {"status": str(status), **doc}
         self.dirty = True
         kind = TimelineKind.failed if status == CaseStatus.failed else TimelineKind.completed
-        return Effects([self._entry(kind, now, status=str(status), tasks=self.summary(), **detail)],
-                       [self.case_event(now)])
+        fx = Effects([self._entry(kind, now, status=str(status), tasks=self.summary(), **detail)],
+                     [self.case_event(now)])
+        # Law 91/2025 Art 14(5): the subject is told what was done, and what was kept on which basis.
+        # A case finished again after a reopening tells them again (a new notice id).
+        systems = [NoticeSystem(system=t.system, action=t.action, status=t.status,
+                                counts=(t.result or {}).get("counts", {}))
+                   for t in sorted(self.tasks, key=lambda t: (t.system, t.action))]
+        kept = [NoticeRetained(system=item["system"], category=item["category"], records=item["records"],
+                               legal_basis=item["legal_basis"], retain_until=item.get("retain_until"))
+                for item in doc.get("retained", [])]
+        self._tell(fx, "completed", now, key=now.isoformat(), status=status, systems=systems, retained=kept,
+                   information=doc.get("information"))
+        if self.bundle is not None:
+            self._tell(fx, "bundle_ready", now, key=self.bundle.sha256, bundle=NoticeBundle(
+                sha256=self.bundle.sha256, size=self.bundle.size, records=self.bundle.records))
+        return fx
 
     def refresh_outcome(self, *, now: datetime, systems: Mapping[str, SystemDeclaration]) -> Effects:
         """A finished case whose later tasks (a system registered after it, a lift) moved: its

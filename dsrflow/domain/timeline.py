@@ -44,6 +44,12 @@ class TimelineKind(StrEnum):
     completed = "completed"
     failed = "failed"
     outcome_updated = "outcome_updated"
+    acknowledged = "acknowledged"  # the subject was told the request arrived: on time against ack_due_at?
+    deadline_warning = "deadline_warning"
+    target_passed = "target_passed"  # the organisation's internal target went by
+    deadline_overdue = "deadline_overdue"
+    task_reassigned = "task_reassigned"
+    pseudonymised = "pseudonymised"  # a closed case's identifiers, corrections and notes were replaced
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,7 +1,10 @@
 """Legal deadlines as data: when a data-subject request must be acknowledged and completed.
 
 Each jurisdiction's rules are a TOML file in ``dsrflow/policy/jurisdictions/`` (read once, on
-first use); :func:`deadlines` counts them on the jurisdiction's calendar and time zone. Pure
+first use); :func:`deadlines` counts them on the jurisdiction's calendar and time zone, by the
+counting rule the file names (``Deadlines.counting_rule``). :func:`verification_clock` says
+whether a jurisdiction's clock runs while identity is verified; :func:`internal_target` places
+the organisation's own, earlier target (:func:`parse_target_spec` checks its setting). Pure
 functions: no I/O beyond reading the bundled files.
 
 What can go wrong::
@@ -10,6 +13,7 @@ What can go wrong::
     ├── UnknownJurisdiction   no data file for the code (bad input: dead-letter the request)
     ├── UnsupportedRight      the data file has no period for the right
     └── (plain)               received_at is naive, or the right name is not a Right
+    │                         (and parse_target_spec / internal_target: a bad target setting)
     RuntimeError
     └── PolicyDataError       a bundled data file is malformed (a packaging bug)
 """
@@ -22,12 +26,17 @@ from .deadlines import (
     DenialGround,
     JurisdictionRules,
     PolicyDataError,
+    TargetSpec,
     UnknownJurisdiction,
     UnsupportedRight,
+    Verification,
     deadlines,
     denial_ground,
+    internal_target,
     jurisdictions,
+    parse_target_spec,
     rules,
+    verification_clock,
     working_calendar,
 )
 
@@ -37,12 +46,17 @@ __all__ = [
     "Deadlines",
     "JurisdictionRules",
     "PolicyDataError",
+    "TargetSpec",
     "UnknownJurisdiction",
     "UnsupportedRight",
+    "Verification",
     "WorkingCalendar",
     "add_months",
     "deadlines",
+    "internal_target",
     "jurisdictions",
+    "parse_target_spec",
     "rules",
+    "verification_clock",
     "working_calendar",
 ]

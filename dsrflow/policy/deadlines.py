@@ -1,38 +1,51 @@
 """Deadlines for a data-subject request, computed from the bundled jurisdiction data files.
 
 The rules themselves live in ``jurisdictions/<CODE>.toml`` (one file per jurisdiction, read once
-and validated against :class:`JurisdictionRules`); this module only knows how to count:
+and validated against :class:`JurisdictionRules`); this module only knows how to count, the way
+the file's ``[counting]`` table says (its ``rule`` names the provision, e.g. Regulation 1182/71
+Art 3 for the GDPR, and is shown on every :class:`Deadlines`):
 
 - the local date of receipt is taken in the jurisdiction's time zone;
 - ``counting.start``: ``next_day`` starts a period the day after receipt (the request's own day
   is not counted), ``receipt_day`` counts the day of receipt as day 1;
-- a period is ``{ days = n }`` (calendar days), ``{ working_days = n }`` (the n-th working day of
-  the jurisdiction's calendar) or ``{ months = n }`` (same date n months on, clamped to the end
-  of a shorter month);
-- ``counting.end_on_non_working_day``: ``next_working_day`` moves a period that ends on a weekend
-  or holiday to the next working day, ``keep`` leaves it;
+- a period is ``{ days = n }`` (calendar days: weekends and holidays count), ``{ working_days =
+  n }`` (the n-th working day of the jurisdiction's calendar) or ``{ months = n }`` (the same date
+  n months on; where that month has no such date, ``counting.month_overflow`` says whether it
+  ends on the month's last day or on the day after);
+- ``counting.end_moves_off`` lists the last days that move a period's end (weekday names, and
+  ``holiday`` for a public holiday of ``[counting.holidays]``, or of the working calendar if the
+  file has no such table); a listed weekday that the data file makes a working day does not move
+  it. ``counting.end_moves_to``: ``next_working_day`` (the following working day of the
+  calendar) or ``next_day_not_moved_off`` (the following day that is not itself such a day);
 - a deadline is the end of its last day (23:59:59.999999 local), returned in UTC;
 - the one extension runs on from the day the original period ends *before* any move to a working
-  day (so the move is not counted twice), and is then moved itself if it ends on a non-working day.
+  day (so the move is not counted twice), and is then moved itself if it ends on such a day.
+
+The ``[verification]`` table says whether the clock runs while the subject's identity is being
+checked; every bundled file says it runs (deadlines count from receipt, as computed here).
+:func:`internal_target` places the organisation's own, earlier target between receipt and the
+legal due date.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import functools
+import re
 import tomllib
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
+from fractions import Fraction
 from importlib import resources
 from typing import Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import holidays as holidays_lib
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from ..errors import DsrflowError
 from ..rights import Right
-from .calendars import WorkingCalendar, add_months, weekdays
+from .calendars import WEEKDAYS, WorkingCalendar, add_months, weekdays
 
 __all__ = [
     "CalendarSpec",
@@ -42,11 +55,16 @@ __all__ = [
     "Period",
     "PolicyDataError",
     "RightGroup",
+    "TargetSpec",
     "UnknownJurisdiction",
     "UnsupportedRight",
+    "Verification",
     "deadlines",
+    "internal_target",
     "jurisdictions",
+    "parse_target_spec",
     "rules",
+    "verification_clock",
     "working_calendar",
 ]
 
@@ -88,10 +106,15 @@ class Period(_Strict):
         return self
 
 
-class Counting(_Strict):
-    start: Literal["next_day", "receipt_day"]
-    end_on_non_working_day: Literal["next_working_day", "keep"]
-    basis: str = Field(min_length=1)
+class _Inferable(_Strict):
+    inferred: bool = Field(default=False, description="an interpretation, not the text")
+    note: str | None = None
+
+    @model_validator(mode="after")
+    def _inferred_says_why(self) -> _Inferable:
+        if self.inferred and not self.note:
+            raise ValueError("an inferred entry needs a note saying what it is inferred from")
+        return self
 
 
 class DatedNote(_Strict):
@@ -107,12 +130,46 @@ class NamedNote(_Strict):
 class CalendarSpec(_Strict):
     holidays: str | None = Field(default=None, description="country code for the holidays library")
     subdivision: str | None = None
+    observed: bool = Field(default=True, description="false: the library's substitute (observed) days are not holidays")
     weekend: list[str] = ["sat", "sun"]
     extra_holidays: list[DatedNote] = []
     extra_working_days: list[DatedNote] = []
     not_holidays: list[NamedNote] = Field(
         default=[], description="library holidays, by name, that are not days off (yet) in this jurisdiction"
     )
+
+
+_HOLIDAY = "holiday"
+
+
+class Counting(_Inferable):
+    """How periods are counted: the rule the law sets, named, with its basis."""
+
+    rule: str = Field(min_length=1, description='the rule, named with its article: "VN Civil Code 2015 Art 147-148"')
+    basis: str = Field(min_length=1, description="what the rule says, as applied here")
+    start: Literal["next_day", "receipt_day"]
+    month_overflow: Literal["last_day", "next_day"] = Field(
+        default="last_day", description="where n months on has no such date: that month's last day, or the day after")
+    end_moves_off: list[str] = Field(
+        default=[], description='last days that move the end: weekday names ("sat") and "holiday"; none: never moved')
+    end_moves_to: Literal["next_working_day", "next_day_not_moved_off"] = "next_working_day"
+    holidays: CalendarSpec | None = Field(
+        default=None, description='the holidays "holiday" means, where they are not the working calendar\'s')
+
+    @field_validator("end_moves_off")
+    @classmethod
+    def _known_days(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if name != _HOLIDAY and name.lower() not in WEEKDAYS:
+                raise ValueError(f"end_moves_off: {name!r} is neither a weekday ({', '.join(WEEKDAYS)}) nor 'holiday'")
+        return v
+
+
+class Verification(_Inferable):
+    """Whether a period's clock runs while the subject's identity is being verified."""
+
+    clock: Literal["runs", "paused"]
+    basis: str = Field(min_length=1, description="the provision, or the reading, that says so")
 
 
 class RightGroup(_Strict):
@@ -133,13 +190,11 @@ class RightGroup(_Strict):
         return self
 
 
-class DenialGround(_Strict):
+class DenialGround(_Inferable):
     """A legal ground on which a request may be refused, in whole or for some rights."""
 
     rights: list[Right] | None = Field(default=None, description="the rights it applies to; none: every right")
     basis: str = Field(min_length=1, description="the provision, and what it allows")
-    inferred: bool = False
-    note: str | None = None
 
 
 class JurisdictionRules(_Strict):
@@ -150,6 +205,7 @@ class JurisdictionRules(_Strict):
     law: str
     timezone: str
     counting: Counting
+    verification: Verification = Field(description="does the clock run while identity is verified?")
     calendar: CalendarSpec = CalendarSpec()
     acknowledge: Period | None = None
     groups: dict[str, RightGroup]
@@ -168,12 +224,15 @@ class JurisdictionRules(_Strict):
                 if right in seen:
                     raise ValueError(f"right {right} is in both groups {seen[right]!r} and {name!r}")
                 seen[right] = name
-        weekdays(self.calendar.weekend)
-        if self.calendar.holidays is not None:
-            try:
-                holidays_lib.country_holidays(self.calendar.holidays, subdiv=self.calendar.subdivision)
-            except NotImplementedError as exc:
-                raise ValueError(f"holidays library: {exc}") from None
+        for spec in (self.calendar, self.counting.holidays):
+            if spec is None:
+                continue
+            weekdays(spec.weekend)
+            if spec.holidays is not None:
+                try:
+                    holidays_lib.country_holidays(spec.holidays, subdiv=spec.subdivision)
+                except NotImplementedError as exc:
+                    raise ValueError(f"holidays library: {exc}") from None
         return self
 
 
@@ -186,20 +245,40 @@ class _Jurisdiction:
     tz: ZoneInfo
     calendar: WorkingCalendar
     group_of: dict[Right, RightGroup]
+    #: the calendar whose holidays ``"holiday"`` in ``counting.end_moves_off`` means
+    end_holidays: WorkingCalendar
+    end_weekdays: frozenset[int]
+    end_on_holiday: bool
+
+    def moves_off(self, day: date) -> bool:
+        """Does a period whose last day is ``day`` end later (``counting.end_moves_off``)?"""
+        if self.end_on_holiday and self.end_holidays.is_holiday(day):
+            return True
+        return day.weekday() in self.end_weekdays and day not in self.calendar.extra_working_days
 
 
-def _prepare(rules: JurisdictionRules) -> _Jurisdiction:
-    spec = rules.calendar
-    cal = WorkingCalendar(
+def _calendar(spec: CalendarSpec) -> WorkingCalendar:
+    return WorkingCalendar(
         country=spec.holidays,
         subdivision=spec.subdivision,
         weekend=weekdays(spec.weekend),
         extra_holidays=frozenset(n.date for n in spec.extra_holidays),
         extra_working_days=frozenset(n.date for n in spec.extra_working_days),
         not_holidays=frozenset(n.name for n in spec.not_holidays),
+        observed=spec.observed,
     )
+
+
+def _prepare(rules: JurisdictionRules) -> _Jurisdiction:
+    cal = _calendar(rules.calendar)
+    counting = rules.counting
     group_of = {right: group for group in rules.groups.values() for right in group.rights}
-    return _Jurisdiction(rules=rules, tz=ZoneInfo(rules.timezone), calendar=cal, group_of=group_of)
+    return _Jurisdiction(
+        rules=rules, tz=ZoneInfo(rules.timezone), calendar=cal, group_of=group_of,
+        end_holidays=cal if counting.holidays is None else _calendar(counting.holidays),
+        end_weekdays=weekdays(n for n in counting.end_moves_off if n != _HOLIDAY),
+        end_on_holiday=_HOLIDAY in counting.end_moves_off,
+    )
 
 
 @functools.cache
@@ -253,6 +332,12 @@ def working_calendar(jurisdiction: str) -> WorkingCalendar:
     return _get(jurisdiction).calendar
 
 
+def verification_clock(jurisdiction: str) -> Verification:
+    """Whether the jurisdiction's periods keep running while the subject's identity is verified
+    (``clock``: ``runs`` or ``paused``), with the provision or reading that says so."""
+    return _get(jurisdiction).rules.verification
+
+
 # -- counting --------------------------------------------------------------------------------
 
 
@@ -266,6 +351,9 @@ class Deadlines:
     extension the law allows is taken (it needs reasons given to the subject in time), or None
     where no extension is allowed. ``inferred`` is true when the periods for this right are an
     interpretation recorded in the data file rather than the text of the law.
+    ``counting_rule`` names the rule the dates were counted by ("Regulation (EEC, Euratom) No
+    1182/71 Art 3"); ``verification_clock`` says whether the clock runs while identity is being
+    verified (``runs``: these deadlines, counted from receipt, hold whenever verification ends).
     """
 
     jurisdiction: str
@@ -275,6 +363,8 @@ class Deadlines:
     max_extension_until: datetime | None
     basis: str
     inferred: bool = False
+    counting_rule: str = ""
+    verification_clock: Literal["runs", "paused"] = "runs"
 
 
 def _raw_end(j: _Jurisdiction, anchor: date, period: Period, *, count_anchor: bool) -> date:
@@ -286,13 +376,20 @@ def _raw_end(j: _Jurisdiction, anchor: date, period: Period, *, count_anchor: bo
     if period.days is not None:
         return anchor + timedelta(days=period.days) - back
     assert period.months is not None
-    return add_months(anchor, period.months) - back
+    return add_months(anchor, period.months, overflow=j.rules.counting.month_overflow) - back
 
 
 def _close(j: _Jurisdiction, day: date) -> date:
-    if j.rules.counting.end_on_non_working_day == "next_working_day":
-        return j.calendar.on_or_after(day)
-    return day
+    """The day a period whose last day is ``day`` really ends (``counting.end_moves_*``)."""
+    if not j.moves_off(day):
+        return day
+    if j.rules.counting.end_moves_to == "next_working_day":
+        return j.calendar.on_or_after(day + timedelta(days=1))
+    for _ in range(366):
+        day += timedelta(days=1)
+        if not j.moves_off(day):
+            return day
+    raise PolicyDataError(f"{j.rules.code}: every day of a year moves a period's end; check [counting]")
 
 
 def _end_of(j: _Jurisdiction, day: date) -> datetime:
@@ -339,7 +436,11 @@ def deadlines(right: Right, jurisdiction: str, received_at: datetime, *, via_pro
     if ack is not None:
         ack_due_at = min(due_at, _end_of(j, _close(j, _raw_end(j, received, ack, count_anchor=count_receipt_day))))
 
-    parts.append(j.rules.counting.basis)
+    counting = j.rules.counting
+    parts.append(f"counted per {counting.rule}: {counting.basis}")
+    check = j.rules.verification
+    parts.append(f"identity verification: the clock {'runs' if check.clock == 'runs' else 'is paused'} "
+                 f"({check.basis})")
     if group.inferred:
         parts.append(f"inferred: {group.note}")
     return Deadlines(
@@ -350,4 +451,75 @@ def deadlines(right: Right, jurisdiction: str, received_at: datetime, *, via_pro
         max_extension_until=extended_at,
         basis="; ".join(parts),
         inferred=group.inferred,
+        counting_rule=counting.rule,
+        verification_clock=check.clock,
     )
+
+
+# -- the organisation's internal target ------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TargetSpec:
+    """A parsed internal-target setting: ``share`` of the time from receipt to the due date
+    (``"80%"``), or ``working_days`` / ``days`` before the legal due date (``"5wd"``, ``"3d"``)."""
+
+    kind: Literal["share", "working_days", "days"]
+    #: the share (0 < share <= 1), or the number of days before the due date
+    value: Fraction | int
+
+
+_SPEC = re.compile(r"^\s*(?:(?P<pct>\d+(?:\.\d+)?)\s*%|(?P<n>\d+)\s*(?P<unit>wd|d))\s*$", re.IGNORECASE)
+
+
+def parse_target_spec(spec: str) -> TargetSpec:
+    """Read an internal-target setting: ``"80%"`` (that share of the time from receipt to the
+    legal due date), ``"5wd"`` (5 working days of the jurisdiction's calendar before the due
+    date) or ``"3d"`` (3 calendar days before). Raises ``ValueError`` saying what is accepted."""
+    m = _SPEC.match(spec) if isinstance(spec, str) else None
+    if m is None:
+        raise ValueError(f"internal target {spec!r}: use a share of the period such as '80%', or days before the "
+                         "legal due date such as '5wd' (working days) or '3d' (calendar days)")
+    if m["pct"] is not None:
+        share = Fraction(m["pct"]) / 100
+        if not 0 < share <= 1:
+            raise ValueError(f"internal target {spec!r}: a share must be more than 0% and at most 100%")
+        return TargetSpec("share", share)
+    n = int(m["n"])
+    if n > 366:
+        raise ValueError(f"internal target {spec!r}: at most 366 days before the due date")
+    return TargetSpec("working_days" if m["unit"].lower() == "wd" else "days", n)
+
+
+def internal_target(jurisdiction: str, received_at: datetime, due_at: datetime, spec: str) -> datetime:
+    """The organisation's own target for a case received at ``received_at`` and legally due at
+    ``due_at`` (both timezone-aware), per ``spec`` (see :func:`parse_target_spec`): the end of a
+    local day in the jurisdiction's time zone, in UTC, never after ``due_at`` and never before
+    the end of the day of receipt (so never before ``received_at``).
+
+    - ``"80%"``: the end of the last local day that ends by the moment 80% of the time from
+      receipt to ``due_at`` has run;
+    - ``"5wd"``: the end of the 5th working day of the jurisdiction's calendar before the local
+      date of ``due_at``;
+    - ``"3d"``: the end of the local day 3 calendar days before the local date of ``due_at``.
+    """
+    parsed = parse_target_spec(spec)
+    for name, at in (("received_at", received_at), ("due_at", due_at)):
+        if at.tzinfo is None or at.utcoffset() is None:
+            raise ValueError(f"{name} must be timezone-aware")
+    if due_at < received_at:
+        raise ValueError("due_at is before received_at")
+    j = _get(jurisdiction)
+    due_day = due_at.astimezone(j.tz).date()
+    if parsed.kind == "share":
+        span = (due_at - received_at) // timedelta(microseconds=1)
+        point = received_at + timedelta(microseconds=int(span * parsed.value))
+        day = point.astimezone(j.tz).date()
+        if _end_of(j, day) > point:
+            day -= timedelta(days=1)
+    elif parsed.kind == "working_days":
+        day = j.calendar.nth_working_day_before(due_day, int(parsed.value)) if parsed.value else due_day
+    else:
+        day = due_day - timedelta(days=int(parsed.value))
+    earliest = _end_of(j, received_at.astimezone(j.tz).date())
+    return min(max(_end_of(j, day), earliest), due_at.astimezone(UTC))

@@ -22,7 +22,8 @@ from ..rights import Action, CaseStatus, IdentifierType, Right, TaskStatus
 from . import outbox
 from .timeline import append
 
-__all__ = ["find_request_ids", "insert", "load", "record", "save", "stale_cases", "unplanned_cases"]
+__all__ = ["cases_to_pseudonymise", "cases_to_watch", "find_request_ids", "insert", "load", "record", "save",
+           "stale_cases", "task_wait", "unplanned_cases"]
 
 SOURCE = "dsrflow/coordinator"
 
@@ -41,7 +42,7 @@ def _task(row: Mapping[str, Any]) -> Task:
         status=TaskStatus(row["status"]), kind=TaskKind(row["kind"]), attempt=row["attempt"],
         dispatched_at=row["dispatched_at"], completed_at=row["completed_at"], result=_loads(row["result"]),
         error=row["error"], reason=row["reason"], changes=_loads(row["changes"]), decided_by=row["decided_by"],
-        note=row["note"],
+        note=row["note"], assignee=row["assignee"],
     )
 
 
@@ -62,6 +63,9 @@ def _case(row: Mapping[str, Any], tasks: Iterable[Task]) -> Case:
         lifted_at=row["lifted_at"], considered=list(row["considered"]),
         max_extension_until=row["max_extension_until"], original_due_at=row["original_due_at"],
         extension=_loads(row["extension"]), hold=_loads(row["hold"]), opened=_loads(row["opened"]),
+        controller=row["controller"], acknowledged_at=row["acknowledged_at"], target_at=row["target_at"],
+        warned_at=row["warned_at"], target_passed_at=row["target_passed_at"], overdue_at=row["overdue_at"],
+        pseudonymised_at=row["pseudonymised_at"],
         tasks=sorted(tasks, key=lambda t: (t.system, t.action)),
     )
 
@@ -96,7 +100,7 @@ def _case_params(c: Case) -> tuple[Any, ...]:
         c.received_at, c.ack_due_at, c.due_at, c.completed_at, _j(c.outcome),
         _j(c.bundle.model_dump(mode="json")) if c.bundle else None, _j(c.verification or None), _j(c.requester),
         c.lifted_at, c.considered, c.max_extension_until, c.original_due_at, _j(c.extension), _j(c.hold),
-        _j(c.opened),
+        _j(c.opened), c.controller, c.acknowledged_at, c.target_at,
     )
 
 
@@ -106,9 +110,9 @@ async def insert(conn: asyncpg.Connection, cases: Sequence[Case]) -> None:
         """INSERT INTO cases (case_id, request_id, request_event, right_name, jurisdiction, status, subject, verified,
                channel, changes, purposes, received_at, ack_due_at, due_at, completed_at, outcome, bundle,
                verification, requester, lifted_at, considered, max_extension_until, original_due_at, extension,
-               hold, opened)
+               hold, opened, controller, acknowledged_at, target_at)
            VALUES ($1,$2,$3,$4,$5,$6,$7::jsonb,$8,$9,$10::jsonb,$11::jsonb,$12,$13,$14,$15,$16::jsonb,$17::jsonb,
-                   $18::jsonb,$19::jsonb,$20,$21,$22,$23,$24::jsonb,$25::jsonb,$26::jsonb)""",
+                   $18::jsonb,$19::jsonb,$20,$21,$22,$23,$24::jsonb,$25::jsonb,$26::jsonb,$27,$28,$29)""",
         [_case_params(c) for c in cases],
     )
     for c in cases:
@@ -123,11 +127,14 @@ async def save(conn: asyncpg.Connection, cases: Iterable[Case]) -> None:
     await conn.executemany(
         """UPDATE cases SET status=$2, verified=$3, outcome=$4::jsonb, bundle=$5::jsonb, completed_at=$6,
                verification=$7::jsonb, requester=$8::jsonb, lifted_at=$9, considered=$10, due_at=$11,
-               original_due_at=$12, extension=$13::jsonb, hold=$14::jsonb, updated_at=now()
+               original_due_at=$12, extension=$13::jsonb, hold=$14::jsonb, warned_at=$15, target_passed_at=$16,
+               overdue_at=$17, subject=$18::jsonb, changes=$19::jsonb, opened=$20::jsonb, pseudonymised_at=$21,
+               updated_at=now()
            WHERE case_id=$1""",
         [(c.case_id, str(c.status), c.verified, _j(c.outcome), _j(c.bundle.model_dump(mode="json")) if c.bundle
           else None, c.completed_at, _j(c.verification or None), _j(c.requester), c.lifted_at, c.considered,
-          c.due_at, c.original_due_at, _j(c.extension), _j(c.hold))
+          c.due_at, c.original_due_at, _j(c.extension), _j(c.hold), c.warned_at, c.target_passed_at, c.overdue_at,
+          _j({str(k): v for k, v in c.subject.items()}), _j(c.changes), _j(c.opened), c.pseudonymised_at)
          for c in changed],
     )
     for c in changed:
@@ -138,14 +145,16 @@ async def save(conn: asyncpg.Connection, cases: Iterable[Case]) -> None:
 async def _save_tasks(conn: asyncpg.Connection, tasks: Sequence[Task]) -> None:
     await conn.executemany(
         """INSERT INTO tasks (task_id, case_id, system, action, status, kind, attempt, dispatched_at, completed_at,
-               result, error, reason, changes, decided_by, note)
-           VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10::jsonb,$11,$12,$13::jsonb,$14,$15)
+               result, error, reason, changes, decided_by, note, assignee)
+           VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10::jsonb,$11,$12,$13::jsonb,$14,$15,$16)
            ON CONFLICT (task_id) DO UPDATE SET status=EXCLUDED.status, kind=EXCLUDED.kind,
-               reason=EXCLUDED.reason, attempt=EXCLUDED.attempt,
+               reason=EXCLUDED.reason, attempt=EXCLUDED.attempt, assignee=EXCLUDED.assignee,
+               changes=EXCLUDED.changes,
                dispatched_at=EXCLUDED.dispatched_at, completed_at=EXCLUDED.completed_at, result=EXCLUDED.result,
                error=EXCLUDED.error, decided_by=EXCLUDED.decided_by, note=EXCLUDED.note, updated_at=now()""",
         [(t.task_id, t.case_id, t.system, str(t.action), str(t.status), str(t.kind), t.attempt, t.dispatched_at,
-          t.completed_at, _j(t.result), t.error, t.reason, _j(t.changes), t.decided_by, t.note) for t in tasks],
+          t.completed_at, _j(t.result), t.error, t.reason, _j(t.changes), t.decided_by, t.note, t.assignee)
+         for t in tasks],
     )
     for t in tasks:
         t.dirty = False
@@ -178,25 +187,63 @@ async def _head(conn: asyncpg.Connection, case_id: uuid.UUID) -> tuple[int, byte
     return row["timeline_length"], bytes(row["timeline_head"])
 
 
-async def stale_cases(conn: asyncpg.Connection, cutoff: Any, limit: int) -> list[uuid.UUID]:
-    """Cases with a task dispatched before ``cutoff`` and no receipt since."""
+async def stale_cases(conn: asyncpg.Connection, now: Any, timeout: Any, cap: Any, limit: int) -> list[uuid.UUID]:
+    """Cases (not on hold) with a task whose wait for a receipt ran out: the task timeout, doubled
+    with every attempt up to ``cap`` (the same rule as :func:`task_wait`)."""
     return [r["case_id"] for r in await conn.fetch(
         """SELECT t.case_id FROM tasks t JOIN cases c USING (case_id)
-           WHERE t.status = 'dispatched' AND t.dispatched_at < $1 AND c.status <> 'on_hold'
-           GROUP BY t.case_id ORDER BY min(t.dispatched_at) LIMIT $2""",
-        cutoff, limit)]
+           WHERE t.status = 'dispatched' AND c.status <> 'on_hold'
+             AND t.dispatched_at + LEAST($2::interval * power(2, LEAST(t.attempt - 1, 30)), $3::interval) < $1
+           GROUP BY t.case_id ORDER BY min(t.dispatched_at) LIMIT $4""",
+        now, timeout, cap, limit)]
+
+
+def task_wait(timeout: Any, cap: Any, attempt: int) -> Any:
+    """How long attempt ``attempt`` of a task waits for its receipt: ``timeout`` doubled with every
+    attempt after the first, at most ``cap``."""
+    return min(timeout * 2 ** min(attempt - 1, 30), cap)
+
+
+async def cases_to_watch(conn: asyncpg.Connection, now: Any, warning_share: float, limit: int) -> list[uuid.UUID]:
+    """Open cases the deadline watcher has news for: a warning due, the internal target passed, or
+    the due date passed, not yet recorded."""
+    return [r["case_id"] for r in await conn.fetch(
+        """SELECT case_id FROM cases
+           WHERE completed_at IS NULL
+             AND status NOT IN ('completed', 'completed_with_exceptions', 'denied', 'failed')
+             AND ((overdue_at IS NULL AND due_at < $1)
+                  OR (warned_at IS NULL AND received_at + (due_at - received_at) * $2::float8 <= $1)
+                  OR (target_at IS NOT NULL AND target_passed_at IS NULL AND target_at < $1))
+           ORDER BY due_at LIMIT $3""",
+        now, warning_share, limit)]
+
+
+async def cases_to_pseudonymise(conn: asyncpg.Connection, before: Any, lasting: Sequence[str],
+                                limit: int) -> list[uuid.UUID]:
+    """Closed cases, finished before ``before``, not pseudonymised yet, and not a lasting effect
+    still in force."""
+    return [r["case_id"] for r in await conn.fetch(
+        """SELECT case_id FROM cases
+           WHERE completed_at < $1 AND pseudonymised_at IS NULL
+             AND status IN ('completed', 'completed_with_exceptions', 'denied', 'failed')
+             AND NOT (right_name = ANY($2::text[]) AND lifted_at IS NULL AND status <> 'denied')
+           ORDER BY completed_at LIMIT $3""",
+        before, list(lasting), limit)]
 
 
 async def unplanned_cases(conn: asyncpg.Connection, systems: Sequence[str], lasting: Sequence[str],
                           fan_out: Sequence[str], limit: int) -> list[uuid.UUID]:
-    """Cases a registered system has not been considered for yet: open fan-out cases, and finished
-    cases whose lasting effect is still in force (not lifted). Rights without fan-out (a complaint)
-    never qualify, so they cannot crowd out the cases that do."""
+    """Cases a registered system of their own controller has not been considered for yet: open
+    fan-out cases, and finished cases whose lasting effect is still in force (not lifted). Rights
+    without fan-out (a complaint) never qualify, so they cannot crowd out the cases that do."""
     if not systems:
         return []
     return [r["case_id"] for r in await conn.fetch(
         """SELECT case_id FROM cases
-           WHERE NOT (considered @> $1::text[]) AND right_name = ANY($3::text[]) AND lifted_at IS NULL
+           WHERE NOT (considered @> ARRAY(SELECT name FROM systems s
+                                          WHERE s.active AND s.name = ANY($1::text[])
+                                            AND s.controller = cases.controller))
+             AND right_name = ANY($3::text[]) AND lifted_at IS NULL
              AND (status = 'in_progress'
                   OR (right_name = ANY($2::text[])
                       AND status IN ('completed', 'completed_with_exceptions', 'failed')))

@@ -35,7 +35,7 @@ _OVERDUE = "(c.status <> ALL($1::text[]) AND c.due_at < $2)"
 
 _SUMMARY_COLUMNS = f"""
     c.case_id, c.request_id, c.right_name, c.jurisdiction, c.status,
-    c.received_at, c.ack_due_at, c.due_at, c.completed_at,
+    c.received_at, c.ack_due_at, c.due_at, c.completed_at, c.controller, c.target_at,
     {_OVERDUE} AS overdue,
     COALESCE((SELECT jsonb_object_agg(s.status, s.n)
               FROM (SELECT t.status, count(*) AS n FROM tasks t
@@ -63,6 +63,8 @@ class CaseSummary:
     completed_at: datetime | None
     overdue: bool
     task_counts: dict[str, int]
+    controller: str = "default"
+    target_at: datetime | None = None
 
     @property
     def key(self) -> CaseKey:
@@ -142,6 +144,8 @@ def _summary(r: Mapping[str, Any]) -> CaseSummary:
         completed_at=r["completed_at"],
         overdue=r["overdue"],
         task_counts={str(k): int(v) for k, v in _json(r["task_counts"]).items()},
+        controller=r["controller"],
+        target_at=r["target_at"],
     )
 
 
@@ -152,11 +156,12 @@ async def list_cases(
     status: CaseStatus | None = None,
     right: Right | None = None,
     overdue: bool | None = None,
+    controller: str | None = None,
     after: CaseKey | None = None,
     limit: int = 50,
 ) -> CasePage:
     """Cases newest first (received_at, then case_id, both descending), at most ``limit``,
-    starting after ``after``. ``overdue`` is judged at ``now``."""
+    starting after ``after``. ``overdue`` is judged at ``now``; ``controller`` keeps one tenant's."""
     if limit < 1:
         raise ValueError("limit must be at least 1")
     args: list[Any] = [_TERMINAL, now]
@@ -170,6 +175,9 @@ async def list_cases(
         where.append(f"c.right_name = ${len(args)}")
     if overdue is not None:
         where.append(_OVERDUE if overdue else f"NOT {_OVERDUE}")
+    if controller is not None:
+        args.append(controller)
+        where.append(f"c.controller = ${len(args)}")
     if after is not None:
         args.extend((after.received_at, after.case_id))
         where.append(f"(c.received_at, c.case_id) < (${len(args) - 1}, ${len(args)}::uuid)")

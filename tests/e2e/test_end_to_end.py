@@ -97,7 +97,7 @@ async def test_every_right_duplicate_and_invalid_end_to_end(e2e_settings: Settin
         waited = by_label["erasure, identity not yet verified"]
         kinds = [r["kind"] for r in await store.fetch(
             "SELECT kind FROM case_timeline WHERE case_id = $1 ORDER BY position", waited.case_id)]
-        assert kinds[:4] == ["received", "awaiting_verification", "verified", "tasks_dispatched"]
+        assert kinds[:5] == ["received", "acknowledged", "awaiting_verification", "verified", "tasks_dispatched"]
         assert await billing.fetchval("SELECT count(*) FROM customers WHERE id = $1 AND anonymised_at IS NOT NULL",
                                       SUBJECTS["billing_only"].customer_id) == 1
 

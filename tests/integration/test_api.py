@@ -183,7 +183,8 @@ async def test_list_items_and_task_counts(client: httpx.AsyncClient, seed: Seed)
     assert a["task_counts"] == {"succeeded": 1, "dispatched": 1}
     assert a["completed_at"] is None and a["overdue"] is True
     assert set(a) == {"case_id", "request_id", "right", "jurisdiction", "status", "received_at", "ack_due_at",
-                      "due_at", "overdue", "completed_at", "task_counts"}
+                      "due_at", "overdue", "completed_at", "task_counts", "controller", "target_at"}
+    assert a["controller"] == "default"
     assert "subject" not in a  # the list carries no personal data
     assert items[str(seed.ids["e"])]["task_counts"] == {}
     assert items[str(seed.ids["b"])]["completed_at"] is not None

@@ -285,18 +285,33 @@ async def test_task_without_receipt_is_redispatched_then_stalled_and_a_late_rece
     tasks = await tasks_of(pool, "slow-1")
     assert {t["attempt"] for t in tasks.values()} == {2}
     assert len(await outbox_events(pool, "dsr.tasks.crm.v1")) == 2
-    # max_task_attempts=2: the next sweep gives up on both
-    much_later = later + coordinator.settings.task_timeout + timedelta(seconds=1)
-    assert await coordinator.sweep_stalled(much_later) == 2
+    # the second attempt waits twice as long: one timeout later nothing moves, two later it is sent again
+    timeout = coordinator.settings.task_timeout
+    second = await pool.fetchval("SELECT max(dispatched_at) FROM tasks")
+    assert await coordinator.sweep_stalled(second + timeout + timedelta(seconds=1)) == 0
+    third = second + 2 * timeout + timedelta(seconds=1)
+    assert await coordinator.sweep_stalled(third) == 2
+    assert {t["attempt"] for t in (await tasks_of(pool, "slow-1")).values()} == {3}
+    # once the deadline nears (75% of the time gone) a silent task is surfaced to the DPO, not re-sent
+    case = await pool.fetchrow("SELECT received_at, due_at FROM cases")
+    warn = case["received_at"] + (case["due_at"] - case["received_at"]) * 0.75
+    assert third + 4 * timeout < warn
+    assert await coordinator.sweep_stalled(warn - timedelta(seconds=1)) == 2  # before it: sent once more
+    assert await coordinator.sweep_stalled(warn + 30 * timeout) == 2
     tasks = await tasks_of(pool, "slow-1")
     assert {t["status"] for t in tasks.values()} == {"stalled"}
+    assert {t["attempt"] for t in tasks.values()} == {4}
+    alerts = [orjson.loads(r["value"]) for r in
+              await pool.fetch("SELECT value FROM outbox WHERE topic = 'dsr.alerts.v1' ORDER BY id")]
+    assert sorted((a["kind"], a["system"], a["attempts"]) for a in alerts) == [
+        ("task_stalled", "billing", 4), ("task_stalled", "crm", 4)]
     last = await pool.fetchrow("SELECT value FROM outbox WHERE topic = 'dsr.cases.v1' ORDER BY id DESC LIMIT 1")
     assert orjson.loads(last["value"])["tasks"] == {"crm": "stalled", "billing": "stalled"}
     assert (await pool.fetchrow("SELECT status FROM cases"))["status"] == "in_progress"
     await coordinator.handle_receipts([receipt(tasks["crm"], "not_found"), receipt(tasks["billing"], "not_found")])
     assert (await pool.fetchrow("SELECT status FROM cases"))["status"] == "completed"
     kinds = [r["kind"] for r in await pool.fetch("SELECT kind FROM case_timeline ORDER BY seq")]
-    assert kinds.count("task_redispatched") == 2 and kinds.count("task_stalled") == 2
+    assert kinds.count("task_redispatched") == 6 and kinds.count("task_stalled") == 2
 
 
 async def test_unverified_request_waits_until_the_dpo_verifies_it(coordinator: Coordinator, pool: asyncpg.Pool) -> None:
@@ -314,7 +329,7 @@ async def test_unverified_request_waits_until_the_dpo_verifies_it(coordinator: C
     assert set(await tasks_of(pool, "unv-1")) == {"crm", "billing"}
     assert await pool.fetchval("SELECT count(*) FROM outbox WHERE topic LIKE 'dsr.tasks.%'") == 2
     rows = await pool.fetch("SELECT * FROM case_timeline WHERE case_id = $1 ORDER BY position", case["case_id"])
-    assert [r["kind"] for r in rows] == ["received", "awaiting_verification", "verified", "tasks_dispatched"]
+    assert [r["kind"] for r in rows] == ["received", "acknowledged", "awaiting_verification", "verified", "tasks_dispatched"]
     assert verify(rows)
 
     with pytest.raises(InvalidTransition):
@@ -480,7 +495,7 @@ async def test_with_no_system_registered_a_case_stays_open_instead_of_claiming_n
         case = await pool.fetchrow("SELECT * FROM cases")
         assert case["status"] == "in_progress" and case["completed_at"] is None
         kinds = [r["kind"] for r in await pool.fetch("SELECT kind FROM case_timeline ORDER BY position")]
-        assert kinds == ["received", "no_systems_registered"]
+        assert kinds == ["received", "acknowledged", "no_systems_registered"]
     finally:
         await pool.close()
 

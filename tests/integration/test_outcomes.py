@@ -133,8 +133,8 @@ async def test_a_system_without_a_worker_gets_a_manual_task_and_the_case_waits_f
         "note": "profile deleted in the analytics console, ticket OPS-17"}
     assert doc["systems"]["crm"]["backups_expire_by"]  # erased data lives on in backups until then
     kinds = [e["kind"] for e in await timeline(pool, rid)]
-    assert kinds == ["received", "tasks_dispatched", "manual_tasks_opened", "task_succeeded", "manual_completed",
-                     "completed"]
+    assert kinds == ["received", "acknowledged", "tasks_dispatched", "manual_tasks_opened", "task_succeeded",
+                     "manual_completed", "completed"]
     assert verify(await timeline(pool, rid))
 
 
@@ -462,8 +462,8 @@ async def test_the_dpo_retries_a_stalled_task_and_skips_a_conflicting_one(
     rid = await submit(coordinator, "erasure")
     t = await tasks(pool, rid)
     case_id = t["crm"]["case_id"]
-    # crm never answers: two sweeps send it again, then it stalls
-    for days in (1, 2):
+    # crm never answers: sent again a day later; once the deadline nears it stalls, and the DPO is alerted
+    for days in (1, 18):
         await coordinator.sweep_stalled(now=t["crm"]["dispatched_at"] + timedelta(days=days))
     await coordinator.handle_receipts([receipt(t["billing"], "conflict", error="two people")])
     t = await tasks(pool, rid)

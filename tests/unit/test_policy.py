@@ -1,4 +1,5 @@
-"""Deadlines from the jurisdiction data files, checked against dates worked out by hand.
+"""Deadlines from the jurisdiction data files, checked against dates worked out by hand (more,
+one row per case, in test_deadline_tables.py).
 
 Calendar used for the hand calculations (weekday of the 1st of each month):
 2026: Jan Thu, Feb Sun, Mar Sun, Apr Wed, May Fri, Jun Mon, Jul Wed, Aug Sat, Sep Tue.
@@ -11,7 +12,8 @@ VN is UTC+7 all year, so the end of a local day D is D 16:59:59.999999 UTC.
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
+from fractions import Fraction
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -45,11 +47,11 @@ def vn(right: Right, at: datetime, *, via_processor: bool = False) -> Deadlines:
 
 
 def test_jurisdictions_listed() -> None:
-    assert policy.jurisdictions() == ["EU", "US-CA", "VN"]
+    assert policy.jurisdictions() == ["BR", "EU", "US-CA", "VN"]
 
 
 def test_unknown_jurisdiction() -> None:
-    with pytest.raises(UnknownJurisdiction, match="'XX'.*EU, US-CA, VN"):
+    with pytest.raises(UnknownJurisdiction, match="'XX'.*BR, EU, US-CA, VN"):
         policy.deadlines(Right.access, "XX", datetime(2026, 3, 6, 10, tzinfo=VN))
     # codes are exact, and the error is a ValueError for callers that only know that
     with pytest.raises(ValueError):
@@ -61,15 +63,42 @@ def test_naive_received_at_rejected() -> None:
         policy.deadlines(Right.access, "VN", datetime(2026, 3, 6, 10))
 
 
-@pytest.mark.parametrize("code", ["EU", "US-CA", "VN"])
+@pytest.mark.parametrize("code", ["BR", "EU", "US-CA", "VN"])
 @pytest.mark.parametrize("right", list(Right))
 def test_every_right_has_deadlines(code: str, right: Right) -> None:
+    rules = policy.rules(code)
     for via in (False, True):
         d = policy.deadlines(right, code, datetime(2026, 3, 6, 10, tzinfo=UTC), via_processor=via)
         assert d.jurisdiction == code and d.right is right
         assert d.ack_due_at <= d.due_at
         assert d.max_extension_until is None or d.max_extension_until > d.due_at
         assert d.due_at.tzinfo is UTC and d.basis
+        # the rule the dates were counted by, and the clock during verification, are shown
+        assert d.counting_rule == rules.counting.rule and rules.counting.rule in d.basis
+        assert d.verification_clock == rules.verification.clock == "runs"
+        assert "identity verification: the clock runs" in d.basis
+
+
+@pytest.mark.parametrize(("code", "rule"), [
+    ("VN", "VN Civil Code 2015 Art 147-148"),
+    ("EU", "Regulation (EEC, Euratom) No 1182/71 Art 3"),
+    ("US-CA", "California Civil Code §10"),
+    ("BR", "Brazil Civil Code (Law 10.406/2002) Art 132"),
+])
+def test_counting_rule_is_named(code: str, rule: str) -> None:
+    assert policy.rules(code).counting.rule == rule
+    assert policy.deadlines(Right.access, code, datetime(2026, 3, 6, 10, tzinfo=UTC)).counting_rule == rule
+
+
+def test_verification_clock() -> None:
+    ca = policy.verification_clock("US-CA")
+    assert ca.clock == "runs" and "7021(b)" in ca.basis and not ca.inferred
+    for code in ("VN", "EU", "BR"):
+        v = policy.verification_clock(code)
+        # the text is silent on identity checks: the reading is marked, with its reasons
+        assert v.clock == "runs" and v.basis and v.inferred and v.note
+    with pytest.raises(UnknownJurisdiction):
+        policy.verification_clock("XX")
 
 
 def test_deadlines_is_frozen() -> None:
@@ -263,11 +292,13 @@ def test_vn_inferred_rights_are_marked() -> None:
 
 
 def test_gdpr_one_month_clamps_to_month_end() -> None:
-    # Received Sat 31 Jan 2026 10:00 Brussels: one month -> 31 Feb does not exist -> Sat 28 Feb,
-    # not moved off the weekend. Brussels is UTC+1 in February.
+    # Received Sat 31 Jan 2026 10:00 Brussels: one month -> 31 Feb does not exist -> Sat 28 Feb
+    # (Regulation 1182/71 Art 3(2)(c)), a Saturday, so the period ends at the end of the next
+    # working day, Mon 2 Mar (Art 3(4)). Brussels is UTC+1 in March until the 29th.
     d = policy.deadlines(Right.access, "EU", datetime(2026, 1, 31, 10, tzinfo=BRUSSELS))
-    assert d.due_at == datetime(2026, 2, 28, 22, 59, 59, 999999, tzinfo=UTC)
-    # two further months run on from 28 Feb: 28 Apr 2026 (UTC+2 after the 29 Mar DST change).
+    assert d.due_at == datetime(2026, 3, 2, 22, 59, 59, 999999, tzinfo=UTC)
+    # two further months run on from 28 Feb (before the move): Tue 28 Apr 2026, a working day
+    # (UTC+2 after the 29 Mar DST change).
     assert d.max_extension_until == datetime(2026, 4, 28, 21, 59, 59, 999999, tzinfo=UTC)
     # no separate acknowledgement deadline in the GDPR
     assert d.ack_due_at == d.due_at
@@ -280,7 +311,8 @@ def test_gdpr_months() -> None:
 
     assert due(2028, 1, 31) == date(2028, 2, 29)  # leap year
     assert due(2026, 3, 15) == date(2026, 4, 15)  # same date next month
-    assert due(2026, 12, 31) == date(2027, 1, 31)  # across the year
+    # across the year: 31 Jan 2027 is a Sunday -> Mon 1 Feb (Art 3(4))
+    assert due(2026, 12, 31) == date(2027, 2, 1)
     # via a processor: no longer period in the GDPR
     d = policy.deadlines(Right.erasure, "EU", datetime(2026, 3, 15, 12, tzinfo=BRUSSELS), via_processor=True)
     assert local_day(d.due_at, BRUSSELS) == date(2026, 4, 15)
@@ -290,25 +322,28 @@ def test_gdpr_months() -> None:
 
 
 def test_ccpa_know_request() -> None:
-    # Received Mon 2 Mar 2026 10:00 Los Angeles; the day of receipt is day 1.
+    # Received Mon 2 Mar 2026 10:00 Los Angeles; Civil Code §10 excludes the day of receipt.
     d = policy.deadlines(Right.access, "US-CA", datetime(2026, 3, 2, 10, tzinfo=LA))
-    # 10 business days: 2-6 Mar (5), 9-13 Mar (10) -> Fri 13 Mar; PDT (UTC-7) from 8 Mar.
-    assert d.ack_due_at == datetime(2026, 3, 14, 6, 59, 59, 999999, tzinfo=UTC)
-    # 45 calendar days with 2 Mar as day 1: 2 Mar + 44 = 15 Apr.
-    assert local_day(d.due_at, LA) == date(2026, 4, 15)
-    # +45: 15 Apr + 45 = 30 May (90 days in all counting 2 Mar).
-    assert local_day(d.max_extension_until, LA) == date(2026, 5, 30)
+    # 10 business days: Tue 3 - Fri 6 Mar (4), 9-13 Mar (9), Mon 16 Mar (10); PDT (UTC-7) from 8 Mar.
+    assert d.ack_due_at == datetime(2026, 3, 17, 6, 59, 59, 999999, tzinfo=UTC)
+    # 45 calendar days: 2 Mar + 29 = 31 Mar, + 16 = Thu 16 Apr.
+    assert local_day(d.due_at, LA) == date(2026, 4, 16)
+    # +45 from 16 Apr: + 14 = 30 Apr, + 31 = Sun 31 May (90 days from receipt); a Sunday is a
+    # holiday (Civil Code §7), so it is excluded too: Mon 1 Jun.
+    assert local_day(d.max_extension_until, LA) == date(2026, 6, 1)
+    assert d.counting_rule == "California Civil Code §10"
 
 
 def test_ccpa_opt_out_in_15_business_days() -> None:
-    # Received Mon 2 Mar 2026: 2-6 (5), 9-13 (10), 16-20 (15) -> Fri 20 Mar; no ack, no extension.
+    # Received Mon 2 Mar 2026: Tue 3 - Fri 6 (4), 9-13 (9), 16-20 (14), Mon 23 Mar (15); no ack,
+    # no extension.
     d = policy.deadlines(Right.opt_out_sale_share, "US-CA", datetime(2026, 3, 2, 10, tzinfo=LA))
-    assert local_day(d.due_at, LA) == date(2026, 3, 20)
+    assert local_day(d.due_at, LA) == date(2026, 3, 23)
     assert d.ack_due_at == d.due_at and d.max_extension_until is None
-    # Received Mon 23 Mar 2026: 23-27 (5), Mon 30 (6), Tue 31 is Cesar Chavez Day (CA holiday),
-    # Wed 1 - Fri 3 Apr (9), 6-10 Apr (14), Mon 13 Apr (15).
+    # Received Mon 23 Mar 2026: Tue 24 - Fri 27 (4), Mon 30 (5), Tue 31 is Cesar Chavez Day (CA
+    # holiday), Wed 1 - Fri 3 Apr (8), 6-10 Apr (13), Mon 13 (14), Tue 14 Apr (15).
     d = policy.deadlines(Right.opt_out_sale_share, "US-CA", datetime(2026, 3, 23, 10, tzinfo=LA))
-    assert local_day(d.due_at, LA) == date(2026, 4, 13)
+    assert local_day(d.due_at, LA) == date(2026, 4, 14)
 
 
 # -- building blocks and data validation -------------------------------------------------------
@@ -319,6 +354,12 @@ def test_add_months() -> None:
     assert add_months(date(2026, 3, 31), 1) == date(2026, 4, 30)
     assert add_months(date(2026, 12, 31), 2) == date(2027, 2, 28)
     assert add_months(date(2026, 1, 15), 12) == date(2027, 1, 15)
+    # Brazil Civil Code Art 132 §3: no such date -> the day after the month's last day
+    assert add_months(date(2026, 1, 31), 1, overflow="next_day") == date(2026, 3, 1)
+    assert add_months(date(2028, 1, 31), 1, overflow="next_day") == date(2028, 3, 1)
+    assert add_months(date(2028, 1, 30), 1, overflow="next_day") == date(2028, 3, 1)
+    assert add_months(date(2026, 1, 28), 1, overflow="next_day") == date(2026, 2, 28)
+    assert add_months(date(2026, 3, 31), 1, overflow="next_day") == date(2026, 5, 1)
 
 
 def _minimal(**override: object) -> dict[str, object]:
@@ -327,7 +368,8 @@ def _minimal(**override: object) -> dict[str, object]:
         "name": "Test",
         "law": "Test Act",
         "timezone": "UTC",
-        "counting": {"start": "next_day", "end_on_non_working_day": "keep", "basis": "b"},
+        "counting": {"rule": "Test Act s 2", "start": "next_day", "basis": "b"},
+        "verification": {"clock": "runs", "basis": "Test Act s 3"},
         "groups": {"all": {"rights": ["access"], "complete": {"days": 10, "basis": "s 1"}}},
     }
     data.update(override)
@@ -357,6 +399,23 @@ def test_data_file_schema_is_strict() -> None:
         JurisdictionRules.model_validate(_minimal(timezone="Mars/Olympus"))
     with pytest.raises(ValidationError):
         JurisdictionRules.model_validate(_minimal(deadline_days=30))  # unknown key
+    counting = {"rule": "r", "start": "next_day", "basis": "b"}
+    with pytest.raises(ValidationError, match="neither a weekday"):
+        JurisdictionRules.model_validate(_minimal(counting={**counting, "end_moves_off": ["weekend"]}))
+    with pytest.raises(ValidationError, match="rule"):
+        JurisdictionRules.model_validate(_minimal(counting={"start": "next_day", "basis": "b"}))
+    with pytest.raises(ValidationError, match="needs a note"):
+        JurisdictionRules.model_validate(_minimal(counting={**counting, "inferred": True}))
+    with pytest.raises(ValidationError, match="verification"):
+        JurisdictionRules.model_validate({k: v for k, v in _minimal().items() if k != "verification"})
+    with pytest.raises(ValidationError, match="clock"):
+        JurisdictionRules.model_validate(_minimal(verification={"clock": "stopped", "basis": "x"}))
+    with pytest.raises(ValidationError, match="needs a note"):
+        JurisdictionRules.model_validate(_minimal(verification={"clock": "paused", "basis": "x", "inferred": True}))
+    with pytest.raises(ValidationError, match="needs a note"):
+        JurisdictionRules.model_validate(_minimal(denial_grounds={"g": {"basis": "x", "inferred": True}}))
+    with pytest.raises(ValidationError, match="holidays library"):
+        JurisdictionRules.model_validate(_minimal(counting={**counting, "holidays": {"holidays": "XX"}}))
 
 
 def test_vn_culture_day_counts_as_a_working_day_until_it_is_a_labor_code_holiday() -> None:
@@ -369,3 +428,106 @@ def test_vn_culture_day_counts_as_a_working_day_until_it_is_a_labor_code_holiday
         assert day not in cal.holidays(day.year)
     d = policy.deadlines(Right.access, "VN", datetime(2026, 11, 22, 10, 0, tzinfo=ZoneInfo("Asia/Ho_Chi_Minh")))
     assert d.ack_due_at.astimezone(ZoneInfo("Asia/Ho_Chi_Minh")).date() == date(2026, 11, 24)
+
+
+# -- the organisation's internal target ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ("80%", policy.TargetSpec("share", Fraction(4, 5))),
+        (" 87.5 % ", policy.TargetSpec("share", Fraction(7, 8))),
+        ("100%", policy.TargetSpec("share", Fraction(1))),
+        ("5wd", policy.TargetSpec("working_days", 5)),
+        ("5WD", policy.TargetSpec("working_days", 5)),
+        ("3d", policy.TargetSpec("days", 3)),
+        ("0d", policy.TargetSpec("days", 0)),
+    ],
+)
+def test_parse_target_spec(spec: str, expected: policy.TargetSpec) -> None:
+    assert policy.parse_target_spec(spec) == expected
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("", "use a share of the period"),
+        ("80", "use a share of the period"),
+        ("5 days", "use a share of the period"),
+        ("-3d", "use a share of the period"),
+        ("3.5d", "use a share of the period"),
+        ("5w", "use a share of the period"),
+        ("wd", "use a share of the period"),
+        ("80%%", "use a share of the period"),
+        ("0%", "more than 0% and at most 100%"),
+        ("101%", "more than 0% and at most 100%"),
+        ("400d", "at most 366 days"),
+    ],
+)
+def test_parse_target_spec_rejects(spec: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message) as err:
+        policy.parse_target_spec(spec)
+    assert repr(spec) in str(err.value)
+
+
+def test_internal_target_vn() -> None:
+    # Access received Fri 6 Mar 2026 10:00 local (03:00 UTC), due Mon 16 Mar (end of day local).
+    received = datetime(2026, 3, 6, 10, tzinfo=VN)
+    due = vn(Right.access, received).due_at
+    assert due == vn_eod(2026, 3, 16)
+
+    def target(spec: str) -> datetime:
+        return policy.internal_target("VN", received, due, spec)
+
+    # 3 calendar days before Mon 16: Fri 13 Mar.
+    assert target("3d") == vn_eod(2026, 3, 13)
+    # 5 working days before Mon 16: Fri 13 (1), Thu 12 (2), Wed 11 (3), Tue 10 (4), Mon 9 (5).
+    assert target("5wd") == vn_eod(2026, 3, 9)
+    # 80%: the span is 10 d 13:59:59.999999, 80% of it 8 d 11:12 (rounded), so the point is
+    # Sat 14 Mar 14:12 UTC = 21:12 local; the last local day that has ended by then is Fri 13.
+    assert target("80%") == vn_eod(2026, 3, 13)
+    # 50%: 5 d 07:00 after receipt = Wed 11 Mar 10:00 UTC = 17:00 local, before that day ends: Tue 10.
+    assert target("50%") == vn_eod(2026, 3, 10)
+    # never after the due date, never before the end of the day of receipt
+    assert target("100%") == target("0d") == target("0wd") == due
+    assert target("10d") == vn_eod(2026, 3, 6)  # 16 - 10 = the day of receipt itself
+    assert target("12d") == vn_eod(2026, 3, 6)  # 4 Mar, before receipt: the end of Fri 6 Mar instead
+    assert target("1%") == vn_eod(2026, 3, 6)  # 12:31 local on Fri 6: that day has not ended yet
+
+
+def test_internal_target_working_days_skip_tet_2027() -> None:
+    # Access received Wed 3 Feb 2027, due Mon 15 Feb 2027 (see test_vn_ack_jumps_over_tet_2027).
+    received = datetime(2027, 2, 3, 15, tzinfo=VN)
+    due = vn(Right.access, received).due_at
+    assert due == vn_eod(2027, 2, 15)
+    # 2 working days before Mon 15: Fri 12 (1), Thu 11 (2).
+    assert policy.internal_target("VN", received, due, "2wd") == vn_eod(2027, 2, 11)
+    # 3 working days: Tet Thu 4 - Wed 10 Feb is skipped, the 3rd is Wed 3 Feb, the day of receipt.
+    assert policy.internal_target("VN", received, due, "3wd") == vn_eod(2027, 2, 3)
+    # 5 working days would be Mon 1 Feb, before receipt: the end of the day of receipt instead.
+    assert policy.internal_target("VN", received, due, "5wd") == vn_eod(2027, 2, 3)
+
+
+def test_internal_target_is_the_end_of_a_local_day() -> None:
+    # CCPA request to know received Mon 2 Mar 2026 10:00 PST, due Thu 16 Apr 2026 (PDT, UTC-7).
+    received = datetime(2026, 3, 2, 10, tzinfo=LA)
+    due = policy.deadlines(Right.access, "US-CA", received).due_at
+    assert due == datetime(2026, 4, 17, 6, 59, 59, 999999, tzinfo=UTC)
+    # 5 business days before Thu 16 Apr: Wed 15 (1), Tue 14 (2), Mon 13 (3), Fri 10 (4), Thu 9 (5).
+    t = policy.internal_target("US-CA", received, due, "5wd")
+    assert t == datetime(2026, 4, 10, 6, 59, 59, 999999, tzinfo=UTC) and t.tzinfo is UTC
+    assert policy.internal_target("US-CA", received, due, "3d") == datetime(2026, 4, 14, 6, 59, 59, 999999, tzinfo=UTC)
+
+
+def test_internal_target_rejects_bad_input() -> None:
+    received = datetime(2026, 3, 6, 10, tzinfo=VN)
+    due = vn_eod(2026, 3, 16)
+    with pytest.raises(ValueError, match="use a share"):
+        policy.internal_target("VN", received, due, "soon")
+    with pytest.raises(ValueError, match="timezone-aware"):
+        policy.internal_target("VN", datetime(2026, 3, 6, 10), due, "3d")
+    with pytest.raises(ValueError, match="before received_at"):
+        policy.internal_target("VN", received, received - timedelta(days=1), "3d")
+    with pytest.raises(UnknownJurisdiction):
+        policy.internal_target("XX", received, due, "3d")
