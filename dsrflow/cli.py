@@ -48,10 +48,10 @@ import sys
 import time
 import traceback
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TypeAlias
 
 import orjson
 
@@ -69,6 +69,17 @@ from .client import submit as submit  # re-exported: dsrflow.cli.submit predates
 from .errors import ConfigError, DsrflowError, InvalidInput, validation_summary
 from .rights import CaseStatus, IdentifierType, Right, TaskStatus
 from .settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    import asyncpg
+
+    from .auth import Credential
+    from .events import CommandResult
+
+    #: a command, or how to make it once the case store answers (a task's case)
+    _MakeCommand: TypeAlias = dict[str, Any] | Callable[[asyncpg.Pool], Awaitable[dict[str, Any]]]
+    #: what a decision's answer reads from the case store besides the result
+    _Then: TypeAlias = Callable[[asyncpg.Pool, CommandResult], Awaitable[Any]]
 
 log = logging.getLogger("dsrflow.cli")
 
@@ -415,7 +426,7 @@ def _request_field(loc: tuple[Any, ...]) -> str:
         # one identifier's option, or none: the identifiers' own messages name the identifier
         return "--" + str(loc[2]).replace("_", "-") if len(loc) > 2 else ""
     flags = {"request_id": "--request-id", "jurisdiction": "--jurisdiction", "changes": "--change",
-             "right": "--right"}
+             "right": "--right", "controller": "--controller"}
     if loc and loc[0] in flags:
         return flags[loc[0]]
     return ".".join(str(p) for p in loc)
@@ -582,55 +593,6 @@ def cmd_cases(args: argparse.Namespace, settings: Settings) -> int:
     return asyncio.run(go())
 
 
-def _decide(settings: Settings, decide: Any) -> str:
-    """Run one DPO decision on a Coordinator over the case store; its refusal is one error line."""
-    from .coordinator.service import Coordinator
-    from .domain.case import CaseError
-
-    async def go() -> str:
-        pool = await case_store_pool(settings)
-        try:
-            return str(await decide(Coordinator(settings, pool)))
-        except CaseError as exc:
-            raise DsrflowError(str(exc)) from exc
-        finally:
-            await pool.close()
-
-    return asyncio.run(go())
-
-
-def _answer(args: argparse.Namespace, doc: dict[str, Any], line: str) -> int:
-    """A decision's result: ``doc`` with --json, else one line for a person."""
-    if args.json:
-        _print_json(doc)
-    else:
-        print(line)
-    return 0
-
-
-def _by(args: argparse.Namespace, what: str) -> str:
-    by = (args.by or "").strip()
-    if not by:
-        raise InvalidInput(f"{args.command} {args.action} needs --by ({what})")
-    return by
-
-
-def _cases_verify(args: argparse.Namespace, settings: Settings) -> int:
-    case_id = _case_id(args)
-    by = _by(args, "who verified the identity")
-    identifiers = args.identifier or None
-    status = _decide(settings, lambda c: c.verify(case_id, by=by, identifiers=identifiers))
-    return _answer(args, {"case_id": str(case_id), "status": status}, f"case {case_id} verified: {status}")
-
-
-def _cases_lift(args: argparse.Namespace, settings: Settings) -> int:
-    case_id = _case_id(args)
-    by = _by(args, "who lifts the restriction")
-    status = _decide(settings, lambda c: c.lift_restriction(case_id, by=by))
-    return _answer(args, {"case_id": str(case_id), "status": status},
-                   f"case {case_id}: restriction lifted; each system that restricted is asked to lift it ({status})")
-
-
 def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
     """Check every case's timeline (or one case's) against the anchors outside its table."""
     from .audit import published_anchors, verify
@@ -719,14 +681,141 @@ def cmd_systems(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+# -- decisions: signed with the CLI's credential, executed as a command ---------------------------
+_NO_CREDENTIAL = ("no credential to decide with: set DSRFLOW_CREDENTIAL or pass --credential FILE (an admin makes "
+                  "one with `dsrflow actors add NAME --role dpo`)")
+
+
+def _credential(args: argparse.Namespace, settings: Settings) -> Credential:
+    """The credential a decision is signed with: --credential FILE, else DSRFLOW_CREDENTIAL."""
+    from .auth import load_credential
+
+    path = args.credential if args.credential else settings.credential
+    if path is None or not str(path).strip():
+        raise ConfigError(_NO_CREDENTIAL)
+    return load_credential(Path(path).expanduser())
+
+
+def _command(cmd: dict[str, Any]) -> dict[str, Any]:
+    """``cmd`` checked as the coordinator checks it, JSON-ready: bad input stops here."""
+    from .commands import CommandError, parse_command
+
+    try:
+        parsed = parse_command(cmd)
+    except CommandError as exc:
+        raise InvalidInput(str(exc)) from None
+    dumped: dict[str, Any] = parsed.model_dump(mode="json", exclude_none=True)
+    return dumped
+
+
+def _decide(settings: Settings, credential: Credential, command: _MakeCommand,
+            then: _Then | None = None) -> tuple[CommandResult, Any]:
+    """Sign ``command`` with ``credential`` and have a Coordinator over the case store execute it,
+    exactly as the coordinator executes a command from dsr.commands.v1 (the token checked against
+    the stored keys, the actor's role and controller, the decision applied once). A refusal is one
+    error line; ``then(pool, result)`` reads what the answer shows besides the result."""
+    from .auth import sign_command
+    from .coordinator.service import Coordinator
+
+    async def go() -> tuple[CommandResult, Any]:
+        pool = await case_store_pool(settings)
+        try:
+            cmd = command if isinstance(command, dict) else _command(await command(pool))
+            token = sign_command(credential, cmd)
+            result = await Coordinator(settings, pool).execute(token, fallback_id=f"cli/{uuid.uuid4()}")
+            if not result.accepted:
+                raise DsrflowError(result.error or f"the decision was refused ({result.error_type or 'no reason'})")
+            return result, (await then(pool, result) if then is not None else None)
+        finally:
+            await pool.close()
+
+    return asyncio.run(go())
+
+
+def _answer(args: argparse.Namespace, doc: dict[str, Any], line: str) -> int:
+    """A decision's result: ``doc`` with --json, else one line for a person."""
+    if args.json:
+        _print_json(doc)
+    else:
+        print(line)
+    return 0
+
+
+def _reason(args: argparse.Namespace, needs: str) -> str:
+    reason = (args.reason or "").strip()
+    if not reason:
+        raise InvalidInput(f"{args.command} {args.action} needs {needs}")
+    return reason
+
+
+def _on_case(args: argparse.Namespace, settings: Settings, cmd: dict[str, Any],
+             then: _Then | None = None) -> tuple[uuid.UUID, CommandResult, Any]:
+    """A decision on the case of ``args.case_id``: checked, then signed and executed."""
+    case_id = _case_id(args)
+    checked = _command({**cmd, "case_id": str(case_id)})
+    result, extra = _decide(settings, _credential(args, settings), checked, then)
+    return case_id, result, extra
+
+
+def _status_doc(case_id: uuid.UUID, result: CommandResult) -> dict[str, Any]:
+    return {"case_id": str(case_id), "status": str(result.case_status), "actor": result.actor}
+
+
+def _cases_verify(args: argparse.Namespace, settings: Settings) -> int:
+    cmd = {"decision": "verify", "method": args.method, "identifiers": args.identifier or None}
+    case_id, result, _ = _on_case(args, settings, cmd)
+    return _answer(args, _status_doc(case_id, result), f"case {case_id} verified: {result.case_status}")
+
+
+def _cases_lift(args: argparse.Namespace, settings: Settings) -> int:
+    case_id, result, _ = _on_case(args, settings, {"decision": "lift"})
+    return _answer(args, _status_doc(case_id, result),
+                   f"case {case_id}: restriction lifted; each system that restricted is asked to lift it "
+                   f"({result.case_status})")
+
+
+def _cases_hold(args: argparse.Namespace, settings: Settings) -> int:
+    if args.action == "hold":
+        if not args.kind or not (args.reason or "").strip():
+            raise InvalidInput("cases hold needs --kind (legal_hold or suspected_fraud) and --reason")
+        cmd = {"decision": "hold", "kind": args.kind, "reason": args.reason}
+    else:
+        cmd = {"decision": "release"}
+    case_id, result, _ = _on_case(args, settings, cmd)
+    return _answer(args, _status_doc(case_id, result), f"case {case_id}: {result.case_status}")
+
+
+def _cases_deny(args: argparse.Namespace, settings: Settings) -> int:
+    if not args.ground or not (args.reason or "").strip():
+        raise InvalidInput("cases deny needs --ground (from the jurisdiction's data file) and --reason")
+    case_id, result, _ = _on_case(args, settings, {"decision": "deny", "ground": args.ground, "reason": args.reason})
+    return _answer(args, _status_doc(case_id, result),
+                   f"case {case_id}: {result.case_status} on the ground {args.ground}")
+
+
+def _cases_extend(args: argparse.Namespace, settings: Settings) -> int:
+    reason = _reason(args, "--reason (the subject is told it; no personal data)")
+    until = None
+    if args.until:
+        try:
+            until = date.fromisoformat(args.until).isoformat()
+        except ValueError:
+            raise InvalidInput("--until is a date, YYYY-MM-DD") from None
+
+    async def due_at(pool: asyncpg.Pool, result: CommandResult) -> Any:
+        return await pool.fetchval("SELECT due_at FROM cases WHERE case_id = $1", result.case_id)
+
+    case_id, result, due = _on_case(args, settings, {"decision": "extend", "reason": reason, "until": until}, due_at)
+    return _answer(args, {"case_id": str(case_id), "due_at": due, "actor": result.actor},
+                   f"case {case_id}: due date extended to {due}")
+
+
 def _cases_open(args: argparse.Namespace, settings: Settings) -> int:
     from pydantic import ValidationError
 
     from .events import RightsRequested
 
-    by = _by(args, "who opens the case")
-    why = (args.reason or "").strip()
-    if not args.right or not why:
+    if not args.right or not (args.reason or "").strip():
         raise InvalidInput("cases open needs --right and --reason (why, without personal data), and identifiers")
     identifiers = {k: v for k, v in (("email", args.email), ("phone", args.phone),
                                        ("customer_id", args.customer_id)) if v}
@@ -734,56 +823,21 @@ def _cases_open(args: argparse.Namespace, settings: Settings) -> int:
         raise InvalidInput("cases open needs at least one of --email, --phone, --customer-id")
     try:
         req = RightsRequested.model_validate({
-            "request_id": f"dpo-{uuid.uuid4()}", "right": args.right, "jurisdiction": args.jurisdiction or
-            settings.jurisdiction, "subject": {"identifiers": identifiers}})
+            "request_id": f"dpo-{uuid.uuid4()}", "right": args.right,
+            "jurisdiction": args.jurisdiction or settings.jurisdiction, "subject": {"identifiers": identifiers},
+            "controller": args.controller})
     except ValidationError as exc:
         raise InvalidInput("invalid case: " + validation_summary(exc, _request_field)) from exc
-    case_id = _decide(settings, lambda c: c.open_case(req, by=by, why=why))
-    return _answer(args, {"case_id": case_id}, f"opened case {case_id} ({req.right}) for {by}")
-
-
-def _cases_hold(args: argparse.Namespace, settings: Settings) -> int:
-    case_id = _case_id(args)
-    by = _by(args, "who decides")
-    if args.action == "hold":
-        reason = (args.reason or "").strip()
-        if not args.kind or not reason:
-            raise InvalidInput("cases hold needs --kind (legal_hold or suspected_fraud) and --reason")
-        status = _decide(settings, lambda c: c.hold(case_id, by=by, kind=args.kind, reason=reason))
-    else:
-        status = _decide(settings, lambda c: c.release(case_id, by=by))
-    return _answer(args, {"case_id": str(case_id), "status": status}, f"case {case_id}: {status}")
-
-
-def _cases_deny(args: argparse.Namespace, settings: Settings) -> int:
-    case_id = _case_id(args)
-    by = _by(args, "who decides the denial")
-    reason = (args.reason or "").strip()
-    if not args.ground or not reason:
-        raise InvalidInput("cases deny needs --ground (from the jurisdiction's data file) and --reason")
-    status = _decide(settings, lambda c: c.deny(case_id, by=by, ground=args.ground, reason=reason))
-    return _answer(args, {"case_id": str(case_id), "status": status},
-                   f"case {case_id}: {status} on the ground {args.ground}")
-
-
-def _cases_extend(args: argparse.Namespace, settings: Settings) -> int:
-    case_id = _case_id(args)
-    by = _by(args, "who decides the extension")
-    reason = (args.reason or "").strip()
-    if not reason:
-        raise InvalidInput("cases extend needs --reason (the subject is told it; no personal data)")
-    until = None
-    if args.until:
-        try:
-            until = date.fromisoformat(args.until)
-        except ValueError:
-            raise InvalidInput("--until is a date, YYYY-MM-DD") from None
-    due = _decide(settings, lambda c: c.extend_deadline(case_id, by=by, reason=reason, until=until))
-    return _answer(args, {"case_id": str(case_id), "due_at": due}, f"case {case_id}: due date extended to {due}")
+    cmd = _command({"decision": "open_case", "request": req.model_dump(mode="json", exclude_none=True),
+                    "why": args.reason})
+    result, _ = _decide(settings, _credential(args, settings), cmd)
+    return _answer(args, {"case_id": str(result.case_id), "actor": result.actor},
+                   f"opened case {result.case_id} ({req.right}) for {result.actor}")
 
 
 def cmd_tasks(args: argparse.Namespace, settings: Settings) -> int:
-    """Manual tasks: the ones a person carries out (no worker, or a worker that cannot do the action)."""
+    """Manual tasks (the ones a person carries out: no worker, or a worker that cannot do the
+    action) and the DPO's decisions on any task: skip, retry, reassign."""
     from .store import queries
 
     if args.action == "list":
@@ -809,26 +863,149 @@ def cmd_tasks(args: argparse.Namespace, settings: Settings) -> int:
         task_id = uuid.UUID(args.task_id)
     except ValueError:
         raise InvalidInput("the task id is not a UUID; see `dsrflow tasks list`") from None
-    by = _by(args, "who did it" if args.action in ("complete", "decline") else "who decided")
     note = (args.note or "").strip()
-    if not note and args.action != "retry":
+    cmd: dict[str, Any]
+    if args.action == "reassign":
+        if (args.to_system is None) == (args.to_person is None):
+            raise InvalidInput("tasks reassign needs one of --to-system NAME and --to-person NAME")
+        if args.to_system is not None:
+            _check_system_name(args.to_system, "--to-system")
+        cmd = {"decision": "reassign_task", "to_system": args.to_system, "to_person": args.to_person,
+               "reason": _reason(args, "--reason (why the task goes to someone else; no personal data)")}
+    elif args.action == "retry":
+        cmd = {"decision": "retry_task"}
+    elif not note:
         raise InvalidInput(f"tasks {args.action} needs --note (what was done or why, without personal data)")
-    resolution = {"decline": TaskStatus.refused, "skip": TaskStatus.skipped, "retry": TaskStatus.dispatched}.get(
-        args.action, TaskStatus.not_found if args.not_found else TaskStatus.succeeded)
+    elif args.action == "skip":
+        cmd = {"decision": "skip_task", "reason": note}
+    elif args.action == "decline":
+        cmd = {"decision": "decline_task", "note": note}
+    else:
+        cmd = {"decision": "complete_task", "note": note,
+               "resolution": str(TaskStatus.not_found if args.not_found else TaskStatus.succeeded)}
+    _command({**cmd, "case_id": str(uuid.UUID(int=0)), "task_id": str(task_id)})  # bad input: before connecting
+    credential = _credential(args, settings)
 
-    async def resolve(c: Any) -> str:
-        case_id = await queries.task_case(c.pool, task_id)
+    async def on_its_case(pool: asyncpg.Pool) -> dict[str, Any]:
+        case_id = await queries.task_case(pool, task_id)
         if case_id is None:
             raise DsrflowError(f"no task {task_id}")
-        if args.action == "skip":
-            return str(await c.skip_task(case_id, task_id, by=by, reason=note))
-        if args.action == "retry":
-            return str(await c.retry_task(case_id, task_id, by=by))
-        return str(await c.resolve_manual_task(case_id, task_id, by=by, resolution=resolution, note=note))
+        return {**cmd, "case_id": str(case_id), "task_id": str(task_id)}
 
-    status = _decide(settings, resolve)
-    return _answer(args, {"task_id": str(task_id), "status": str(resolution), "case_status": status},
-                   f"task {task_id}: {resolution}; case {status}")
+    async def task_now(pool: asyncpg.Pool, result: CommandResult) -> tuple[str, str | None]:
+        row = await pool.fetchrow("SELECT status, assignee FROM tasks WHERE task_id = $1", task_id)
+        return (str(row["status"]), row["assignee"]) if row is not None else ("-", None)
+
+    result, (status, assignee) = _decide(settings, credential, on_its_case, task_now)
+    doc = {"task_id": str(task_id), "status": status, "case_status": str(result.case_status), "actor": result.actor}
+    if args.action == "reassign":
+        to = f"system {args.to_system}" if args.to_system else f"{assignee or args.to_person}"
+        doc["to_system" if args.to_system else "to_person"] = args.to_system or args.to_person
+        return _answer(args, doc, f"task {task_id}: reassigned to {to} ({status}); case {result.case_status}")
+    return _answer(args, doc, f"task {task_id}: {status}; case {result.case_status}")
+
+
+# -- actors: who may decide ---------------------------------------------------------------------
+_CONTROLLER = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")  # events.Controller
+_KEY_ID = re.compile(r"^k_[0-9a-f]{16}$")  # auth key ids
+
+
+def _credential_file(settings: Settings, out: str | None, default_name: str) -> Path:
+    """Where a new credential goes: --out, else <state_dir>/credentials/; never over an existing file."""
+    from .auth import CredentialError
+
+    path = Path(out).expanduser() if out else settings.state_dir / "credentials" / default_name
+    if path.exists() or path.is_symlink():
+        raise CredentialError(f"credential file {path} exists already; not overwritten (give --out FILE)")
+    return path
+
+
+def cmd_actors(args: argparse.Namespace, settings: Settings) -> int:
+    """Actors and their keys, straight in the case store (an admin's bootstrap, like `systems
+    declare`): add one with a credential file, give it a new key, revoke a key, disable an actor,
+    list them (key ids only: the case store holds no private key)."""
+    import shlex
+
+    from . import auth
+
+    if args.action == "list":
+        async def listing() -> list[auth.Actor]:
+            conn = await connect_case_store(settings)
+            try:
+                return await auth.list_actors(conn)
+            finally:
+                await conn.close()
+
+        actors = asyncio.run(listing())
+        if args.json:
+            _print_json([dataclasses.asdict(a) for a in actors])
+            return 0
+        for a in actors:
+            state = f"disabled {_when(a.disabled_at)}" if a.disabled_at else "enabled"
+            keys = ", ".join(k.key_id + (" (revoked)" if k.revoked_at else "") for k in a.keys) or "no key"
+            print(f"{a.name:<24} {a.role:<8} controller {a.tenant:<12} {state:<10} keys: {keys}")
+        if not actors:
+            print("no actors: add one with `dsrflow actors add NAME --role dpo`")
+        return 0
+    what = "KEY_ID" if args.action == "revoke" else "NAME"
+    if not args.target:
+        raise InvalidInput(f"actors {args.action} needs {what}")
+    credential: auth.Credential | None = None
+    out: Path | None = None
+    if args.action in ("add", "key"):
+        if args.action == "add" and not args.role:
+            raise InvalidInput("actors add needs --role (dpo, operator or admin)")
+        if args.action == "add" and not _CONTROLLER.fullmatch(args.controller):
+            raise InvalidInput("--controller is a controller's name: lowercase letters, digits, '_' and '-', "
+                               "starting with a letter")
+        credential = auth.generate_credential(args.target)  # checks the name
+        out = _credential_file(settings, args.out,
+                               f"{args.target}.json" if args.action == "add" else
+                               f"{args.target}-{credential.key_id}.json")
+    elif args.action == "revoke" and not _KEY_ID.fullmatch(args.target):
+        raise InvalidInput("a key id is k_ and 16 lower-case hex digits (see `dsrflow actors list`)")
+
+    async def go() -> Path | None:
+        conn = await connect_case_store(settings)
+        saved = None
+        try:
+            async with conn.transaction():
+                if args.action == "add":
+                    await auth.add_actor(conn, args.target, args.role, args.controller)
+                if credential is not None and out is not None:
+                    await auth.add_key(conn, args.target, credential.public_pem(), key_id=credential.key_id)
+                    saved = credential.save(out)  # last: a file that cannot be written undoes the actor and key
+                elif args.action == "revoke":
+                    await auth.revoke_key(conn, args.target)
+                else:
+                    await auth.disable_actor(conn, args.target)
+        except InvalidInput as exc:  # an actor that exists already, no such actor or key, a disabled actor
+            raise DsrflowError(str(exc)) from None
+        except BaseException:
+            if saved is not None:  # saved, but the transaction did not commit
+                saved.unlink(missing_ok=True)
+            raise
+        finally:
+            await conn.close()
+        return saved
+
+    saved = asyncio.run(go())
+    if args.action == "revoke":
+        print(f"key {args.target} revoked: what it signs is refused from now on")
+        return 0
+    if args.action == "disable":
+        print(f"actor {args.target} disabled: what any of its keys signs is refused from now on")
+        return 0
+    assert saved is not None and credential is not None
+    path = saved.resolve()
+    if args.action == "add":
+        print(f"added actor {args.target} ({args.role}, controller {args.controller}) with key {credential.key_id}")
+    else:
+        print(f"added key {credential.key_id} to actor {args.target} "
+              "(then revoke the old one: dsrflow actors revoke KEY_ID)")
+    print(f"credential: {path} (mode 0600; keep it private: it signs as {args.target})")
+    print(f"export DSRFLOW_CREDENTIAL={shlex.quote(str(path))}")
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
@@ -858,6 +1035,12 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
     return value
+
+
+def _credential_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--credential", metavar="FILE",
+                        help="a decision: the credential file to sign it with (default: DSRFLOW_CREDENTIAL; "
+                        "`dsrflow actors add` makes one)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -907,10 +1090,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--purpose", action="append", help="objection, withdraw_consent: a purpose (repeat)")
     s.set_defaults(func=cmd_submit)
 
-    s = sub.add_parser("cases", help="read cases; verify an identity; lift a restriction")
+    s = sub.add_parser("cases", help="read cases; the DPO's decisions on them (signed with a credential)")
     s.add_argument("action", choices=["list", "show", "verify", "lift", "extend", "deny", "hold", "release", "open"])
     s.add_argument("case_id", nargs="?")
-    s.add_argument("--by", help="verify, lift, extend: who decided (recorded on the timeline)")
+    _credential_option(s)
+    s.add_argument("--method", default="dpo_checked",
+                   help="verify: how the identity was verified (email_link, id_document, ...; default dpo_checked)")
     s.add_argument("--reason", help="extend, deny, hold: the reasons (extend, deny: the subject is told them)")
     s.add_argument("--ground", help="deny: a denial ground of the case's jurisdiction (see its data file)")
     s.add_argument("--kind", choices=["legal_hold", "suspected_fraud"], help="hold: what kind of hold")
@@ -918,6 +1103,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--phone", help="open: the subject's phone")
     s.add_argument("--customer-id", help="open: the subject's customer id")
     s.add_argument("--jurisdiction", help="open: default DSRFLOW_JURISDICTION")
+    s.add_argument("--controller", default="default",
+                   help="open: the controller (tenant) the case belongs to; the credential's actor must be "
+                   "of it (default: default)")
     s.add_argument("--until", help="extend: the new due date, YYYY-MM-DD (default: the latest the law allows)")
     s.add_argument("--identifier", action="append", choices=[t.value for t in IdentifierType],
                    help="verify: an identifier type that was verified (repeat; default: every one given)")
@@ -940,16 +1128,33 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="list: print JSON")
     s.set_defaults(func=cmd_systems)
 
-    s = sub.add_parser("tasks", help="tasks: list; complete or decline a manual one; skip or retry one")
-    s.add_argument("action", choices=["list", "complete", "decline", "skip", "retry"])
+    s = sub.add_parser("tasks", help="tasks: list; complete or decline a manual one; skip, retry or reassign one")
+    s.add_argument("action", choices=["list", "complete", "decline", "skip", "retry", "reassign"])
     s.add_argument("task_id", nargs="?")
     s.add_argument("--status", choices=[t.value for t in TaskStatus], default="manual", help="list: which tasks")
-    s.add_argument("--by", help="complete, decline, skip, retry: who did it or decided")
+    _credential_option(s)
     s.add_argument("--note", help="complete, decline, skip: what was done, or why not (no personal data)")
+    s.add_argument("--to-system", metavar="NAME", help="reassign: give the task to this registered system")
+    s.add_argument("--to-person", metavar="NAME", help="reassign: give the task to a person (a role or a name), "
+                   "who completes or declines it")
+    s.add_argument("--reason", help="reassign: why (no personal data)")
     s.add_argument("--not-found", action="store_true", help="complete: the system holds nothing of the subject")
     s.add_argument("--limit", type=_positive_int, default=100)
     s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(func=cmd_tasks)
+
+    s = sub.add_parser("actors", help="who may decide: actors, their keys and credential files (admin)")
+    s.add_argument("action", choices=["add", "key", "revoke", "disable", "list"])
+    s.add_argument("target", nargs="?", metavar="NAME | KEY_ID",
+                   help="add, key, disable: the actor's name; revoke: a key id (see `dsrflow actors list`)")
+    s.add_argument("--role", choices=["dpo", "operator", "admin"],
+                   help="add: dpo (every decision), operator (carries out tasks), admin (manages actors)")
+    s.add_argument("--controller", default="default",
+                   help="add: the controller (tenant) whose cases the actor decides on (default: default)")
+    s.add_argument("--out", metavar="FILE",
+                   help="add, key: where the credential goes (default: <state dir>/credentials/; never replaced)")
+    s.add_argument("--json", action="store_true", help="list: print JSON (key ids, never keys)")
+    s.set_defaults(func=cmd_actors)
 
     s = sub.add_parser("demo", help="end-to-end demo on the embedded stack")
     s.add_argument("--broker", choices=["apache", "tansu"], default="apache",
@@ -966,18 +1171,33 @@ _KAFKA_SETTINGS = ("kafka_bootstrap", "kafka_security_protocol", "kafka_sasl_mec
 #: invalid one later, in a timer. One-shot commands need no list: reading an invalid setting fails.
 SERVICE_SETTINGS: dict[str, tuple[str, ...]] = {
     "coordinator": ("state_dir", *_KAFKA_SETTINGS, "pg_dsn", "export_dir", "max_task_attempts", "task_timeout",
-                    "outbox_retention", "inbox_retention", "startup_timeout", "log_level"),
+                    "task_backoff_max", "deadline_warning_share", "internal_target", "case_data_retention",
+                    "pseudonym_key", "outbox_retention", "inbox_retention", "startup_timeout", "log_level"),
     "worker": ("state_dir", *_KAFKA_SETTINGS, "pg_dsn", "export_dir", "startup_timeout", "log_level"),
     "api": ("state_dir", "pg_dsn", "api_host", "api_port", "api_token", "startup_timeout", "log_level"),
 }
 
 
+class _NotACommandsOutcome(logging.Filter):
+    """Drops the coordinator's lines on a command's outcome ("command ... refused", "... applied"):
+    the CLI says it itself, in its one line (or one error line)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str) and record.msg.startswith("command "))
+
+
+_COMMAND_OUTCOMES = _NotACommandsOutcome()
+
+
 def _configure_logging(settings: Settings, command: str) -> None:
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    coordinator = logging.getLogger("dsrflow.coordinator")
+    coordinator.removeFilter(_COMMAND_OUTCOMES)
     if command not in _SERVICES and settings.log_level != "DEBUG":
         # A one-shot command reports a broker it cannot reach in its one error line; aiokafka
         # would log each failed connection attempt as well.
         logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+        coordinator.addFilter(_COMMAND_OUTCOMES)
 
 
 def _explain(exc: BaseException, settings: Settings | None) -> DsrflowError | None:

@@ -31,7 +31,7 @@ import orjson
 from . import launcher, topics
 from .client import submit
 from .events import RightsRequested
-from .rights import TERMINAL_CASE, CaseStatus, IdentifierType, Right, TaskStatus
+from .rights import TERMINAL_CASE, CaseStatus, IdentifierType, Right
 from .settings import Settings
 
 SYSTEMS = ("crm", "billing")
@@ -219,24 +219,79 @@ async def prepare(settings: Settings) -> None:
                        replication_factor=settings.topic_replication_factor)
 
 
-async def _as_dpo(settings: Settings, decide: Callable[[Any], Any]) -> Any:
+#: The demo's people who decide: a DPO, and an operator of the call centre. Each acts with a signing
+#: key, as `dsrflow actors add` gives one; the timeline records them by that key, never by a name
+#: a sender makes up.
+DPO, OPERATOR = "dpo-demo", "ops-demo"
+
+
+async def credentials(settings: Settings) -> dict[str, Any]:
+    """The DPO's and the operator's credentials (made and registered once per case store, kept in
+    ``<state_dir>/credentials``)."""
+    from . import auth
+
+    out: dict[str, Any] = {}
+    conn = await asyncpg.connect(settings.dsn)
+    try:
+        known = {a.name for a in await auth.list_actors(conn)}
+        for name, role in ((DPO, auth.Role.dpo), (OPERATOR, auth.Role.operator)):
+            path = settings.state_dir / "credentials" / f"{name}.json"
+            if name in known and path.exists():
+                out[name] = auth.load_credential(path)
+                continue
+            if name not in known:
+                await auth.add_actor(conn, name, role)
+            cred = auth.generate_credential(name)
+            await auth.add_key(conn, name, cred.public_pem(), key_id=cred.key_id)
+            cred.save(path, overwrite=True)
+            out[name] = cred
+    finally:
+        await conn.close()
+    return out
+
+
+async def send_command(settings: Settings, actor: str, command: Mapping[str, Any], key: str) -> None:
+    """What a DPO tool in any language does: a decision signed with the actor's key, published on
+    dsr.commands.v1; the coordinator checks it and applies it once."""
+    from aiokafka import AIOKafkaProducer
+
+    from . import auth, codec
+    from .events import DecisionCommand
+
+    token = auth.sign_command((await credentials(settings))[actor], command)
+    value, headers = codec.encode(DecisionCommand(token=token), source="demo/dpo-tool")
+    producer = AIOKafkaProducer(**settings.producer_options())
+    await producer.start()
+    try:
+        await producer.send_and_wait(topics.COMMANDS, value, key=key.encode(), headers=headers)
+    finally:
+        await producer.stop()
+
+
+async def decide(settings: Settings, actor: str, command: Mapping[str, Any]) -> Any:
+    """What ``dsrflow cases ...`` and ``dsrflow tasks ...`` do: sign the decision with the actor's
+    credential and have the coordinator's core apply it (the same check as on the topic). Returns
+    the CommandResult."""
+    from . import auth
     from .coordinator import Coordinator
 
+    token = auth.sign_command((await credentials(settings))[actor], command)
     pool = await asyncpg.create_pool(settings.dsn, min_size=1, max_size=1)
     try:
-        return await decide(Coordinator(settings, pool))
+        return await Coordinator(settings, pool).execute(token, fallback_id=f"demo-{uuid.uuid4()}")
     finally:
         await pool.close()
 
 
 async def verify_case(settings: Settings, case_id: uuid.UUID) -> None:
-    """What ``dsrflow cases verify`` does: the DPO confirms the subject's identity."""
-    await _as_dpo(settings, lambda c: c.verify(case_id, by="dpo@demo"))
+    """The DPO confirms the subject's identity, from a DPO tool over dsr.commands.v1."""
+    await send_command(settings, DPO, {"decision": "verify", "case_id": str(case_id), "method": "id_document"},
+                       str(case_id))
 
 
 async def lift_case(settings: Settings, case_id: uuid.UUID) -> None:
-    """What ``dsrflow cases lift`` does: the DPO lifts a restriction."""
-    await _as_dpo(settings, lambda c: c.lift_restriction(case_id, by="dpo@demo"))
+    """The DPO lifts a restriction, from a DPO tool over dsr.commands.v1."""
+    await send_command(settings, DPO, {"decision": "lift", "case_id": str(case_id)}, str(case_id))
 
 
 async def publish_raw(settings: Settings, key: str, value: bytes) -> None:
@@ -373,10 +428,15 @@ async def late_system(settings: Settings, results: Sequence[CaseResult]) -> list
         await coordinator.plan_new_systems()
         manual = await pool.fetch("SELECT task_id, case_id FROM tasks WHERE system = $1 AND status = 'manual'",
                                   CALL_CENTRE)
-        for t in manual:
-            await coordinator.resolve_manual_task(
-                t["case_id"], t["task_id"], by="lead@callcentre.demo", resolution=TaskStatus.succeeded,
-                note="number removed from the dialler list (ticket CC-2041)")
+        done_by: set[str] = set()
+        for t in manual:  # the DPO gives each to the call centre's operator, who does it and says so
+            ids = {"case_id": str(t["case_id"]), "task_id": str(t["task_id"])}
+            await decide(settings, DPO, {"decision": "reassign_task", **ids, "to_person": OPERATOR,
+                                         "reason": "the call centre's operator keeps the dialler list"})
+            result = await decide(settings, OPERATOR, {
+                "decision": "complete_task", **ids, "resolution": "succeeded",
+                "note": "number removed from the dialler list (ticket CC-2041)"})
+            done_by.add(result.actor if result.accepted else f"refused: {result.error}")
         by_case = {r["case_id"]: r["status"] for r in await pool.fetch(
             "SELECT case_id, status FROM tasks WHERE system = $1", CALL_CENTRE)}
     finally:
@@ -389,7 +449,72 @@ async def late_system(settings: Settings, results: Sequence[CaseResult]) -> list
         ("call centre registered later: the opt-out and the objection reach it, done by a person",
          bool(lasting) and all(by_case.get(c) == "succeeded" for c in lasting)),
         ("call centre registered later: a finished erasure does not reach it (not lasting)", erasure not in by_case),
+        (f"call centre tasks reassigned by the DPO to {OPERATOR}, completed with the operator's own key",
+         done_by == {OPERATOR}),
     ]
+
+
+async def dpo_decisions(settings: Settings, people: Mapping[str, Any]) -> list[tuple[str, bool]]:
+    """The DPO's other decisions, each signed with the DPO's key: a case put on hold for suspected
+    fraud, released, extended with reasons and finally denied on a ground of the law; and a case
+    opened with no request behind it (an under-16 account, deleted as Viindoo's policy says).
+    Returns checks, read back from the case store and the notices the subject would get."""
+    from examples.people import SUBJECTS
+
+    from .codec import decode
+    from .events import SubjectNotice
+    from .store.outbox import headers_from_json
+
+    checks: list[tuple[str, bool]] = []
+    person = SUBJECTS["both"]
+    doubtful = RightsRequested.model_validate({
+        "request_id": f"demo-{uuid.uuid4().hex[:12]}", "right": "access", "received_at": datetime.now(UTC),
+        "subject": {"identifiers": {"email": person.email}}, "channel": "email"})
+    await submit(settings, [doubtful])
+    conn = await asyncpg.connect(settings.dsn)
+    try:
+        case_id = None
+        for _ in range(200):
+            case_id = await conn.fetchval("SELECT case_id FROM cases WHERE request_id = $1", doubtful.request_id)
+            if case_id:
+                break
+            await asyncio.sleep(0.1)
+        assert case_id is not None, "the coordinator did not open the doubtful case"
+        on = {"case_id": str(case_id)}
+        steps = [
+            ({"decision": "hold", **on, "kind": "suspected_fraud",
+              "reason": "request by email from an address that changed yesterday"}, "on_hold"),
+            ({"decision": "release", **on}, "awaiting_verification"),
+            ({"decision": "extend", **on, "reason": "the subject was asked to confirm by phone; no answer yet"},
+             "awaiting_verification"),
+            ({"decision": "deny", **on, "ground": "identity_not_verified",
+              "reason": "the subject could not be reached to confirm the request"}, "denied"),
+        ]
+        seen = []
+        for command, expect in steps:
+            result = await decide(settings, DPO, command)
+            seen.append((command["decision"], result.accepted and str(result.case_status) == expect))
+        checks.append(("suspected fraud: held, released, extended with reasons, denied on a legal ground "
+                       f"({', '.join(d for d, ok in seen if ok)})", all(ok for _, ok in seen)))
+        rows = await conn.fetch("SELECT value, headers FROM outbox WHERE topic = $1 AND key = $2 ORDER BY id",
+                                topics.NOTICES, str(case_id).encode())
+        told = [decode(r["value"], headers_from_json(r["headers"]), SubjectNotice).data.kind for r in rows]
+        checks.append((f"the subject is told: {', '.join(told)}",
+                       told == ["acknowledged", "more_information_needed", "extended", "denied"]))
+        young = RightsRequested.model_validate({
+            "request_id": f"demo-{uuid.uuid4().hex[:12]}", "right": "erasure",
+            "subject": {"identifiers": {"email": "be.minh.2012@example.vn"}}})
+        opened = await decide(settings, DPO, {
+            "decision": "open_case", "request": young.model_dump(mode="json", exclude_none=True),
+            "why": "account of a user under 16, reported by a parent (ticket SUP-88): deleted as the policy says"})
+        first = await conn.fetchrow("""SELECT t.detail FROM case_timeline t JOIN cases c USING (case_id)
+                                       WHERE c.request_id = $1 ORDER BY position LIMIT 1""", young.request_id)
+        by = orjson.loads(first["detail"]).get("opened_by_dpo", {}).get("by") if first else None
+        checks.append(("a case with no request behind it: an under-16 account's deletion, opened by the DPO",
+                       opened.accepted and by == DPO))
+    finally:
+        await conn.close()
+    return checks
 
 
 async def reference_checks(settings: Settings, people: Mapping[str, Any] | None = None) -> list[tuple[str, bool]]:
@@ -517,6 +642,7 @@ def main(base: Settings) -> int:
             results = asyncio.run(run_scenario(settings, progress=lambda m: _print("  " + m), people=people))
             checks = asyncio.run(reference_checks(settings, people))
             checks += asyncio.run(late_system(settings, results))
+            checks += asyncio.run(dpo_decisions(settings, people))
             dlq = asyncio.run(dead_letters(settings))
             checks.append(("duplicate request: no second case, noted on the first case's timeline",
                            asyncio.run(duplicate_ignored(settings, results[0].step.request_id))))

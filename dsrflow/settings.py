@@ -155,11 +155,9 @@ class Settings(BaseSettings):
     @classmethod
     def _target_spec(cls, v: Any) -> Any:
         if isinstance(v, str) and v.strip():
-            from .policy import deadlines as _deadlines
+            from .policy.deadlines import parse_target_spec
 
-            parse = getattr(_deadlines, "parse_target_spec", None)
-            if parse is not None:
-                parse(v.strip())
+            parse_target_spec(v.strip())  # a ValueError names what is wrong with it
             return v.strip()
         return None if v is not None and not str(v).strip() else v
 

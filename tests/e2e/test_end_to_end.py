@@ -38,12 +38,14 @@ async def test_every_right_duplicate_and_invalid_end_to_end(e2e_settings: Settin
         results = await demo.run_scenario(settings, timeout=90, people=people)
         # Checked in the reference systems' own databases: every right's effect is really there.
         checks = await demo.reference_checks(settings, people) + await demo.late_system(settings, results)
+        # the DPO's decisions: signed, on the topic (verify, lift above) and through the core (the CLI's path)
+        checks += await demo.dpo_decisions(settings, people)
         services.check_alive()  # nothing died on the invalid event
         dlq = await demo.dead_letters(settings)
 
     failed = [label for label, ok in checks if not ok]
     assert not failed, failed
-    assert len(checks) >= 13
+    assert len(checks) >= 16
     rights = {r.step.right for r in results}
     from dsrflow.rights import ACTION_FOR_RIGHT, Right
 

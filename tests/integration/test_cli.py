@@ -26,6 +26,7 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 
 from dsrflow import codec, topics
+from dsrflow.auth import generate_credential
 from dsrflow.coordinator import Coordinator, Record
 from dsrflow.events import RightsRequested
 from dsrflow.exports import MemoryExportStore
@@ -94,6 +95,13 @@ def assert_error(run: Run, *mentions: str, code: int = 1, one_line: bool = True,
     return run.last
 
 
+def assert_ok(run: Run, *mentions: str) -> None:
+    """The run succeeded, saying ``mentions`` on stdout; stderr has informational log lines at most."""
+    assert run.code == 0, run
+    assert all(m in run.stdout for m in mentions), (mentions, run)
+    assert all(LOG_LINE.match(line) and " INFO " in line for line in run.stderr.splitlines()), run
+
+
 @pytest.fixture
 def down() -> dict[str, str]:
     """Settings pointing at a port where neither Kafka nor PostgreSQL answers."""
@@ -112,6 +120,43 @@ def test_help_works_even_with_broken_settings(tmp_path: Path) -> None:
 
 
 SUBMIT = ["submit", "--right", "access", "--email", EMAIL]
+
+
+@pytest.mark.parametrize("args", [
+    ["cases", "verify", CASE_ID],
+    ["cases", "deny", CASE_ID, "--ground", "harms_others", "--reason", "x"],
+    ["cases", "open", "--right", "erasure", "--email", EMAIL, "--reason", "retention ran out"],
+    ["tasks", "complete", CASE_ID, "--note", "done"],
+    ["tasks", "reassign", CASE_ID, "--to-person", "hr", "--reason", "moved"],
+])
+def test_a_decision_without_a_credential_is_one_line(tmp_path: Path, down: dict[str, str], args: list[str]) -> None:
+    # Services "down" as well: without a credential nothing is contacted.
+    line = assert_error(dsrflow(*args, tmp=tmp_path, env=down), "no credential", "set DSRFLOW_CREDENTIAL",
+                        "--credential", "dsrflow actors add", never=(PASSWORD, EMAIL))
+    assert "case store" not in line
+
+
+def test_a_credential_file_others_may_read_is_refused(tmp_path: Path, down: dict[str, str]) -> None:
+    path = generate_credential("dpo").save(tmp_path / "dpo.json")
+    path.chmod(0o644)
+    for env in ({**down, "DSRFLOW_CREDENTIAL": str(path)}, down):
+        extra = [] if "DSRFLOW_CREDENTIAL" in env else ["--credential", str(path)]
+        line = assert_error(dsrflow("cases", "verify", CASE_ID, *extra, tmp=tmp_path, env=env),
+                            f"credential file {path} may be read by others (mode 0644)", f"chmod 600 {path}")
+        assert "PRIVATE KEY" not in line
+    missing = tmp_path / "nope.json"
+    assert_error(dsrflow("cases", "lift", CASE_ID, "--credential", str(missing), tmp=tmp_path, env=down),
+                 f"credential file {missing} does not exist")
+
+
+def test_actors_add_never_overwrites_a_credential_file(tmp_path: Path, down: dict[str, str]) -> None:
+    existing = tmp_path / "state" / "credentials" / "lan.json"
+    existing.parent.mkdir(parents=True)
+    existing.write_text("keep me")
+    for args in (["actors", "add", "lan", "--role", "dpo"], ["actors", "key", "lan", "--out", str(existing)]):
+        assert_error(dsrflow(*args, tmp=tmp_path, env=down), f"credential file {existing} exists already",
+                     "not overwritten")  # before the case store is asked (it is down)
+    assert existing.read_text() == "keep me"
 
 
 @pytest.mark.parametrize(("variable", "value", "says", "used_by", "not_used_by"), [
@@ -208,8 +253,16 @@ def test_no_connection_setting_and_no_stack_names_the_setting_each_command_needs
     (["submit", "--right", "access", "--email", EMAIL, "--request-id", "has space"], ["--request-id"]),
     (["cases", "show"], ["needs a case id"]),
     (["cases", "show", EMAIL], ["not a UUID"]),
-    (["cases", "verify", CASE_ID], ["needs --by"]),
-    (["cases", "verify", CASE_ID, "--by", "  "], ["needs --by"]),
+    (["cases", "verify", CASE_ID, "--by", "dpo"], ["unrecognized arguments: --by dpo"]),  # the credential says who
+    (["tasks", "complete", CASE_ID, "--by", "ops"], ["unrecognized arguments: --by ops"]),
+    (["tasks", "reassign", CASE_ID, "--reason", "moved"], ["one of --to-system NAME and --to-person NAME"]),
+    (["tasks", "reassign", CASE_ID, "--to-person", "hr"], ["needs --reason"]),
+    (["cases", "deny", CASE_ID, "--ground", "Not A Ground", "--reason", "x"], ["invalid deny command", "ground"]),
+    (["actors", "add", "lan"], ["actors add needs --role"]),
+    (["actors", "add", "bad name", "--role", "dpo"], ["an actor name is"]),
+    (["actors", "add", "lan", "--role", "dpo", "--controller", "Acme Inc"], ["--controller"]),
+    (["actors", "add", "lan", "--role", "king"], ["argument --role", "invalid choice: 'king'"]),
+    (["actors", "revoke", "k_nope"], ["a key id is k_"]),
     (["cases", "list", "--limit", "0"], ["--limit", "at least 1"]),
     (["cases", "list", "--limit", "-5"], ["--limit", "at least 1"]),
     (["cases", "list", "--limit", "many"], ["--limit", "not a whole number"]),
@@ -303,18 +356,23 @@ def test_a_stack_that_cannot_start_advises_what_this_command_can_do(tmp_path: Pa
     (["cases", "list"], "pg"),
     (["cases", "list", "--json"], "pg"),
     (["cases", "show", CASE_ID], "pg"),
-    (["cases", "verify", CASE_ID, "--by", "dpo@example.vn"], "pg"),
+    (["cases", "verify", CASE_ID, "--credential", "{credential}"], "pg"),
+    (["tasks", "retry", CASE_ID, "--credential", "{credential}"], "pg"),
+    (["actors", "list"], "pg"),
+    (["actors", "add", "lan", "--role", "dpo"], "pg"),
 ])
 def test_one_shot_commands_with_a_service_down(tmp_path: Path, down: dict[str, str], args: list[str],
                                                service: str) -> None:
     port = down["PORT"]
-    run = dsrflow(*args, tmp=tmp_path, env=down)
+    credential = str(generate_credential("dpo").save(tmp_path / "dpo.json"))
+    run = dsrflow(*[credential if a == "{credential}" else a for a in args], tmp=tmp_path, env=down)
     if service == "pg":
         assert_error(run, f"case store unreachable at 127.0.0.1:{port}/dsrflow", "connection refused",
                      never=(PASSWORD, "dsr:", EMAIL))
     else:
         assert_error(run, f"no Kafka broker answers at 127.0.0.1:{port}", never=(PASSWORD, EMAIL))
     assert run.stdout == ""
+    assert not (tmp_path / "state" / "credentials" / "lan.json").exists()  # no credential for an actor not added
 
 
 def test_debug_log_level_adds_the_traceback(tmp_path: Path, down: dict[str, str]) -> None:
@@ -552,6 +610,29 @@ async def test_submit_to_a_missing_topic_then_topics_apply_without_a_database(
 
 
 # -- cases on a real case store ---------------------------------------------------------
+async def enroll(name: str, role: str, *, tmp: Path, env: dict[str, str], controller: str | None = None) -> str:
+    """`dsrflow actors add NAME --role ROLE`: the path of the credential file it wrote."""
+    extra = ["--controller", controller] if controller else []
+    run = await asyncio.to_thread(dsrflow, "actors", "add", name, "--role", role, *extra, tmp=tmp, env=env)
+    assert run.code == 0 and run.stderr == "", run
+    exports = [line for line in run.stdout.splitlines() if line.startswith("export DSRFLOW_CREDENTIAL=")]
+    assert len(exports) == 1, run.stdout
+    path = exports[0].removeprefix("export DSRFLOW_CREDENTIAL=")
+    assert Path(path) == (tmp / "state" / "credentials" / f"{name}.json").resolve() and path in run.stdout
+    assert Path(path).stat().st_mode & 0o777 == 0o600
+    assert "PRIVATE KEY" not in run.stdout
+    return path
+
+
+async def timeline_by(case_id: str, *, tmp: Path, env: dict[str, str]) -> list[tuple[str, str]]:
+    """(kind, by) of each timeline entry of the case that records who decided."""
+    shown = await asyncio.to_thread(dsrflow, "cases", "show", case_id, "--json", tmp=tmp, env=env)
+    assert shown.code == 0, shown
+    doc = orjson.loads(shown.stdout)
+    assert doc["timeline_verified"] is True
+    return [(e["kind"], e["detail"]["by"]) for e in doc["timeline"] if "by" in e["detail"]]
+
+
 @pytest.fixture
 async def cases(case_store: str, tmp_path: Path) -> AsyncIterator[dict[str, uuid.UUID]]:
     """Two cases opened by the real coordinator service: one in progress, one awaiting verification."""
@@ -621,14 +702,16 @@ async def test_cases_list_json_and_verify(tmp_path: Path, case_store: str, cases
     assert run.code == 0 and len(run.stdout.strip().splitlines()) == 1, run
 
     awaiting = str(cases["awaiting"])
-    run = await asyncio.to_thread(dsrflow, "cases", "verify", awaiting, "--by", "dpo@example.vn", tmp=tmp_path,
+    credential = await enroll("dpo@example.vn", "dpo", tmp=tmp_path, env=env)
+    run = await asyncio.to_thread(dsrflow, "cases", "verify", awaiting, "--credential", credential, tmp=tmp_path,
                                   env=env)
-    assert run.code == 0 and f"case {awaiting} verified: in_progress" in run.stdout, run
-    again = await asyncio.to_thread(dsrflow, "cases", "verify", awaiting, "--by", "dpo@example.vn", tmp=tmp_path,
-                                    env=env)
-    assert_error(again, "verified already", one_line=False)
+    assert_ok(run, f"case {awaiting} verified: in_progress")
+    signed = {**env, "DSRFLOW_CREDENTIAL": credential}
+    again = await asyncio.to_thread(dsrflow, "cases", "verify", awaiting, "--json", tmp=tmp_path, env=signed)
+    assert_error(again, "verified already")
+    assert await timeline_by(awaiting, tmp=tmp_path, env=env) == [("verified", "dpo@example.vn")]
     ghost = str(uuid.uuid4())
-    assert_error(await asyncio.to_thread(dsrflow, "cases", "verify", ghost, "--by", "dpo", tmp=tmp_path, env=env),
+    assert_error(await asyncio.to_thread(dsrflow, "cases", "verify", ghost, tmp=tmp_path, env=signed),
                  f"no case {ghost}")
 
 
@@ -722,9 +805,11 @@ async def test_a_system_with_no_worker_is_declared_from_a_file_and_gets_manual_t
     tasks = await asyncio.to_thread(dsrflow, "tasks", "list", "--json", tmp=tmp_path, env=env)
     [task] = [t for t in orjson.loads(tasks.stdout) if t["system"] == "payroll"]
     assert task["kind"] == "manual" and "no dsrflow worker" in task["reason"]
-    done = await asyncio.to_thread(dsrflow, "tasks", "complete", task["task_id"], "--by", "hr@example.vn",
+    hr = await enroll("hr@example.vn", "operator", tmp=tmp_path, env=env)
+    done = await asyncio.to_thread(dsrflow, "tasks", "complete", task["task_id"], "--credential", hr,
                                    "--note", "deleted from the payroll export", tmp=tmp_path, env=env)
-    assert done.code == 0 and "succeeded; case completed" in done.stdout, done
+    assert_ok(done, "succeeded; case completed")
+    assert ("manual_completed", "hr@example.vn") in await timeline_by(task["case_id"], tmp=tmp_path, env=env)
 
     bad = tmp_path / "bad.json"
     bad.write_text('{"name": "Bad Name", "identifier_types": []}')
@@ -743,30 +828,149 @@ async def test_the_dpo_decisions_from_the_command_line(tmp_path: Path, case_stor
             await register(conn, SystemDeclaration(name="crm", identifier_types=("email",), actions=("erase",)))
     finally:
         await pool.close()
-    opened = await asyncio.to_thread(dsrflow, "cases", "open", "--right", "erasure", "--email", EMAIL, "--by",
-                                     "dpo@example.vn", "--reason", "retention ran out", "--json", tmp=tmp_path,
-                                     env=env)
+    env = {**env, "DSRFLOW_CREDENTIAL": await enroll("dpo@example.vn", "dpo", tmp=tmp_path, env=env)}
+    opened = await asyncio.to_thread(dsrflow, "cases", "open", "--right", "erasure", "--email", EMAIL,
+                                     "--reason", "retention ran out", "--json", tmp=tmp_path, env=env)
     assert opened.code == 0, opened
-    case_id = orjson.loads(opened.stdout)["case_id"]
+    doc = orjson.loads(opened.stdout)
+    case_id = doc["case_id"]
+    assert doc["actor"] == "dpo@example.vn"
     assert EMAIL not in opened.stdout + opened.stderr
-    held = await asyncio.to_thread(dsrflow, "cases", "hold", case_id, "--by", "dpo", "--kind", "legal_hold",
-                                   "--reason", "litigation", tmp=tmp_path, env=env)
-    assert held.code == 0 and "on_hold" in held.stdout, held
-    released = await asyncio.to_thread(dsrflow, "cases", "release", case_id, "--by", "dpo", tmp=tmp_path, env=env)
+    held = await asyncio.to_thread(dsrflow, "cases", "hold", case_id, "--kind", "legal_hold",
+                                   "--reason", "litigation", "--json", tmp=tmp_path, env=env)
+    assert held.code == 0 and orjson.loads(held.stdout) == {"case_id": case_id, "status": "on_hold",
+                                                            "actor": "dpo@example.vn"}, held
+    released = await asyncio.to_thread(dsrflow, "cases", "release", case_id, tmp=tmp_path, env=env)
     assert released.code == 0 and "in_progress" in released.stdout, released
-    extended = await asyncio.to_thread(dsrflow, "cases", "extend", case_id, "--by", "dpo", "--reason",
-                                       "archives on tape", tmp=tmp_path, env=env)
-    assert extended.code == 0 and "due date extended" in extended.stdout, extended
-    again = await asyncio.to_thread(dsrflow, "cases", "extend", case_id, "--by", "dpo", "--reason", "x",
+    extended = await asyncio.to_thread(dsrflow, "cases", "extend", case_id, "--reason",
+                                       "archives on tape", "--json", tmp=tmp_path, env=env)
+    assert extended.code == 0, extended
+    assert set(orjson.loads(extended.stdout)) == {"case_id", "due_at", "actor"}
+    again = await asyncio.to_thread(dsrflow, "cases", "extend", case_id, "--reason", "x",
                                     tmp=tmp_path, env=env)
-    assert_error(again, "one extension", one_line=False)
-    denied = await asyncio.to_thread(dsrflow, "cases", "deny", case_id, "--by", "dpo", "--ground",
+    assert_error(again, "one extension")
+    denied = await asyncio.to_thread(dsrflow, "cases", "deny", case_id, "--ground",
                                      "processing_without_consent", "--reason", "x", tmp=tmp_path, env=env)
-    assert_error(denied, "skip them one by one", one_line=False)  # a task is out already
-    missing = await asyncio.to_thread(dsrflow, "cases", "deny", case_id, "--by", "dpo", tmp=tmp_path, env=env)
+    assert_error(denied, "skip them one by one")  # a task is out already
+    missing = await asyncio.to_thread(dsrflow, "cases", "deny", case_id, tmp=tmp_path, env=env)
     assert_error(missing, "--ground", code=2)
-    shown = await asyncio.to_thread(dsrflow, "cases", "show", case_id, "--json", tmp=tmp_path, env=env)
-    kinds = [e["kind"] for e in orjson.loads(shown.stdout)["timeline"]]
-    assert ["held", "released", "deadline_extended"] == [k for k in kinds if k in ("held", "released",
-                                                                                      "deadline_extended")]
-    assert orjson.loads(shown.stdout)["timeline_verified"] is True
+    assert await timeline_by(case_id, tmp=tmp_path, env=env) == [
+        ("held", "dpo@example.vn"), ("released", "dpo@example.vn"), ("deadline_extended", "dpo@example.vn")]
+
+
+async def _case_with_a_crm_task(case_store: str, tmp: Path) -> tuple[str, str]:
+    """A verified erasure case (controller "default") with one task, for the worker of crm."""
+    pool = await asyncpg.create_pool(case_store, min_size=1, max_size=1)
+    try:
+        async with pool.acquire() as conn:
+            await register(conn, SystemDeclaration(name="crm", identifier_types=("email",), actions=("erase",)))
+        req = RightsRequested.model_validate({"request_id": f"cli-task-{uuid.uuid4().hex[:8]}", "right": "erasure",
+                                              "verified": True, "subject": {"identifiers": {"email": EMAIL}}})
+        value, headers = codec.encode(req, source="test")
+        settings = Settings(pg_dsn=case_store, kafka_bootstrap="unused:9092", state_dir=tmp)
+        await Coordinator(settings, pool, export_store=MemoryExportStore()).handle_requests(
+            [Record(topics.REQUESTS, 0, 0, req.request_id.encode(), value, headers)])
+        row = await pool.fetchrow("SELECT t.case_id, t.task_id FROM tasks t JOIN cases c USING (case_id) "
+                                  "WHERE c.request_id = $1", req.request_id)
+    finally:
+        await pool.close()
+    return str(row["case_id"]), str(row["task_id"])
+
+
+async def test_an_operator_carries_out_tasks_but_decides_nothing_on_a_case(tmp_path: Path, case_store: str) -> None:
+    env = {"DSRFLOW_PG_DSN": case_store}
+    case_id, task_id = await _case_with_a_crm_task(case_store, tmp_path)
+    dpo = await enroll("dpo", "dpo", tmp=tmp_path, env=env)
+    ops = {**env, "DSRFLOW_CREDENTIAL": await enroll("ops", "operator", tmp=tmp_path, env=env)}
+
+    denied = await asyncio.to_thread(dsrflow, "cases", "deny", case_id, "--ground", "harms_others", "--reason",
+                                     "x", tmp=tmp_path, env=ops)
+    assert_error(denied, "the role operator may not make the decision deny")
+    reassign = await asyncio.to_thread(dsrflow, "tasks", "reassign", task_id, "--to-person", "hr team",
+                                       "--reason", "the vendor console", tmp=tmp_path, env=ops)
+    assert_error(reassign, "may not make the decision reassign_task")
+
+    # the DPO gives the worker's task to a person; the operator does it by hand
+    moved = await asyncio.to_thread(dsrflow, "tasks", "reassign", task_id, "--to-person", "hr team", "--reason",
+                                    "the vendor console", "--credential", dpo, "--json", tmp=tmp_path, env=env)
+    assert_ok(moved)
+    assert orjson.loads(moved.stdout) == {"task_id": task_id, "status": "manual", "case_status": "in_progress",
+                                          "actor": "dpo", "to_person": "hr team"}
+    manual = await asyncio.to_thread(dsrflow, "tasks", "list", "--json", tmp=tmp_path, env=env)
+    assert [t["task_id"] for t in orjson.loads(manual.stdout)] == [task_id]
+    done = await asyncio.to_thread(dsrflow, "tasks", "complete", task_id, "--note", "deleted in the vendor console",
+                                   tmp=tmp_path, env=ops)
+    assert_ok(done, f"task {task_id}: succeeded; case completed")
+    twice = await asyncio.to_thread(dsrflow, "tasks", "complete", task_id, "--note", "again", tmp=tmp_path, env=ops)
+    assert_error(twice)
+    by = await timeline_by(case_id, tmp=tmp_path, env=env)
+    assert ("task_reassigned", "dpo") in by and ("manual_completed", "ops") in by
+    assert not [k for k, who in by if who not in ("dpo", "ops")]
+
+
+async def test_a_revoked_key_or_a_disabled_actor_is_refused(tmp_path: Path, case_store: str,
+                                                            cases: dict[str, uuid.UUID]) -> None:
+    env = {"DSRFLOW_PG_DSN": case_store}
+    awaiting = str(cases["awaiting"])
+    first = await enroll("lan", "dpo", tmp=tmp_path, env=env)
+    listed = await asyncio.to_thread(dsrflow, "actors", "list", "--json", tmp=tmp_path, env=env)
+    [(key_id, revoked)] = [(k["key_id"], k["revoked_at"]) for a in orjson.loads(listed.stdout) for k in a["keys"]]
+    assert revoked is None
+    revoke = await asyncio.to_thread(dsrflow, "actors", "revoke", key_id, tmp=tmp_path, env=env)
+    assert revoke.code == 0 and f"key {key_id} revoked" in revoke.stdout, revoke
+    refused = await asyncio.to_thread(dsrflow, "cases", "verify", awaiting, "--credential", first, tmp=tmp_path,
+                                      env=env)
+    assert_error(refused, f"key {key_id} of lan was revoked")
+
+    # rotation: a new key, in a new file; the old file stays refused
+    rotated = await asyncio.to_thread(dsrflow, "actors", "key", "lan", tmp=tmp_path, env=env)
+    assert rotated.code == 0, rotated
+    second = rotated.stdout.splitlines()[-1].removeprefix("export DSRFLOW_CREDENTIAL=")
+    assert second != first and Path(second).stat().st_mode & 0o777 == 0o600
+    ok = await asyncio.to_thread(dsrflow, "cases", "verify", awaiting, "--credential", second, tmp=tmp_path, env=env)
+    assert ok.code == 0 and "verified: in_progress" in ok.stdout, ok
+    assert await timeline_by(awaiting, tmp=tmp_path, env=env) == [("verified", "lan")]
+
+    disable = await asyncio.to_thread(dsrflow, "actors", "disable", "lan", tmp=tmp_path, env=env)
+    assert disable.code == 0 and "actor lan disabled" in disable.stdout, disable
+    assert_error(await asyncio.to_thread(dsrflow, "cases", "lift", awaiting, "--credential", second, tmp=tmp_path,
+                                         env=env), "actor lan is disabled")
+    assert_error(await asyncio.to_thread(dsrflow, "actors", "key", "lan", tmp=tmp_path, env=env),
+                 "actor lan is disabled")
+    assert_error(await asyncio.to_thread(dsrflow, "actors", "revoke", "k_0123456789abcdef", tmp=tmp_path, env=env),
+                 "no key k_0123456789abcdef")
+    assert_error(await asyncio.to_thread(dsrflow, "actors", "disable", "nobody", tmp=tmp_path, env=env),
+                 "no actor nobody")
+
+
+async def test_actors_list_shows_key_ids_and_never_keys(tmp_path: Path, case_store: str) -> None:
+    env = {"DSRFLOW_PG_DSN": case_store}
+    empty = await asyncio.to_thread(dsrflow, "actors", "list", tmp=tmp_path, env=env)
+    assert empty.code == 0 and "no actors" in empty.stdout, empty
+    dpo = await enroll("dpo", "dpo", tmp=tmp_path, env=env, controller="acme")
+    await enroll("ops", "operator", tmp=tmp_path, env=env)
+    dup = await asyncio.to_thread(dsrflow, "actors", "add", "dpo", "--role", "admin", "--out",
+                                  str(tmp_path / "other.json"), tmp=tmp_path, env=env)
+    assert_error(dup, "actor dpo exists already")
+    assert not (tmp_path / "other.json").exists()
+
+    listed = await asyncio.to_thread(dsrflow, "actors", "list", "--json", tmp=tmp_path, env=env)
+    assert listed.code == 0, listed
+    actors = orjson.loads(listed.stdout)
+    assert [(a["name"], a["role"], a["tenant"], a["disabled_at"]) for a in actors] == [
+        ("dpo", "dpo", "acme", None), ("ops", "operator", "default", None)]
+    assert orjson.loads(Path(dpo).read_text())["key_id"] == actors[0]["keys"][0]["key_id"]
+    human = await asyncio.to_thread(dsrflow, "actors", "list", tmp=tmp_path, env=env)
+    for run in (listed, human):
+        for secret in ("PRIVATE KEY", "PUBLIC KEY", "private_key", "public_key", "BEGIN"):
+            assert secret not in run.stdout + run.stderr
+    assert "controller acme" in human.stdout and actors[1]["keys"][0]["key_id"] in human.stdout
+
+    # an actor of controller acme opens cases of acme only
+    other = await asyncio.to_thread(dsrflow, "cases", "open", "--right", "erasure", "--email", EMAIL, "--reason",
+                                    "retention ran out", "--credential", dpo, tmp=tmp_path, env=env)
+    assert_error(other, "opens cases of that controller only", never=(PASSWORD, EMAIL))
+    mine = await asyncio.to_thread(dsrflow, "cases", "open", "--right", "erasure", "--email", EMAIL, "--reason",
+                                   "retention ran out", "--controller", "acme", "--credential", dpo, tmp=tmp_path,
+                                   env=env)
+    assert mine.code == 0 and mine.stdout.startswith("opened case ") and "for dpo" in mine.stdout, mine

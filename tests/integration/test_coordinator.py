@@ -329,7 +329,8 @@ async def test_unverified_request_waits_until_the_dpo_verifies_it(coordinator: C
     assert set(await tasks_of(pool, "unv-1")) == {"crm", "billing"}
     assert await pool.fetchval("SELECT count(*) FROM outbox WHERE topic LIKE 'dsr.tasks.%'") == 2
     rows = await pool.fetch("SELECT * FROM case_timeline WHERE case_id = $1 ORDER BY position", case["case_id"])
-    assert [r["kind"] for r in rows] == ["received", "acknowledged", "awaiting_verification", "verified", "tasks_dispatched"]
+    assert [r["kind"] for r in rows] == ["received", "acknowledged", "awaiting_verification", "verified",
+                                         "tasks_dispatched"]
     assert verify(rows)
 
     with pytest.raises(InvalidTransition):

@@ -200,11 +200,73 @@ def test_help_reads_no_settings(clean_env: pytest.MonkeyPatch, capsys: pytest.Ca
     assert info.value.code == 0 and "--jurisdiction" in capsys.readouterr().out
 
 
+CASE = "3f2a5c1e-8d4b-4f6a-9c2e-7b1d0e9f4a21"
+
+
 @pytest.mark.parametrize("argv", [[], ["cases", "list", "--limit", "0"], ["submit", "--right", "nope"],
-                                  ["stack", "sideways"]])
+                                  ["stack", "sideways"], ["cases", "verify", CASE, "--by", "dpo"],
+                                  ["tasks", "complete", CASE, "--by", "ops"], ["actors", "add", "x", "--role", "boss"],
+                                  ["actors", "rename"]])
 def test_parser_errors_are_invalid_input(argv: list[str]) -> None:
     with pytest.raises(InvalidInput):
         cli.build_parser().parse_args(argv)
+
+
+# -- decisions: who decides is the credential's actor ------------------------------------------
+@pytest.mark.parametrize("argv", [["cases", "verify", CASE], ["cases", "release", CASE],
+                                  ["tasks", "retry", CASE], ["tasks", "decline", CASE, "--note", "no access"]])
+def test_a_decision_without_a_credential_says_how_to_get_one(clean_env: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str],
+                                                             argv: list[str]) -> None:
+    clean_env.setenv("DSRFLOW_PG_DSN", f"postgresql://dsr:{SECRET}@127.0.0.1:1/dsrflow")  # never reached
+    assert cli.main(argv) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1, captured
+    assert captured.err.startswith("error: no credential to decide with: set DSRFLOW_CREDENTIAL or pass --credential")
+    assert "`dsrflow actors add NAME --role dpo`" in captured.err and SECRET not in captured.err
+
+
+def test_the_credential_comes_from_the_option_else_the_setting(clean_env: pytest.MonkeyPatch,
+                                                               tmp_path: Path) -> None:
+    from dsrflow.auth import CredentialError, generate_credential
+
+    mine = generate_credential("lan").save(tmp_path / "lan.json")
+    theirs = generate_credential("minh").save(tmp_path / "minh.json")
+    clean_env.setenv("DSRFLOW_CREDENTIAL", str(theirs))
+    parser = cli.build_parser()
+    args = parser.parse_args(["cases", "lift", CASE, "--credential", str(mine)])
+    assert cli._credential(args, get_settings()).actor == "lan"
+    args = parser.parse_args(["cases", "lift", CASE])
+    assert cli._credential(args, get_settings()).actor == "minh"
+    theirs.chmod(0o640)
+    with pytest.raises(CredentialError, match="may be read by others"):
+        cli._credential(args, get_settings())
+
+
+def test_a_command_is_checked_before_anything_is_contacted() -> None:
+    case = {"case_id": CASE}
+    assert cli._command({"decision": "verify", "method": "dpo_checked", "identifiers": None, **case}) == {
+        "decision": "verify", "method": "dpo_checked", **case}
+    with pytest.raises(InvalidInput, match="invalid deny command: ground"):
+        cli._command({"decision": "deny", "ground": "Not A Ground", "reason": "x", **case})
+    with pytest.raises(InvalidInput, match="to_system and to_person"):
+        cli._command({"decision": "reassign_task", "task_id": CASE, "reason": "x", **case})
+    with pytest.raises(InvalidInput, match="reason"):
+        cli._command({"decision": "extend", "reason": "x" * 2001, **case})
+
+
+def test_the_coordinators_lines_on_a_command_are_left_to_the_cli(clean_env: pytest.MonkeyPatch) -> None:
+    coordinator = logging.getLogger("dsrflow.coordinator")
+    try:
+        cli._configure_logging(get_settings(), "cases")
+        kept = [coordinator.filter(logging.LogRecord("dsrflow.coordinator", logging.WARNING, __file__, 1, msg, (),
+                                                     None)) for msg in ("command refused: %s", "case %s completed")]
+        assert [bool(k) for k in kept] == [False, True]
+        cli._configure_logging(get_settings(), "coordinator")  # a service logs every command
+        assert coordinator.filter(logging.LogRecord("dsrflow.coordinator", logging.WARNING, __file__, 1,
+                                                    "command refused: %s", (), None))
+    finally:
+        coordinator.removeFilter(cli._COMMAND_OUTCOMES)
 
 
 def test_main_turns_a_parser_error_into_one_line_and_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
