@@ -449,6 +449,8 @@ class CommandResult(Event):
     ce_type: ClassVar[str] = "dsrflow.command.result.v1"
 
     command_id: str = Field(max_length=128, description="the token's jti; the CloudEvent id when it had none")
+    controller: str | None = Field(default=None, max_length=64,
+                                   description="the actor's controller (tenant), once known")
     accepted: bool
     decision: str | None = None
     actor: str | None = Field(default=None, description="the key's actor, once the token verified")

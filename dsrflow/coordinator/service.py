@@ -132,13 +132,14 @@ class Coordinator:
     async def _open_cases(self, conn: asyncpg.Connection,
                           decoded: list[tuple[Record, codec.Envelope[RightsRequested]]], work: _Work,
                           now: datetime) -> None:
-        existing = await repo.find_request_ids(conn, [env.data.request_id for _, env in decoded])
+        existing = await repo.find_request_ids(conn, [(env.data.controller, env.data.request_id)
+                                                      for _, env in decoded])
         systems = await active_systems(conn)
         opened: list[Case] = []
         for rec, env in decoded:
             req = env.data
-            if req.request_id in existing:
-                case_id = existing[req.request_id]
+            if (req.controller, req.request_id) in existing:
+                case_id = existing[(req.controller, req.request_id)]
                 work.effects.timeline.append(Entry(case_id, TimelineKind.duplicate_request,
                                                    {"event_id": env.id, "source": env.source}, now))
                 log.info("duplicate request for case %s ignored", case_id)
@@ -154,7 +155,7 @@ class Coordinator:
                                  ack_due_at=due.ack_due_at, due_at=due.due_at, basis=due.basis, systems=systems,
                                  now=now, max_extension_until=due.max_extension_until,
                                  target_at=self._target(req.jurisdiction, received, due.due_at))
-            existing[req.request_id] = case.case_id
+            existing[(req.controller, req.request_id)] = case.case_id
             opened.append(case)
             work.effects.extend(fx)
         await repo.insert(conn, opened)
@@ -178,7 +179,7 @@ class Coordinator:
             **request.model_dump(mode="json", exclude_none=True), "channel": "dpo", "verified": False,
             "verification": [{"identifier": str(t), "method": "dpo_opened", "verified_by": by}
                              for t in request.subject.identifiers]})
-        if await repo.find_request_ids(conn, [req.request_id]):
+        if await repo.find_request_ids(conn, [(req.controller, req.request_id)]):
             raise InvalidTransition(f"a case for {req.request_id} exists already")
         systems = await active_systems(conn)
         received = req.received_at or now
@@ -226,12 +227,18 @@ class Coordinator:
         signature, the actor's role and tenant) and applied in its own transaction, and its result
         (applied, or refused and why) goes to ``dsr.command-results.v1``. Undecodable records are
         dead-lettered."""
-        work = _Work()
-        decoded = _decode_all(records, DecisionCommand, COMMANDS, work)
-        if work.dead:
-            async with self.pool.acquire() as conn, conn.transaction():
-                await outbox.add(conn, work.dead)
-        for _, env in decoded:
+        for rec in records:
+            try:
+                env = codec.decode(rec.value, rec.headers, DecisionCommand)
+            except codec.DecodeError as exc:
+                work = _Work()
+                work.dead_letter(rec, COMMANDS, exc.kind, str(exc))
+                # claimed by position, so a batch retried after a later command's outage adds none again
+                where_ = (f"kafka:{rec.topic}", f"{rec.partition}@{rec.offset}")
+                async with self.pool.acquire() as conn, conn.transaction():
+                    if await outbox.claim_inbox(conn, COMMANDS, [where_]):
+                        await outbox.add(conn, work.dead)
+                continue
             await self.execute(env.data.token, fallback_id=f"{env.source}/{env.id}")
 
     async def execute(self, token: str, *, fallback_id: str, now: datetime | None = None) -> CommandResult:
@@ -247,23 +254,23 @@ class Coordinator:
                 log.warning("command refused: %s", exc.reason_code)
                 return await self._result(conn, CommandResult(
                     command_id=fallback_id[:128], accepted=False, error_type=f"auth.{exc.reason_code}",
-                    error=str(exc), at=now), claim=None)
+                    error=str(exc)[:2000], at=now), claim=("unauthenticated", fallback_id))
             command_id = str(who.command_id)
-            decision = str(who.cmd.get("decision")) if isinstance(who.cmd.get("decision"), str) else None
-            base: dict[str, Any] = {"command_id": command_id, "actor": who.actor, "decision": decision, "at": now}
-            claim = (COMMANDS, f"{who.key_id}/{command_id}")
+            decision = str(who.cmd.get("decision"))[:64] if isinstance(who.cmd.get("decision"), str) else None
+            base: dict[str, Any] = {"command_id": command_id, "actor": who.actor, "decision": decision, "at": now,
+                                    "controller": who.tenant}
+            claim = (who.key_id, command_id)
             try:
                 cmd = commands.parse_command(who.cmd)
                 commands.check_role(who.role, cmd)
             except commands.CommandError as exc:
                 return await self._result(conn, CommandResult(
                     **base, accepted=False, error_type="not_allowed" if isinstance(exc, commands.NotAllowed)
-                    else "invalid_command", error=str(exc)), claim=claim)
+                    else "invalid_command", error=str(exc)[:2000]), claim=claim)
             async with conn.transaction():
                 if not await outbox.claim_inbox(conn, COMMANDS, [claim]):
                     log.info("command %s seen already", command_id)
-                    return CommandResult(**base, accepted=False, error_type="duplicate",
-                                         error="this command was received before; its first result stands")
+                    return await self._first_result(conn, command_id, base)
                 try:
                     case = await self._apply(conn, cmd, by=who.actor, tenant=who.tenant, now=now)
                 except (CaseError, policy.UnsupportedRight, policy.UnknownJurisdiction) as exc:
@@ -277,12 +284,23 @@ class Coordinator:
                      "applied" if result.accepted else result.error_type)
             return result
 
+    @staticmethod
+    async def _first_result(conn: asyncpg.Connection, command_id: str, base: dict[str, Any]) -> CommandResult:
+        """A command received again: the result it got the first time (while the outbox keeps it)."""
+        row = await conn.fetchrow("SELECT value FROM outbox WHERE topic = $1 AND key = $2 ORDER BY id LIMIT 1",
+                                  topics.COMMAND_RESULTS, command_id.encode())
+        if row is not None:
+            return CommandResult.model_validate_json(bytes(row["value"]))
+        return CommandResult(**{**base, "accepted": False, "error_type": "duplicate",
+                                "error": "this command was received before; its first result stands"})
+
     async def _result(self, conn: asyncpg.Connection, result: CommandResult,
-                      claim: tuple[str, str] | None) -> CommandResult:
-        """Publish a refused command's result (once per command id, when it has one)."""
+                      claim: tuple[str, str]) -> CommandResult:
+        """Publish a refused command's result, once per claim (its source and id)."""
         async with conn.transaction():
-            if claim is not None and not await outbox.claim_inbox(conn, COMMANDS, [claim]):
-                return result
+            if not await outbox.claim_inbox(conn, COMMANDS, [claim]):
+                return await self._first_result(conn, result.command_id, result.model_dump(
+                    exclude={"accepted", "error_type", "error"}))
             await outbox.add(conn, [outbox.message(topics.COMMAND_RESULTS, result.command_id, result, source=SOURCE,
                                                    subject=result.command_id)])
         return result
@@ -516,7 +534,8 @@ class Coordinator:
     async def sweep_stalled(self, now: datetime | None = None, *, limit: int = 500) -> int:
         """Re-send tasks whose wait for a receipt ran out (``task_timeout``, doubled with every
         attempt up to ``task_backoff_max``); once a case's deadline nears (its warning point, see
-        :meth:`watch_deadlines`) mark them stalled instead and alert the DPO. A late receipt still
+        :meth:`watch_deadlines`) and a task was sent ``max_task_attempts`` times, mark it stalled
+        instead and alert the DPO. A late receipt still
         completes a stalled task. Times are the database's clock unless ``now`` is given. Returns
         how many tasks changed."""
         timeout, cap = self.settings.task_timeout, self.settings.task_backoff_max
@@ -530,10 +549,13 @@ class Coordinator:
             fx = Effects()
             changed = 0
             for case in cases.values():
-                surface = now >= case.warn_at(self.settings.deadline_warning_share)
+                near = now >= case.warn_at(self.settings.deadline_warning_share)
                 for task in case.tasks:
                     if (task.status == TaskStatus.dispatched and task.dispatched_at
                             and task.dispatched_at + repo.task_wait(timeout, cap, task.attempt) < now):
+                        # every task is sent max_task_attempts times at least (one planned late for a
+                        # lasting effect, long after its case's deadline, too); then only until it nears
+                        surface = near and task.attempt >= self.settings.max_task_attempts
                         moved = case.time_out(task, systems=systems, now=now, surface=surface)
                         changed += bool(moved.timeline)
                         fx.extend(moved)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -266,6 +266,11 @@ class Case:
         ok = self.verified_types
         return {t: v for t, v in self.subject.items() if t in ok}
 
+    def _not_pseudonymised(self) -> None:
+        if self.pseudonymised_at is not None:
+            raise InvalidTransition(f"case {self.case_id} was pseudonymised: its identifiers are gone, so nothing "
+                                    "is sent again; open a new case")
+
     def _entry(self, kind: TimelineKind, now: datetime, **detail: Any) -> Entry:
         return Entry(self.case_id, str(kind), detail, now)
 
@@ -290,7 +295,7 @@ class Case:
             channel=request.channel, changes=dict(request.changes) if request.changes else None,
             purposes=list(request.purposes) if request.purposes else None, dirty=True,
             max_extension_until=max_extension_until, opened=opened, controller=request.controller,
-            target_at=target_at, acknowledged_at=now,
+            target_at=target_at, acknowledged_at=now if opened is None else None,
         )
         systems = case.mine(systems)
         fx = Effects([case._entry(TimelineKind.received, now, event_id=event_id, source=source,
@@ -300,10 +305,11 @@ class Case:
                                   requester=(case.requester or {}).get("relationship", "self"),
                                   **({"opened_by_dpo": {"by": opened["by"], "why_sha256": hashlib.sha256(
                                       opened["why"].encode()).hexdigest()}} if opened else {}))])
-        on_time = now <= ack_due_at
-        fx.timeline.append(case._entry(TimelineKind.acknowledged, now, ack_due_at=ack_due_at.isoformat(),
-                                       on_time=on_time))
-        case._tell(fx, "acknowledged", now, ack_due_at=ack_due_at, acknowledged_on_time=on_time, basis=basis)
+        if opened is None:  # a case the DPO opened was asked by nobody: nobody is acknowledged
+            on_time = now <= ack_due_at
+            fx.timeline.append(case._entry(TimelineKind.acknowledged, now, ack_due_at=ack_due_at.isoformat(),
+                                           on_time=on_time))
+            case._tell(fx, "acknowledged", now, ack_due_at=ack_due_at, acknowledged_on_time=on_time, basis=basis)
         if case._waits_for_verification():
             case.status = CaseStatus.awaiting_verification
             fx.timeline.append(case._entry(TimelineKind.awaiting_verification, now,
@@ -528,6 +534,7 @@ class Case:
                                     "is retried")
         if self.status == CaseStatus.on_hold:
             raise InvalidTransition(f"case {self.case_id} is on hold: release it first")
+        self._not_pseudonymised()
         by_name = {s.name: s for s in systems}
         system = by_name.get(task.system)
         if system is None or not system.supports(task.action):
@@ -563,6 +570,11 @@ class Case:
             raise InvalidTransition(f"case {self.case_id} is {self.status}: it cannot be reassigned now")
         if not reason.strip():
             raise InvalidTransition("say why the task is reassigned (a reason is required)")
+        self._not_pseudonymised()
+        if task.action == Action.restrict and self.lifted_at is not None:
+            raise InvalidTransition("the restriction was lifted: it is not sent again")
+        if task.action == Action.lift_restriction and to_system is not None:
+            raise InvalidTransition("a lift goes to the system that restricted; reassign it to a person instead")
         fx = Effects()
         mine = {s.name: s for s in self.mine(systems)}
         if to_person is not None:
@@ -582,15 +594,17 @@ class Case:
                 raise InvalidTransition("reassign to another system (use retry for the same one)")
             if any(t.system == to_system and t.action == task.action for t in self.tasks):
                 raise InvalidTransition(f"system {to_system} has a {task.action} task in this case already")
+            # planned as intake would: the identifiers it may use, its action, or a person when none can
+            plan = plan_for(self.right, self.subject, [target], verified=self.verified_types, changes=self.changes,
+                            purposes=self.purposes)
+            if not plan.tasks:
+                why = "; ".join(f"{v}" for v in plan.not_asked.values()) or "it is not concerned by this right"
+                raise InvalidTransition(f"system {to_system} would not be asked for this case: {why}")
             task.status, task.decided_by, task.completed_at, task.dirty = TaskStatus.skipped, by, now, True
             task.note = f"reassigned to {to_system}: {reason.strip()}"
-            worker = target.supports(task.action)
-            new = self._new_task(PlannedTask(
-                to_system, task.action, {}, TaskKind.worker if worker else TaskKind.manual,
-                None if worker else f"reassigned from {task.system}; no worker can {task.action}: a person must act",
-                task.changes), now)
+            new = self._new_task(plan.tasks[0], now)
             self.considered = sorted({*self.considered, to_system})
-            if worker:
+            if new.kind == TaskKind.worker:
                 fx.events.append(self.task_event(new, mine))
             fx.timeline.append(self._entry(TimelineKind.task_reassigned, now, system=task.system, by=by,
                                            to_system=to_system, task_kind=str(new.kind)))
@@ -683,14 +697,20 @@ class Case:
         task = self.task(receipt.task_id)
         if task is None or task.system != receipt.system:
             raise InvalidTransition(f"no task {receipt.task_id} for case {self.case_id} in system {receipt.system}")
-        taken_from_worker = (task.status == TaskStatus.skipped and task.kind == TaskKind.worker) or (
-            task.status == TaskStatus.manual and task.dispatched_at is not None)  # reassigned to a person
+        # Skipped, or reassigned to a person (who may have resolved it since), after it was sent to its
+        # worker; a worker result already recorded is not overwritten.
+        taken_from_worker = task.dispatched_at is not None and (
+            (task.status == TaskStatus.skipped and task.kind == TaskKind.worker)
+            or (task.kind == TaskKind.manual and task.assignee is not None
+                and (task.status in (TaskStatus.manual, TaskStatus.refused, TaskStatus.skipped)
+                     or (task.result or {}).get("manual", False))))
         if (taken_from_worker and receipt.attempt <= task.attempt
                 and receipt.status in (ReceiptStatus.succeeded, ReceiptStatus.retained, ReceiptStatus.not_found)):
             # Skipped or reassigned by the DPO, but the worker had it and did it: what happened counts.
             task.note = (f"{task.note or 'skipped'}; the system did it before the skip reached it"
-                         if task.status == TaskStatus.skipped else
-                         f"reassigned to {task.assignee}, but the system did it before that reached it")
+                         if task.kind == TaskKind.worker else
+                         f"reassigned to {task.assignee} ({task.status}: {task.note or 'open'}), but the system "
+                         "did it before that reached it")
             task.status, task.completed_at, task.dirty = TaskStatus(receipt.status), receipt.completed_at, True
             task.result = receipt.model_dump(mode="json", include={"counts", "categories", "retained", "artifacts"})
             return Effects([self._entry(TimelineKind(f"task_{receipt.status}"), now, system=receipt.system,
@@ -752,7 +772,7 @@ class Case:
             return Effects()
         fx = Effects()
         if self.overdue_at is None and now > self.due_at:
-            self.overdue_at = self.warned_at = self.overdue_at or now
+            self.overdue_at, self.warned_at = now, self.warned_at or now
             fx.timeline.append(self._entry(TimelineKind.deadline_overdue, now, due_at=self.due_at.isoformat(),
                                            status=str(self.status)))
             fx.events.append(self.alert("deadline_overdue", now, key=self.due_at.isoformat()))
@@ -809,6 +829,8 @@ class Case:
                 t.changes = {f: digest(v) for f, v in t.changes.items()}
             if t.note:
                 t.note = digest(t.note)
+            if t.reason and t.reason.startswith("reassigned to a person:"):  # the DPO's words
+                t.reason = digest(t.reason)
             t.dirty = True
         if self.outcome:
             outcome = dict(self.outcome)
@@ -816,8 +838,7 @@ class Case:
                 outcome["reason"] = digest(outcome["reason"])
             systems = outcome.get("systems")
             if isinstance(systems, dict):
-                outcome["systems"] = {name: ({**e, "note": digest(e["note"])} if isinstance(e, dict) and e.get("note")
-                                             else e) for name, e in systems.items()}
+                outcome["systems"] = {name: _digest_entry(e, digest) for name, e in systems.items()}
             self.outcome = outcome
         self.pseudonymised_at, self.dirty = now, True
         return Effects([self._entry(TimelineKind.pseudonymised, now, identifiers=sorted(str(k) for k in self.subject),
@@ -882,6 +903,18 @@ class Case:
         self.dirty = True
         return Effects([self._entry(TimelineKind.outcome_updated, now, tasks=self.summary())],
                        [self.case_event(now)])
+
+
+def _digest_entry(entry: Any, digest: Callable[[str], str]) -> Any:
+    """An outcome's per-system entry with the staff's free text (note, a reassignment's reason) hashed."""
+    if not isinstance(entry, dict):
+        return entry
+    out = dict(entry)
+    if out.get("note"):
+        out["note"] = digest(out["note"])
+    if isinstance(out.get("reason"), str) and out["reason"].startswith("reassigned to a person:"):
+        out["reason"] = digest(out["reason"])
+    return out
 
 
 def outcome_document(case: Case, status: CaseStatus, systems: Mapping[str, SystemDeclaration],

@@ -85,12 +85,19 @@ async def load(conn: asyncpg.Connection, case_ids: Iterable[uuid.UUID], *, skip_
     return {r["case_id"]: _case(r, tasks.get(r["case_id"], [])) for r in rows}
 
 
-async def find_request_ids(conn: asyncpg.Connection, request_ids: Iterable[str]) -> dict[str, uuid.UUID]:
-    """Cases already opened for these request ids (locked: a concurrent intake of the same id waits)."""
+async def find_request_ids(conn: asyncpg.Connection,
+                           requests: Iterable[tuple[str, str]]) -> dict[tuple[str, str], uuid.UUID]:
+    """Cases already opened for these (controller, request id) pairs, locked: a concurrent intake of
+    the same request waits. Request ids are the requesting app's, unique per controller only."""
+    pairs = sorted(set(requests))
+    if not pairs:
+        return {}
     rows = await conn.fetch(
-        "SELECT request_id, case_id FROM cases WHERE request_id = ANY($1::text[]) ORDER BY case_id FOR UPDATE",
-        list(set(request_ids)))
-    return {r["request_id"]: r["case_id"] for r in rows}
+        """SELECT c.controller, c.request_id, c.case_id FROM cases c
+           JOIN unnest($1::text[], $2::text[]) AS r(controller, request_id) USING (controller, request_id)
+           ORDER BY c.case_id FOR UPDATE OF c""",
+        [p[0] for p in pairs], [p[1] for p in pairs])
+    return {(r["controller"], r["request_id"]): r["case_id"] for r in rows}
 
 
 def _case_params(c: Case) -> tuple[Any, ...]:

@@ -20,6 +20,7 @@ from dsrflow.coordinator.service import InvalidTransition
 from dsrflow.events import CaseAlert, RightsRequested, SubjectNotice
 from dsrflow.exports import MemoryExportStore
 from dsrflow.registry import SystemDeclaration, SystemOwnedElsewhere, register
+from dsrflow.rights import TaskStatus
 from dsrflow.settings import Settings
 from dsrflow.store.outbox import headers_from_json
 from dsrflow.store.timeline import verify
@@ -401,3 +402,87 @@ async def test_decisions_sent_as_signed_commands_are_applied_once_by_their_actor
     result = await coordinator.execute(complete, fallback_id="c")
     assert result.accepted and result.case_status == "completed"
     assert (await tasks(pool, rid))["crm"]["decided_by"] == "ops-an"
+
+
+# -- held by review -----------------------------------------------------------------------------------
+
+
+async def test_two_controllers_may_use_the_same_request_id(coordinator: Coordinator, pool: asyncpg.Pool) -> None:
+    for controller in ("acme", "beta"):
+        req = RightsRequested.model_validate({"request_id": "pc-1", "right": "access", "verified": True,
+                                              "controller": controller,
+                                              "subject": {"identifiers": {"email": f"an@{controller}.vn"}}})
+        value, headers = codec.encode(req, source=f"{controller}-privacy-centre")
+        await coordinator.handle_requests([record(topics.REQUESTS, value, headers, b"pc-1")])
+    rows = await pool.fetch("SELECT controller FROM cases WHERE request_id = 'pc-1' ORDER BY controller")
+    assert [r["controller"] for r in rows] == ["acme", "beta"]
+    assert not await pool.fetch("SELECT 1 FROM case_timeline WHERE kind = 'duplicate_request'")
+
+
+async def test_a_late_receipt_counts_after_the_person_declined_and_a_lifted_restriction_is_not_reassigned(
+    coordinator: Coordinator, pool: asyncpg.Pool
+) -> None:
+    await systems(pool, CRM, BILLING)
+    rid = await submit(coordinator, "erasure")
+    t = await tasks(pool, rid)
+    case_id = t["crm"]["case_id"]
+    await coordinator.reassign_task(case_id, t["crm"]["task_id"], by="dpo", reason="worker down", to_person="ops")
+    await coordinator.resolve_manual_task(case_id, t["crm"]["task_id"], by="ops", resolution=TaskStatus.refused,
+                                          note="could not reach the crm console")
+    await coordinator.handle_receipts([receipt(t["crm"], "succeeded", counts={"erased": 2})])
+    crm = (await tasks(pool, rid))["crm"]
+    assert crm["status"] == "succeeded" and orjson.loads(crm["result"])["counts"] == {"erased": 2}
+
+    rid = await submit(coordinator, "restriction")
+    t = await tasks(pool, rid)
+    await coordinator.handle_receipts([receipt(t["crm"], "succeeded"),
+                                       receipt(t["billing"], "failed", error="down")])
+    await coordinator.lift_restriction(t["crm"]["case_id"], by="dpo")
+    with pytest.raises(InvalidTransition, match="lifted"):
+        await coordinator.reassign_task(t["billing"]["case_id"], t["billing"]["task_id"], by="dpo", reason="moved",
+                                        to_system="crm")
+
+
+async def test_a_pseudonymised_case_sends_nothing_again_and_an_opened_case_acknowledges_nobody(
+    pool: asyncpg.Pool, case_store: str, tmp_path: Path
+) -> None:
+    settings = Settings(pg_dsn=case_store, kafka_bootstrap="unused:9092", state_dir=tmp_path,
+                        case_data_retention=timedelta(days=1))
+    c = Coordinator(settings, pool, export_store=MemoryExportStore())
+    await systems(pool, CRM)
+    rid = await submit(c, "erasure")
+    t = await tasks(pool, rid)
+    await c.handle_receipts([receipt(t["crm"], "failed", error="gone")])
+    case = await case_of(pool, rid)
+    assert case["status"] == "failed"
+    assert await c.pseudonymise_closed(case["completed_at"] + timedelta(days=2)) == 1
+    with pytest.raises(InvalidTransition, match="pseudonymised"):
+        await c.retry_task(case["case_id"], t["crm"]["task_id"], by="dpo")
+    with pytest.raises(InvalidTransition, match="pseudonymised"):
+        await c.reassign_task(case["case_id"], t["crm"]["task_id"], by="dpo", reason="x", to_person="ops")
+
+    req = RightsRequested.model_validate({"request_id": "dpo-1", "right": "erasure",
+                                          "subject": {"identifiers": {"email": "minor@example.vn"}}})
+    case_id = await c.open_case(req, by="dpo", why="an under-16 account")
+    kinds = [e["kind"] for e in await timeline(pool, "dpo-1")]
+    assert "acknowledged" not in kinds and (await case_of(pool, "dpo-1"))["acknowledged_at"] is None
+    assert await notices(pool, "dpo-1") == [] and case_id
+
+
+async def test_a_command_received_again_gets_its_first_result(coordinator: Coordinator, pool: asyncpg.Pool) -> None:
+    from dsrflow import auth
+
+    async with pool.acquire() as conn:
+        await auth.add_actor(conn, "dpo-lan", "dpo")
+        cred = auth.generate_credential("dpo-lan")
+        await auth.add_key(conn, "dpo-lan", cred.public_pem(), key_id=cred.key_id)
+    rid = await submit(coordinator, "erasure", verified=False)
+    case_id = str((await case_of(pool, rid))["case_id"])
+    token = auth.sign_command(cred, {"decision": "hold", "case_id": case_id, "kind": "legal_hold",
+                                     "reason": "court order"})
+    first = await coordinator.execute(token, fallback_id="a")
+    again = await coordinator.execute(token, fallback_id="b")
+    assert first.accepted and again.accepted and again.command_id == first.command_id
+    assert again.controller == "default"
+    assert await pool.fetchval("SELECT count(*) FROM outbox WHERE topic = $1", topics.COMMAND_RESULTS) == 1
+    assert len([e for e in await timeline(pool, rid) if e["kind"] == "held"]) == 1

@@ -6,6 +6,10 @@
 ALTER TABLE cases ADD COLUMN controller text NOT NULL DEFAULT 'default';
 ALTER TABLE systems ADD COLUMN controller text NOT NULL DEFAULT 'default';
 CREATE INDEX cases_controller_idx ON cases (controller, received_at DESC);
+-- A request id is the requesting app's: two controllers' apps may both use "pc-1".
+ALTER TABLE cases DROP CONSTRAINT cases_request_id_key;
+CREATE UNIQUE INDEX cases_controller_request_id_key ON cases (controller, request_id);
+CREATE INDEX cases_request_id_idx ON cases (request_id);
 
 ALTER TABLE cases ADD COLUMN acknowledged_at timestamptz;   -- the subject was told the request arrived
 ALTER TABLE cases ADD COLUMN target_at timestamptz;         -- the organisation's internal target, before due_at
