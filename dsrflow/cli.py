@@ -14,6 +14,7 @@
     dsrflow cases deny ID --ground G --reason WHY   refuse on a ground of the law
     dsrflow cases hold | release ID [--kind K --reason WHY]   a legal hold, suspected fraud
     dsrflow cases open --right R --email E --reason WHY [--controller C]   a case with no request behind it
+    dsrflow cases offboard --controller C --handover | --delete --reason WHY   a client company leaves
     dsrflow tasks list | complete | decline ID --note WHAT   manual tasks, done by a person
     dsrflow tasks skip | retry ID         the DPO skips an open task (--note why) or retries a stuck one
     dsrflow tasks reassign ID --to-system S | --to-person P --reason WHY   give a task to someone else
@@ -507,6 +508,8 @@ def _print_case(case: Any, tasks: list[Any], timeline: list[Any], verified: bool
         ("received", _when(s.received_at)),
         ("ack due", _when(s.ack_due_at)),
         ("due", _when(s.due_at)),
+        *([("target", _when(s.target_at))] if s.target_at else []),
+        *([("controller", s.controller)] if s.controller != "default" else []),
         ("completed", _when(s.completed_at)),
         ("verified", "yes" if case.verified else "no"),
         ("channel", case.channel or "-"),
@@ -526,7 +529,7 @@ def _print_case(case: Any, tasks: list[Any], timeline: list[Any], verified: bool
     for t in tasks:
         extra = "".join(f"  {label}: {value}" for label, value in (
             ("error", t.error), ("waits because", t.reason if t.status == "manual" else None),
-            ("by", t.decided_by), ("note", t.note)) if value)
+            ("assigned to", t.assignee), ("by", t.decided_by), ("note", t.note)) if value)
         print(f"  {t.system:<16} {t.action:<18} {t.kind:<6} {t.status:<12} attempt {t.attempt}  "
               f"completed {_when(t.completed_at)}  task {t.task_id}{extra}")
     chain = "hash chain verified" if verified else "HASH CHAIN BROKEN"
@@ -550,6 +553,8 @@ def cmd_cases(args: argparse.Namespace, settings: Settings) -> int:
         return _cases_hold(args, settings)
     if args.action == "open":
         return _cases_open(args, settings)
+    if args.action == "offboard":
+        return _cases_offboard(args, settings)
     case_id = _case_id(args) if args.action == "show" else None
 
     async def go() -> int:
@@ -559,7 +564,7 @@ def cmd_cases(args: argparse.Namespace, settings: Settings) -> int:
             if args.action == "list":
                 page = await queries.list_cases(
                     conn, now=now, status=CaseStatus(args.status) if args.status else None,
-                    right=Right(args.right) if args.right else None, limit=args.limit,
+                    right=Right(args.right) if args.right else None, controller=args.controller, limit=args.limit,
                 )
                 if args.json:
                     _print_json([_summary_json(c) for c in page.items])
@@ -825,7 +830,7 @@ def _cases_open(args: argparse.Namespace, settings: Settings) -> int:
         req = RightsRequested.model_validate({
             "request_id": f"dpo-{uuid.uuid4()}", "right": args.right,
             "jurisdiction": args.jurisdiction or settings.jurisdiction, "subject": {"identifiers": identifiers},
-            "controller": args.controller})
+            "controller": args.controller or "default"})
     except ValidationError as exc:
         raise InvalidInput("invalid case: " + validation_summary(exc, _request_field)) from exc
     cmd = _command({"decision": "open_case", "request": req.model_dump(mode="json", exclude_none=True),
@@ -833,6 +838,20 @@ def _cases_open(args: argparse.Namespace, settings: Settings) -> int:
     result, _ = _decide(settings, _credential(args, settings), cmd)
     return _answer(args, {"case_id": str(result.case_id), "actor": result.actor},
                    f"opened case {result.case_id} ({req.right}) for {result.actor}")
+
+
+def _cases_offboard(args: argparse.Namespace, settings: Settings) -> int:
+    if args.handover == args.delete:
+        raise InvalidInput("cases offboard needs one of --handover (hand all its data over) and --delete")
+    if not (args.reason or "").strip() or not args.controller:
+        raise InvalidInput("cases offboard needs --controller (the client company leaving) and --reason")
+    cmd = _command({"decision": "offboard", "controller": args.controller,
+                    "mode": "handover" if args.handover else "delete", "why": args.reason})
+    result, _ = _decide(settings, _credential(args, settings), cmd)
+    what = "hand-over" if args.handover else "deletion"
+    return _answer(args, {"case_id": str(result.case_id), "actor": result.actor, "status": str(result.case_status)},
+                   f"case {result.case_id}: {what} of all of {args.controller}'s data, every system asked "
+                   f"({result.case_status})")
 
 
 def cmd_tasks(args: argparse.Namespace, settings: Settings) -> int:
@@ -1091,7 +1110,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_submit)
 
     s = sub.add_parser("cases", help="read cases; the DPO's decisions on them (signed with a credential)")
-    s.add_argument("action", choices=["list", "show", "verify", "lift", "extend", "deny", "hold", "release", "open"])
+    s.add_argument("action", choices=["list", "show", "verify", "lift", "extend", "deny", "hold", "release", "open",
+                                      "offboard"])
     s.add_argument("case_id", nargs="?")
     _credential_option(s)
     s.add_argument("--method", default="dpo_checked",
@@ -1103,9 +1123,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--phone", help="open: the subject's phone")
     s.add_argument("--customer-id", help="open: the subject's customer id")
     s.add_argument("--jurisdiction", help="open: default DSRFLOW_JURISDICTION")
-    s.add_argument("--controller", default="default",
+    s.add_argument("--controller",
                    help="open: the controller (tenant) the case belongs to; the credential's actor must be "
-                   "of it (default: default)")
+                   "of it (default: default); offboard: the client company leaving; list: only its cases")
+    s.add_argument("--handover", action="store_true", help="offboard: hand all of the controller's data over")
+    s.add_argument("--delete", action="store_true", help="offboard: delete all of the controller's data")
     s.add_argument("--until", help="extend: the new due date, YYYY-MM-DD (default: the latest the law allows)")
     s.add_argument("--identifier", action="append", choices=[t.value for t in IdentifierType],
                    help="verify: an identifier type that was verified (repeat; default: every one given)")

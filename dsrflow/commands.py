@@ -67,6 +67,7 @@ class Decision(StrEnum):
     complete_task = "complete_task"
     decline_task = "decline_task"
     open_case = "open_case"
+    offboard = "offboard"
 
 
 _DPO = frozenset({Role.dpo})
@@ -87,6 +88,7 @@ ROLES_FOR: dict[Decision, frozenset[Role]] = {
     Decision.complete_task: _TASK_WORK,
     Decision.decline_task: _TASK_WORK,
     Decision.open_case: _DPO,
+    Decision.offboard: _DPO,
 }
 
 
@@ -222,9 +224,20 @@ class OpenCase(_Command):
     why: Text2000 = Field(description="why the case is opened (no personal data)")
 
 
+class Offboard(_Command):
+    """A client company (a controller) leaves the processor that runs dsrflow: hand over, or
+    delete, all of its data in every system it has (a hosting provider's promise)."""
+
+    decision: Literal["offboard"]
+    controller: Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_-]{0,62}$")] = Field(
+        description="the client company's controller (tenant) name")
+    mode: Literal["handover", "delete"]
+    why: Text2000 = Field(description="why, e.g. the contract's end (no personal data)")
+
+
 Command = Annotated[
     Verify | Deny | Extend | Hold | Release | Lift | RetryTask | SkipTask | ReassignTask | CompleteTask
-    | DeclineTask | OpenCase,
+    | DeclineTask | OpenCase | Offboard,
     Field(discriminator="decision"),
 ]
 

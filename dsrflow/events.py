@@ -237,6 +237,10 @@ class TaskAssigned(Event):
     jurisdiction: str | None = Field(
         default=None, description="the case's jurisdiction: the region a system's locally written phones are read in")
     controller: Controller = Field(default=DEFAULT_CONTROLLER, description="the case's controller (tenant)")
+    scope: Literal["subject", "controller"] = Field(
+        default="subject",
+        description="subject: the records of the person the identifiers name; controller: all of the controller's "
+        "data the system holds (a client company leaving: export_all, erase_all), with no identifiers")
 
 
 class Artifact(BaseModel):

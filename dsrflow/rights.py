@@ -38,6 +38,9 @@ class Action(StrEnum):
     stop_automated = "stop_automated"
     #: the DPO lifts a restriction (a command on the original restriction case)
     lift_restriction = "lift_restriction"
+    #: a client company (controller) leaves its processor: hand over, or delete, all of its data
+    export_all = "export_all"
+    erase_all = "erase_all"
 
 
 #: The worker action each right fans out to; rights absent here have no fan-out

@@ -147,6 +147,11 @@ class Settings(BaseSettings):
     )
     pseudonym_key: SecretStr | None = Field(
         default=None, description="key of the keyed hash that replaces a pseudonymised case's identifiers")
+    offboarding_period: timedelta = Field(
+        default=timedelta(days=30),
+        description="how long a processor takes to hand over or delete a leaving client's data, as its contract "
+        "promises (seconds or ISO 8601)",
+    )
     credential: Path | None = Field(
         default=None, description="the CLI's credential file (dsrflow actors add): who the DPO's decisions are by")
     log_level: str = "INFO"
@@ -162,7 +167,7 @@ class Settings(BaseSettings):
         return None if v is not None and not str(v).strip() else v
 
     @field_validator("task_timeout", "outbox_retention", "inbox_retention", "startup_timeout", "task_backoff_max",
-                     "case_data_retention", mode="before")
+                     "case_data_retention", "offboarding_period", mode="before")
     @classmethod
     def _seconds(cls, v: Any) -> Any:
         """A plain number in the environment ("120", "2.5") is seconds, as it is in code;

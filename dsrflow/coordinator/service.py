@@ -25,7 +25,15 @@ from .. import auth, codec, commands, policy, topics
 from ..domain import planner
 from ..domain.case import Case, CaseError, Effects, InvalidTransition, TaskKind
 from ..domain.timeline import Entry, TimelineKind
-from ..events import Artifact, CommandResult, DeadLetter, DecisionCommand, RightsRequested, TaskReceipt
+from ..events import (
+    DEFAULT_CONTROLLER,
+    Artifact,
+    CommandResult,
+    DeadLetter,
+    DecisionCommand,
+    RightsRequested,
+    TaskReceipt,
+)
 from ..exports import BundleError, ExportError, ExportStore, LocalExportStore, build_bundle
 from ..registry import SystemDeclaration, active_systems
 from ..rights import ACTION_FOR_RIGHT, LASTING, CaseStatus, TaskStatus
@@ -193,6 +201,42 @@ class Coordinator:
         await repo.record(conn, fx)
         return case
 
+    async def offboard(self, controller: str, *, handover: bool, by: str, why: str,
+                       now: datetime | None = None) -> uuid.UUID:
+        """A client company (``controller``) leaves the processor that runs dsrflow: one case asks
+        every system of that controller to hand over (``handover``) or delete all of its data,
+        within ``offboarding_period`` (the processor's promise)."""
+        now = now or datetime.now(UTC)
+        async with self.pool.acquire() as conn, conn.transaction():
+            case = await self._offboard_in(conn, controller, handover=handover, by=by, why=why, now=now)
+        return case.case_id
+
+    async def _offboard_in(self, conn: asyncpg.Connection, controller: str, *, handover: bool, by: str, why: str,
+                           now: datetime) -> Case:
+        if not why.strip():
+            raise InvalidTransition("say why the client's data is handed over or deleted (no personal data)")
+        right = "portability" if handover else "erasure"
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext('offboard:' || $1))", controller)
+        if await conn.fetchval("""SELECT 1 FROM cases WHERE controller = $1 AND scope = 'controller'
+                                    AND right_name = $2 AND completed_at IS NULL""", controller, right):
+            raise InvalidTransition(f"controller {controller} is being {'handed over' if handover else 'deleted'} "
+                                    "already: see its open case")
+        systems = await active_systems(conn)
+        if not any(s.controller == controller for s in systems):
+            raise InvalidTransition(f"controller {controller} has no registered system")
+        mode = "handover" if handover else "delete"
+        case, fx = Case.open_offboarding(
+            controller=controller, handover=handover, request_id=f"offboard-{controller}-{mode}-{uuid.uuid4().hex[:8]}",
+            jurisdiction=self.settings.jurisdiction, by=by, why=why, systems=systems, now=now,
+            due_at=now + self.settings.offboarding_period,
+            basis=(f"the processor's promise to {'hand over' if handover else 'delete'} all of a client's data "
+                   f"when it leaves, within {self.settings.offboarding_period.days} days (its contract; "
+                   "DSRFLOW_OFFBOARDING_PERIOD)"))
+        await repo.insert(conn, [case])
+        await repo.record(conn, fx)
+        log.info("controller %s: %s of all its data opened as case %s", controller, mode, case.case_id)
+        return case
+
     def _target(self, jurisdiction: str, received: datetime, due: datetime) -> datetime | None:
         """The organisation's internal target for a case (``settings.internal_target``), if set."""
         spec = self.settings.internal_target
@@ -309,6 +353,12 @@ class Coordinator:
                      now: datetime) -> Case:
         """One decision, inside ``conn``'s transaction (as a savepoint: a refusal undoes only it)."""
         c = cmd
+        if isinstance(c, commands.Offboard):
+            if tenant not in (c.controller, DEFAULT_CONTROLLER):
+                raise InvalidTransition(f"an actor of controller {tenant!r} cannot offboard {c.controller!r}")
+            async with conn.transaction():
+                return await self._offboard_in(conn, c.controller, handover=c.mode == "handover", by=by, why=c.why,
+                                               now=now)
         if isinstance(c, commands.OpenCase):
             if c.request.controller != tenant:
                 raise InvalidTransition(f"an actor of controller {tenant!r} opens cases of that controller only")

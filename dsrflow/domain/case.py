@@ -58,7 +58,7 @@ from ..rights import (
     Right,
     TaskStatus,
 )
-from .planner import UNVERIFIED_REASON, PlannedTask, TaskKind, outcome, plan_for
+from .planner import UNVERIFIED_REASON, Plan, PlannedTask, TaskKind, outcome, plan_for
 from .timeline import Entry, TimelineKind
 
 __all__ = ["Case", "CaseError", "Effects", "InvalidTransition", "Task", "TaskKind", "information_answer"]
@@ -175,6 +175,8 @@ class Case:
     overdue_at: datetime | None = None
     #: when the subject's identifiers, corrections and notes were replaced (closed cases only)
     pseudonymised_at: datetime | None = None
+    #: subject: a person's request; controller: a client company leaving (all of its data)
+    scope: str = "subject"
     tasks: list[Task] = field(default_factory=list)
     dirty: bool = field(default=False, compare=False)
 
@@ -256,7 +258,7 @@ class Case:
             task_id=task.task_id, case_id=self.case_id, system=task.system, action=task.action, right=self.right,
             attempt=task.attempt, identifiers=ids, due_at=self.due_at,
             changes=task.changes if task.action == Action.rectify else None, purposes=self.purposes,
-            jurisdiction=self.jurisdiction, controller=self.controller,
+            jurisdiction=self.jurisdiction, controller=self.controller, scope=self.scope,  # type: ignore[arg-type]
         )
         return topics.tasks_topic(task.system), str(self.case_id), event
 
@@ -321,6 +323,30 @@ class Case:
             return case, fx
         return case, fx.extend(case._fan_out(systems, now))
 
+    @classmethod
+    def open_offboarding(
+        cls, *, controller: str, handover: bool, request_id: str, jurisdiction: str, by: str, why: str,
+        systems: Sequence[SystemDeclaration], now: datetime, due_at: datetime, basis: str,
+    ) -> tuple[Case, Effects]:
+        """A client company (a controller) leaves the processor that runs dsrflow: every system of
+        that controller is asked to hand over (``handover``: export_all, and the case builds the
+        package) or delete (erase_all) all of its data; a system whose worker cannot is a person's
+        task. Nobody's identifiers are involved. Deadlines are the processor's promise (``basis``)."""
+        right = Right.portability if handover else Right.erasure
+        case = cls(
+            case_id=uuid.uuid4(), request_id=request_id, request_event=f"dpo-{uuid.uuid4()}", right=right,
+            jurisdiction=jurisdiction, status=CaseStatus.received, subject={}, received_at=now, ack_due_at=now,
+            due_at=due_at, channel="dpo", opened={"by": by, "why": why.strip()}, controller=controller,
+            scope="controller", dirty=True,
+        )
+        fx = Effects([case._entry(TimelineKind.received, now, event_id=case.request_event, source="dsrflow/dpo",
+                                  right=str(right), jurisdiction=jurisdiction, due_at=due_at.isoformat(),
+                                  ack_due_at=now.isoformat(), basis=basis, verified=[], requester="self",
+                                  scope="controller", controller=controller,
+                                  opened_by_dpo={"by": by, "why_sha256": hashlib.sha256(
+                                      why.strip().encode()).hexdigest()})])
+        return case, fx.extend(case._fan_out(systems, now))
+
     def _waits_for_verification(self) -> bool:
         if self.right in NO_VERIFICATION or self.right == Right.information:
             return False  # an opt-out only suppresses; information comes from the declarations
@@ -358,8 +384,9 @@ class Case:
             return Effects()  # a lifted restriction is never sent again
         systems = self.mine(systems)
         fresh = [s for s in systems if s.name not in self.considered]
-        plan = plan_for(self.right, self.subject, fresh, verified=self.verified_types, changes=self.changes,
-                        purposes=self.purposes)
+        plan = (self._plan_all(fresh) if self.scope == "controller" else
+                plan_for(self.right, self.subject, fresh, verified=self.verified_types, changes=self.changes,
+                         purposes=self.purposes))
         self.considered = sorted({*self.considered, *(s.name for s in fresh)})
         self.dirty = True
         fx = Effects()
@@ -378,6 +405,20 @@ class Case:
         if plan.not_asked:
             fx.timeline.append(self._entry(TimelineKind.systems_not_asked, now, systems=plan.not_asked))
         return fx
+
+    def _plan_all(self, systems: Sequence[SystemDeclaration]) -> Plan:
+        """A client company leaving: every system of the controller hands over or deletes all of it."""
+        action = Action.export_all if self.right in BUNDLED else Action.erase_all
+        out = Plan()
+        for s in sorted(systems, key=lambda s: s.name):
+            if s.supports(action):
+                out.tasks.append(PlannedTask(s.name, action, {}, TaskKind.worker))
+            else:
+                why = "it has no dsrflow worker" if not s.worker else f"its worker cannot {action}"
+                what = "hand over" if action == Action.export_all else "delete"
+                out.tasks.append(PlannedTask(s.name, action, {}, TaskKind.manual,
+                                             f"{why}: a person must {what} all of this client's data in it"))
+        return out
 
     def _new_task(self, p: PlannedTask, now: datetime) -> Task:
         task = Task(task_id=uuid.uuid4(), case_id=self.case_id, system=p.system, action=p.action,
@@ -595,8 +636,9 @@ class Case:
             if any(t.system == to_system and t.action == task.action for t in self.tasks):
                 raise InvalidTransition(f"system {to_system} has a {task.action} task in this case already")
             # planned as intake would: the identifiers it may use, its action, or a person when none can
-            plan = plan_for(self.right, self.subject, [target], verified=self.verified_types, changes=self.changes,
-                            purposes=self.purposes)
+            plan = (self._plan_all([target]) if self.scope == "controller" else
+                    plan_for(self.right, self.subject, [target], verified=self.verified_types, changes=self.changes,
+                             purposes=self.purposes))
             if not plan.tasks:
                 why = "; ".join(f"{v}" for v in plan.not_asked.values()) or "it is not concerned by this right"
                 raise InvalidTransition(f"system {to_system} would not be asked for this case: {why}")

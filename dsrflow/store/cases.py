@@ -65,7 +65,7 @@ def _case(row: Mapping[str, Any], tasks: Iterable[Task]) -> Case:
         extension=_loads(row["extension"]), hold=_loads(row["hold"]), opened=_loads(row["opened"]),
         controller=row["controller"], acknowledged_at=row["acknowledged_at"], target_at=row["target_at"],
         warned_at=row["warned_at"], target_passed_at=row["target_passed_at"], overdue_at=row["overdue_at"],
-        pseudonymised_at=row["pseudonymised_at"],
+        pseudonymised_at=row["pseudonymised_at"], scope=row["scope"],
         tasks=sorted(tasks, key=lambda t: (t.system, t.action)),
     )
 
@@ -107,7 +107,7 @@ def _case_params(c: Case) -> tuple[Any, ...]:
         c.received_at, c.ack_due_at, c.due_at, c.completed_at, _j(c.outcome),
         _j(c.bundle.model_dump(mode="json")) if c.bundle else None, _j(c.verification or None), _j(c.requester),
         c.lifted_at, c.considered, c.max_extension_until, c.original_due_at, _j(c.extension), _j(c.hold),
-        _j(c.opened), c.controller, c.acknowledged_at, c.target_at,
+        _j(c.opened), c.controller, c.acknowledged_at, c.target_at, c.scope,
     )
 
 
@@ -117,9 +117,9 @@ async def insert(conn: asyncpg.Connection, cases: Sequence[Case]) -> None:
         """INSERT INTO cases (case_id, request_id, request_event, right_name, jurisdiction, status, subject, verified,
                channel, changes, purposes, received_at, ack_due_at, due_at, completed_at, outcome, bundle,
                verification, requester, lifted_at, considered, max_extension_until, original_due_at, extension,
-               hold, opened, controller, acknowledged_at, target_at)
+               hold, opened, controller, acknowledged_at, target_at, scope)
            VALUES ($1,$2,$3,$4,$5,$6,$7::jsonb,$8,$9,$10::jsonb,$11::jsonb,$12,$13,$14,$15,$16::jsonb,$17::jsonb,
-                   $18::jsonb,$19::jsonb,$20,$21,$22,$23,$24::jsonb,$25::jsonb,$26::jsonb,$27,$28,$29)""",
+                   $18::jsonb,$19::jsonb,$20,$21,$22,$23,$24::jsonb,$25::jsonb,$26::jsonb,$27,$28,$29,$30)""",
         [_case_params(c) for c in cases],
     )
     for c in cases:
@@ -172,7 +172,17 @@ async def record(conn: asyncpg.Connection, effects: Effects, *, extra: Iterable[
     dead letters) in the outbox. Call after :func:`insert` / :func:`save`, in the same transaction."""
     heads = await append(conn, effects.timeline)
     # One CaseUpdated per case per unit of work: the last one, which holds the state being committed,
-    # with the timeline's new head as an anchor outside the case store.
+    # with the timeline's new head as an anchor outside the case store. A case whose timeline grew
+    # without one (a duplicate request noted on it, say) gets one too, so the anchor on the topic
+    # never lags the table.
+    events_in = list(effects.events)
+    published = {key for topic, key, _ in events_in if topic == topics.CASES}
+    unanchored = [case_id for case_id in heads if str(case_id) not in published]
+    if unanchored:
+        at = max(e.at for e in effects.timeline)
+        for case in (await load(conn, unanchored)).values():
+            events_in.append(case.case_event(at))
+    effects = Effects(effects.timeline, events_in)
     last_state = {key: i for i, (topic, key, _) in enumerate(effects.events) if topic == topics.CASES}
     events = []
     for i, (topic, key, event) in enumerate(effects.events):

@@ -109,6 +109,7 @@ class TaskRow:
     decided_by: str | None = None
     note: str | None = None
     case_id: UUID | None = None
+    assignee: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,7 +218,7 @@ async def get_case(db: Executor, case_id: UUID, *, now: datetime) -> CaseDetail 
 
 
 _TASK_COLUMNS = """task_id, case_id, system, action, status, attempt, dispatched_at, completed_at, result, error,
-                   kind, reason, decided_by, note"""
+                   kind, reason, decided_by, note, assignee"""
 
 
 def _task_row(r: Mapping[str, Any]) -> TaskRow:
@@ -225,7 +226,7 @@ def _task_row(r: Mapping[str, Any]) -> TaskRow:
         task_id=r["task_id"], system=r["system"], action=r["action"], status=r["status"], attempt=r["attempt"],
         dispatched_at=r["dispatched_at"], completed_at=r["completed_at"], result=_json(r["result"]),
         error=r["error"], kind=r["kind"], reason=r["reason"], decided_by=r["decided_by"], note=r["note"],
-        case_id=r["case_id"],
+        case_id=r["case_id"], assignee=r["assignee"],
     )
 
 

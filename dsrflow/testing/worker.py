@@ -29,6 +29,10 @@ _RIGHT_FOR_ACTION: dict[Action, Right] = {}
 for _right, _action in ACTION_FOR_RIGHT.items():
     _RIGHT_FOR_ACTION.setdefault(_action, _right)
 _RIGHT_FOR_ACTION[Action.lift_restriction] = Right.restriction  # a command on the restriction's case
+# a client company leaving: handing over all of its data, or deleting it
+_RIGHT_FOR_ACTION[Action.export_all] = Right.portability
+_RIGHT_FOR_ACTION[Action.erase_all] = Right.erasure
+_WHOLE_CONTROLLER = frozenset({Action.export_all, Action.erase_all})
 
 
 def make_task(
@@ -44,12 +48,14 @@ def make_task(
     changes: Mapping[str, str] | None = None,
     purposes: list[str] | None = None,
     region: str | None = identity.DEFAULT_REGION,
+    controller: str = "default",
 ) -> TaskAssigned:
     """A TaskAssigned as the coordinator would send it: identifiers in the normal form of
     :mod:`dsrflow.identity` (email lower-cased, phone in E.164 with a local number read in
     ``region``, Vietnam by default), the right inferred from the action."""
     action = Action(action)
-    if not identifiers:
+    whole = action in _WHOLE_CONTROLLER  # export_all, erase_all: no identifiers, all of the controller's data
+    if not identifiers and not whole:
         raise ValueError("make_task needs at least one identifier")
     normalised = {IdentifierType(k): identity.normalise(k, v, region=region) for k, v in identifiers.items()}
     return TaskAssigned(
@@ -63,6 +69,8 @@ def make_task(
         due_at=due_at or datetime.now(UTC) + timedelta(days=20),
         changes=dict(changes) if changes is not None else None,
         purposes=purposes,
+        controller=controller,
+        scope="controller" if whole else "subject",
     )
 
 

@@ -196,8 +196,13 @@ class Worker:
                 log, {"task_id": str(task.task_id), "case_id": str(task.case_id), "system": self.name}
             ),
         )
-        if not ctx.identifiers:
+        if task.controller != self.system.controller:
+            return Result.refused(f"task of controller {task.controller!r}; system {self.name!r} holds the data of "
+                                  f"{self.system.controller!r}")
+        if task.scope == "subject" and not ctx.identifiers:
             return Result.refused(f"task carries no identifier type that system {self.name!r} searches by")
+        if (task.scope == "controller") != (action in (Action.export_all, Action.erase_all)):
+            return Result.refused(f"a task about all of a controller's data is export_all or erase_all, not {action!s}")
         handler = self._handlers[action]
         timeout = self.task_timeout.total_seconds()
         deadline = asyncio.timeout(timeout)

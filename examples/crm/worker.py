@@ -92,6 +92,7 @@ SYSTEM = SystemDeclaration(
     actions=(
         Action.export, Action.erase, Action.rectify, Action.restrict, Action.lift_restriction, Action.revoke_consent,
         Action.suppress_marketing, Action.suppress_sale_share, Action.suppress_tracking, Action.stop_automated,
+        Action.export_all, Action.erase_all,
     ),
     purposes=(
         "essential.service",  # sales and customer support
@@ -380,6 +381,39 @@ async def _correct_home_addresses(conn: asyncpg.Connection, ids: list[int], fixe
                                home["id"], *(new[k] for k in _ADDRESS_KEYS))
         changed += 1
     return changed
+
+
+# -- the client company leaves: all of its data --------------------------------------------------
+
+#: Every table of the CRM, children before the contacts they point to; the suppression list last.
+_ALL_TABLES = (*_CHILDREN, "contacts", "marketing_suppressions")
+
+
+@worker.handler(Action.export_all)
+async def export_all(ctx: TaskContext) -> Result:
+    """Hand over everything this CRM holds for its controller (the client company leaving): every
+    table, as one export, read in one snapshot."""
+    async with db.pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+        tables = {table: [dict(r) for r in await conn.fetch(f"SELECT * FROM {table} ORDER BY 1")]
+                  for table in _ALL_TABLES}
+    records = sum(len(rows) for rows in tables.values())
+    artifact = await ctx.export({"system": NAME, "controller": ctx.task.controller, "tables": tables},
+                                records=records)
+    return Result.succeeded(counts={"records": records, **{t: len(r) for t, r in tables.items()}},
+                            categories=list(SYSTEM.categories), artifacts=[artifact])
+
+
+@worker.handler(Action.erase_all)
+async def erase_all(ctx: TaskContext) -> Result:
+    """Delete everything this CRM holds for its controller (the client company leaving), children
+    first, in one transaction; then check that every table is empty."""
+    async with db.pool.acquire() as conn:
+        async with conn.transaction():
+            deleted = {table: rowcount(await conn.execute(f"DELETE FROM {table}")) for table in _ALL_TABLES}
+        left = await conn.fetchval("SELECT " + " + ".join(f"(SELECT count(*) FROM {t})" for t in _ALL_TABLES))
+    if left:
+        return Result.failed(f"{left} row(s) still here after erasing everything", retryable=True)
+    return Result.succeeded(counts={"erased": sum(deleted.values()), **deleted})
 
 
 @worker.handler(Action.rectify)

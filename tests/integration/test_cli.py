@@ -974,3 +974,28 @@ async def test_actors_list_shows_key_ids_and_never_keys(tmp_path: Path, case_sto
                                    "retention ran out", "--controller", "acme", "--credential", dpo, tmp=tmp_path,
                                    env=env)
     assert mine.code == 0 and mine.stdout.startswith("opened case ") and "for dpo" in mine.stdout, mine
+
+
+async def test_a_client_company_leaving_from_the_command_line(tmp_path: Path, case_store: str) -> None:
+    env = {"DSRFLOW_PG_DSN": case_store}
+    spec = tmp_path / "acme-helpdesk.toml"
+    spec.write_text('name = "acme-helpdesk"\nidentifier_types = ["email"]\nworker = false\ncontroller = "acme"\n')
+    declared = await asyncio.to_thread(dsrflow, "systems", "declare", str(spec), tmp=tmp_path, env=env)
+    assert declared.code == 0, declared
+    host = await enroll("dpo-host", "dpo", tmp=tmp_path, env=env)
+    missing = await asyncio.to_thread(dsrflow, "cases", "offboard", "--controller", "acme", "--reason", "left",
+                                      "--credential", host, tmp=tmp_path, env=env)
+    assert_error(missing, "--handover", code=2)
+    run = await asyncio.to_thread(dsrflow, "cases", "offboard", "--controller", "acme", "--delete", "--reason",
+                                  "contract ended 2026-11-30", "--credential", host, "--json", tmp=tmp_path, env=env)
+    assert run.code == 0, run
+    doc = orjson.loads(run.stdout)
+    assert doc["actor"] == "dpo-host" and doc["status"] == "in_progress"
+    listed = await asyncio.to_thread(dsrflow, "cases", "list", "--controller", "acme", "--json", tmp=tmp_path, env=env)
+    assert [c["case_id"] for c in orjson.loads(listed.stdout)] == [doc["case_id"]]
+    tasks = await asyncio.to_thread(dsrflow, "tasks", "list", "--json", tmp=tmp_path, env=env)
+    [task] = [t for t in orjson.loads(tasks.stdout) if t["case_id"] == doc["case_id"]]
+    assert (task["system"], task["action"], task["kind"]) == ("acme-helpdesk", "erase_all", "manual")
+    twice = await asyncio.to_thread(dsrflow, "cases", "offboard", "--controller", "acme", "--delete", "--reason",
+                                    "again", "--credential", host, tmp=tmp_path, env=env)
+    assert_error(twice, "already")

@@ -486,3 +486,81 @@ async def test_a_command_received_again_gets_its_first_result(coordinator: Coord
     assert again.controller == "default"
     assert await pool.fetchval("SELECT count(*) FROM outbox WHERE topic = $1", topics.COMMAND_RESULTS) == 1
     assert len([e for e in await timeline(pool, rid) if e["kind"] == "held"]) == 1
+
+
+async def test_a_duplicate_request_noted_on_a_case_moves_its_anchor_on_the_topic(
+    coordinator: Coordinator, pool: asyncpg.Pool
+) -> None:
+    req = RightsRequested.model_validate({"request_id": "dup-anchor", "right": "complaint", "verified": True,
+                                          "subject": {"identifiers": {"email": "an@example.vn"}}})
+    for _ in range(2):  # a client retry: same request, new event id
+        value, headers = codec.encode(req, source="privacy-centre")
+        await coordinator.handle_requests([record(topics.REQUESTS, value, headers, b"dup-anchor")])
+    entries = await timeline(pool, "dup-anchor")
+    assert entries[-1]["kind"] == "duplicate_request"
+    last = await pool.fetchrow("SELECT value FROM outbox WHERE topic = $1 ORDER BY id DESC LIMIT 1", topics.CASES)
+    anchor = orjson.loads(last["value"])
+    assert anchor["timeline_length"] == len(entries)
+    assert anchor["timeline_head"] == bytes(entries[-1]["hash"]).hex()
+
+
+# -- a client company leaves ---------------------------------------------------------------------------
+
+
+async def test_a_client_company_leaving_has_all_its_data_handed_over_then_deleted(
+    coordinator: Coordinator, pool: asyncpg.Pool
+) -> None:
+    from dsrflow import auth
+
+    whole = ("export_all", "erase_all")
+    acme_crm = SystemDeclaration(name="acme-crm", identifier_types=("email",), actions=("export", "erase", *whole),
+                                 controller="acme")
+    acme_mail = SystemDeclaration(name="acme-mail", identifier_types=("email",), worker=False, controller="acme")
+    beta_crm = SystemDeclaration(name="beta-crm", identifier_types=("email",), actions=("export", "export_all"),
+                                 controller="beta")
+    await systems(pool, acme_crm, acme_mail, beta_crm)
+    async with pool.acquire() as conn:
+        for name, tenant in (("dpo-beta", "beta"), ("dpo-host", "default")):
+            await auth.add_actor(conn, name, "dpo", tenant=tenant)
+        beta, host = auth.generate_credential("dpo-beta"), auth.generate_credential("dpo-host")
+        for cred in (beta, host):
+            await auth.add_key(conn, cred.actor, cred.public_pem(), key_id=cred.key_id)
+    handover = {"decision": "offboard", "controller": "acme", "mode": "handover", "why": "contract ended 2026-11-30"}
+    refused = await coordinator.execute(auth.sign_command(beta, handover), fallback_id="x")
+    assert not refused.accepted and "cannot offboard" in (refused.error or "")
+    result = await coordinator.execute(auth.sign_command(host, handover), fallback_id="y")
+    assert result.accepted and result.actor == "dpo-host"
+    again = await coordinator.execute(auth.sign_command(host, handover), fallback_id="z")
+    assert not again.accepted and "already" in (again.error or "")
+    case = await pool.fetchrow("SELECT * FROM cases WHERE case_id = $1", result.case_id)
+    assert (case["scope"], case["controller"], case["right_name"]) == ("controller", "acme", "portability")
+    assert orjson.loads(case["subject"]) == {}
+    t = await tasks(pool, case["request_id"])
+    assert {k: (v["action"], v["kind"]) for k, v in t.items()} == {
+        "acme-crm": ("export_all", "worker"), "acme-mail": ("export_all", "manual")}
+    sent = await pool.fetch("SELECT value FROM outbox WHERE topic LIKE 'dsr.tasks.%'")
+    assert [(e["system"], e["scope"], e["identifiers"]) for e in map(lambda r: orjson.loads(r["value"]), sent)] == [
+        ("acme-crm", "controller", {})]
+    import hashlib
+
+    from dsrflow.exports.store import export_key
+
+    body = orjson.dumps({"tables": {"contacts": [{"id": 1}]}})
+    key = export_key(case["case_id"], "acme-crm", t["acme-crm"]["task_id"], 1,
+                     digest=hashlib.sha256(body).hexdigest())
+    artifacts = [coordinator.exports.put(key, body, records=1).model_dump(mode="json")]
+    await coordinator.handle_receipts([receipt(t["acme-crm"], "succeeded", counts={"records": 1},
+                                               artifacts=artifacts)])
+    await coordinator.resolve_manual_task(case["case_id"], t["acme-mail"]["task_id"], by="ops", note="mailbox exported",
+                                          resolution=TaskStatus.succeeded)
+    case = await pool.fetchrow("SELECT * FROM cases WHERE case_id = $1", result.case_id)
+    assert case["status"] == "completed" and case["bundle"] is not None  # the handover package
+    assert await notices(pool, case["request_id"]) == []  # a client company, not a data subject
+
+    deletion = await coordinator.execute(auth.sign_command(beta, {**handover, "controller": "beta", "mode": "delete"}),
+                                         fallback_id="w")
+    assert deletion.accepted
+    t = await tasks(pool, (await pool.fetchrow("SELECT request_id FROM cases WHERE case_id = $1",
+                                               deletion.case_id))["request_id"])
+    assert {k: v["action"] for k, v in t.items()} == {"beta-crm": "erase_all"}
+    assert t["beta-crm"]["kind"] == "manual"  # beta's worker declares no erase_all: a person deletes it

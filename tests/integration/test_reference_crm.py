@@ -431,3 +431,28 @@ async def test_crm_erase_takes_restrictions_consents_and_tracking_with_the_conta
         assert await conn.fetchval(f"SELECT count(*) FROM {table} WHERE contact_id = $1", row["id"]) == 0
     assert await conn.fetchval("SELECT count(*) FROM contacts") == len(crm_seed.contacts()) - 1
 
+
+
+async def test_the_client_company_leaving_gets_everything_handed_over_then_deleted(
+    conn: asyncpg.Connection,
+) -> None:
+    store = MemoryExportStore()
+    before = {t: await conn.fetchval(f"SELECT count(*) FROM {t}") for t in crm._ALL_TABLES}
+    assert before["contacts"] > 20 and before["addresses"] > 0
+    handed = await run_task(crm.worker, make_task("crm", Action.export_all, {}), store=store)
+    assert handed.status == ReceiptStatus.succeeded
+    assert {t: handed.counts[t] for t in crm._ALL_TABLES} == before
+    package = orjson.loads(store.get(handed.artifacts[0].ref))
+    assert len(package["tables"]["contacts"]) == before["contacts"]
+    assert A.email in {c["email"] for c in package["tables"]["contacts"]}
+    # a task about one person is never an erase_all, and a task of another controller is refused
+    forged = make_task("crm", Action.erase_all, {"email": A.email}).model_copy(update={"scope": "subject"})
+    assert (await run_task(crm.worker, forged)).status == ReceiptStatus.refused
+    other = make_task("crm", Action.erase_all, {}, controller="acme")
+    assert (await run_task(crm.worker, other)).status == ReceiptStatus.refused
+    assert await conn.fetchval("SELECT count(*) FROM contacts") == before["contacts"]
+
+    deleted = await run_task(crm.worker, make_task("crm", Action.erase_all, {}))
+    assert deleted.status == ReceiptStatus.succeeded
+    assert deleted.counts["erased"] == sum(before.values())
+    assert {t: await conn.fetchval(f"SELECT count(*) FROM {t}") for t in crm._ALL_TABLES} == dict.fromkeys(before, 0)

@@ -19,6 +19,9 @@ ALTER TABLE cases ADD COLUMN overdue_at timestamptz;        -- ... the case went
 ALTER TABLE cases ADD COLUMN pseudonymised_at timestamptz;  -- identifiers, corrections and notes replaced
 CREATE INDEX cases_open_due_idx ON cases (due_at) WHERE completed_at IS NULL;
 
+-- subject: a data subject's request; controller: a client company leaving its processor (all its data)
+ALTER TABLE cases ADD COLUMN scope text NOT NULL DEFAULT 'subject' CHECK (scope IN ('subject', 'controller'));
+
 ALTER TABLE tasks ADD COLUMN assignee text;                 -- the person a manual task is assigned to
 
 ALTER TABLE case_timeline DROP CONSTRAINT case_timeline_kind_check;
