@@ -35,6 +35,7 @@ from ..events import (
     TaskReceipt,
 )
 from ..exports import BundleError, ExportError, ExportStore, LocalExportStore, build_bundle
+from ..exports.store import case_prefix
 from ..registry import SystemDeclaration, active_systems
 from ..rights import ACTION_FOR_RIGHT, LASTING, CaseStatus, TaskStatus
 from ..settings import Settings
@@ -569,10 +570,11 @@ class Coordinator:
                  for a in (t.result or {}).get("artifacts", [])]
         for system, artifact in parts:
             # A receipt may only bring its own system's exports for this case into the bundle.
-            if not artifact.ref.startswith(f"cases/{case.case_id}/{system}/"):
+            if not artifact.ref.startswith(f"{case_prefix(case.case_id, case.controller)}{system}/"):
                 raise BundleError(f"export of system {system!r} is not one of this case's: {artifact.ref}")
         return await asyncio.to_thread(
             build_bundle, self.exports, case_id=case.case_id, request_id=case.request_id, parts=parts,
+            controller=case.controller,
             systems_without_data=sorted(t.system for t in case.tasks if t.status == TaskStatus.not_found),
             systems_not_exported={t.system: (f"{t.status}, by a person: {t.note}" if t.kind == TaskKind.manual
                                              else str(t.status))

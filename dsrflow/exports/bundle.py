@@ -71,6 +71,7 @@ def build_bundle(
     systems_without_data: Iterable[str] = (),
     systems_not_exported: Mapping[str, str] | None = None,
     generated_at: datetime | None = None,
+    controller: str = "default",
 ) -> Artifact:
     """Build and store the access bundle of a case; return its claim check.
 
@@ -131,7 +132,8 @@ def build_bundle(
             info.external_attr = 0o600 << 16
             info.create_system = 3  # unix, whatever builds it, so the bytes do not depend on the host
             zf.writestr(info, data)
-    return store.put(bundle_key(case_id), buf.getvalue(), records=manifest["records"], media_type=MEDIA_TYPE)
+    return store.put(bundle_key(case_id, controller), buf.getvalue(), records=manifest["records"],
+                     media_type=MEDIA_TYPE)
 
 
 def read_bundle(data: bytes) -> tuple[dict[str, Any], dict[str, bytes]]:

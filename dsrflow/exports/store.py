@@ -84,9 +84,11 @@ def validate_key(key: str) -> str:
 
 
 def export_key(
-    case_id: UUID | str, system: str, task_id: UUID | str, attempt: int, *, digest: str, part: int = 1
+    case_id: UUID | str, system: str, task_id: UUID | str, attempt: int, *, digest: str, part: int = 1,
+    controller: str = "default",
 ) -> str:
-    """The key of a worker's export: ``cases/<case_id>/<system>/<task_id>-<attempt>-<digest16>.json``.
+    """The key of a worker's export: ``cases/<case_id>/<system>/<task_id>-<attempt>-<digest16>.json``
+    (under ``controllers/<controller>/`` for a controller other than the default).
 
     A handler that exports more than one file gets ``-<part>`` before the digest for parts after
     the first. The key ends with the first 16 hex digits of the content's sha256, so exports
@@ -97,12 +99,24 @@ def export_key(
     if len(digest) < 16:
         raise ValueError("digest must be a hex sha256")
     suffix = "" if part == 1 else f"-{part}"
-    return validate_key(f"cases/{case_id}/{system}/{task_id}-{attempt}{suffix}-{digest[:16]}.json")
+    return validate_key(f"{case_prefix(case_id, controller)}{system}/{task_id}-{attempt}{suffix}-{digest[:16]}.json")
 
 
-def bundle_key(case_id: UUID | str) -> str:
-    """The key of an access case's bundle: ``bundles/<case_id>.zip``."""
-    return validate_key(f"bundles/{case_id}.zip")
+def controller_prefix(controller: str = "default") -> str:
+    """Where a controller's (tenant's) exports live: the store's root for the default controller,
+    ``controllers/<controller>/`` for the others (docs/tenants.md), so each tenant's exports can be
+    given their own credentials and lifecycle rules by prefix."""
+    return "" if controller == "default" else f"controllers/{controller}/"
+
+
+def case_prefix(case_id: UUID | str, controller: str = "default") -> str:
+    """The prefix of a case's exports: ``[controllers/<controller>/]cases/<case_id>/``."""
+    return f"{controller_prefix(controller)}cases/{case_id}/"
+
+
+def bundle_key(case_id: UUID | str, controller: str = "default") -> str:
+    """The key of an access case's bundle: ``[controllers/<controller>/]bundles/<case_id>.zip``."""
+    return validate_key(f"{controller_prefix(controller)}bundles/{case_id}.zip")
 
 
 def _artifact(key: str, data: bytes, records: int, media_type: str) -> Artifact:

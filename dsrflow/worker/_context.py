@@ -75,6 +75,7 @@ class TaskContext:
         body = data if isinstance(data, bytes) else to_json(data)
         self._parts += 1
         key = export_key(self.task.case_id, self.system.name, self.task.task_id, self.task.attempt,
-                         digest=hashlib.sha256(body).hexdigest(), part=self._parts)
+                         digest=hashlib.sha256(body).hexdigest(), part=self._parts,
+                         controller=self.task.controller)
         # File I/O off the event loop: other tasks of the batch keep running.
         return await asyncio.to_thread(self.store.put, key, body, records=records, media_type=media_type)

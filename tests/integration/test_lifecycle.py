@@ -564,3 +564,43 @@ async def test_a_client_company_leaving_has_all_its_data_handed_over_then_delete
                                                deletion.case_id))["request_id"])
     assert {k: v["action"] for k, v in t.items()} == {"beta-crm": "erase_all"}
     assert t["beta-crm"]["kind"] == "manual"  # beta's worker declares no erase_all: a person deletes it
+
+
+async def test_a_controllers_exports_and_bundle_live_under_its_own_prefix(
+    coordinator: Coordinator, pool: asyncpg.Pool
+) -> None:
+    import hashlib
+
+    from dsrflow.exports.store import export_key
+    from dsrflow.testing.worker import make_task, run_task
+    from dsrflow.worker import Result, Worker
+
+    beta_crm = SystemDeclaration(name="beta-crm", identifier_types=("email",), actions=("export",), controller="beta")
+    worker = Worker(beta_crm)
+
+    @worker.handler("export")  # type: ignore[arg-type]
+    async def export(ctx: Any) -> Result:
+        return Result.succeeded(counts={"records": 1}, artifacts=[await ctx.export({"contact": "x"}, records=1)])
+
+    await systems(pool, beta_crm)
+    rid = await submit(coordinator, "access", {"email": "an@beta.vn"}, controller="beta")
+    t = await tasks(pool, rid)
+    task = make_task("beta-crm", "export", {"email": "an@beta.vn"}, case_id=t["beta-crm"]["case_id"],
+                     task_id=t["beta-crm"]["task_id"], controller="beta")
+    done = await run_task(worker, task, store=coordinator.exports)
+    assert done.artifacts[0].ref.startswith(f"controllers/beta/cases/{t['beta-crm']['case_id']}/beta-crm/")
+    value, headers = codec.encode(done, source="worker/beta-crm")
+    await coordinator.handle_receipts([record(topics.RECEIPTS, value, headers)])
+    case = await case_of(pool, rid)
+    assert case["status"] == "completed"
+    assert orjson.loads(case["bundle"])["ref"] == f"controllers/beta/bundles/{case['case_id']}.zip"
+
+    # an export under the default controller's prefix is not one of beta's case's: the case fails
+    rid = await submit(coordinator, "access", {"email": "binh@beta.vn"}, controller="beta")
+    t = await tasks(pool, rid)
+    body = b'{"contact": "y"}'
+    wrong = coordinator.exports.put(export_key(t["beta-crm"]["case_id"], "beta-crm", t["beta-crm"]["task_id"], 1,
+                                               digest=hashlib.sha256(body).hexdigest()), body, records=1)
+    await coordinator.handle_receipts([receipt(t["beta-crm"], "succeeded", artifacts=[wrong.model_dump(mode="json")])])
+    case = await case_of(pool, rid)
+    assert case["status"] == "failed" and "not one of this case's" in orjson.loads(case["outcome"])["bundle_error"]

@@ -51,6 +51,7 @@ EXAMPLES: dict[str, dict[str, Any]] = {
                   "request": {"request_id": "dpo-1", "right": "erasure", "jurisdiction": "VN",
                               "subject": {"identifiers": {"email": " Lan.Nguyen@Example.VN",
                                                           "phone": "0912 345 678"}}}},
+    "offboard": {"decision": "offboard", "controller": "acme", "mode": "handover", "why": "contract ended"},
 }
 
 
