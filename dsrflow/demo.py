@@ -512,9 +512,40 @@ async def dpo_decisions(settings: Settings, people: Mapping[str, Any]) -> list[t
         by = orjson.loads(first["detail"]).get("opened_by_dpo", {}).get("by") if first else None
         checks.append(("a case with no request behind it: an under-16 account's deletion, opened by the DPO",
                        opened.accepted and by == DPO))
+        checks += await _client_leaves(settings, conn)
     finally:
         await conn.close()
     return checks
+
+
+async def _client_leaves(settings: Settings, conn: asyncpg.Connection) -> list[tuple[str, bool]]:
+    """A client company (controller "acme") leaves the processor: its helpdesk, a system with no
+    dsrflow worker, is handed over by the operator, then its deletion is skipped by the DPO with the
+    reason (the vendor deletes it at the contract's end), so the case says so."""
+    from .registry import SystemDeclaration, register
+
+    await register(conn, SystemDeclaration(name="acme-helpdesk", identifier_types=(IdentifierType.email,),
+                                           worker=False, controller="acme",
+                                           description="acme's helpdesk, hosted for it by the processor"))
+    steps: list[bool] = []
+    for mode in ("handover", "delete"):
+        opened = await decide(settings, DPO, {"decision": "offboard", "controller": "acme", "mode": mode,
+                                              "why": "acme's contract ended on 2026-11-30"})
+        task = await conn.fetchrow("SELECT task_id, action, kind FROM tasks WHERE case_id = $1", opened.case_id)
+        ids = {"case_id": str(opened.case_id), "task_id": str(task["task_id"])}
+        if mode == "handover":
+            await decide(settings, DPO, {"decision": "reassign_task", **ids, "to_person": OPERATOR,
+                                         "reason": "the operator exports acme's helpdesk"})
+            done = await decide(settings, OPERATOR, {"decision": "complete_task", **ids, "resolution": "succeeded",
+                                                     "note": "helpdesk export delivered to acme's SFTP (HD-12)"})
+            steps.append(task["action"] == "export_all" and done.accepted and str(done.case_status) == "completed")
+        else:
+            done = await decide(settings, DPO, {"decision": "skip_task", **ids,
+                                                "reason": "the helpdesk vendor deletes it at the contract's end"})
+            steps.append(task["action"] == "erase_all" and done.accepted
+                         and str(done.case_status) == "completed_with_exceptions")
+    return [("a client company leaves: its data handed over by the operator, its deletion skipped with the "
+             "reason (completed with exceptions)", all(steps) and len(steps) == 2)]
 
 
 async def reference_checks(settings: Settings, people: Mapping[str, Any] | None = None) -> list[tuple[str, bool]]:

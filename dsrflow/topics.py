@@ -94,6 +94,10 @@ def generate_schemas() -> dict[str, bytes]:
             **schema,
         }
         out[f"{name}.v1.json"] = orjson.dumps(schema, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n"
+    from .commands import command_json_schema  # the decision inside a DecisionCommand's token
+
+    out["Command.v1.json"] = orjson.dumps(command_json_schema(), option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
+    out["Command.v1.json"] += b"\n"
     return out
 
 

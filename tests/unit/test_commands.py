@@ -209,3 +209,17 @@ def test_the_json_schema_accepts_the_examples_and_refuses_what_the_models_refuse
     for bad in ({**EXAMPLES["release"], "by": "x"}, {"decision": "nope", "case_id": CASE},
                 {**EXAMPLES["hold"], "kind": "because"}, {k: v for k, v in EXAMPLES["deny"].items() if k != "reason"}):
         assert not validator.is_valid(bad)
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_each_example_is_valid_against_the_committed_schema(name: str) -> None:
+    """A DPO tool in another language builds its commands from topics/schemas/Command.v1.json."""
+    import jsonschema
+    import orjson
+
+    from dsrflow.topics import topics_dir
+
+    schema = orjson.loads((topics_dir() / "schemas" / "Command.v1.json").read_bytes())
+    jsonschema.validate(EXAMPLES[name], schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({**EXAMPLES[name], "by": "someone"}, schema)  # who decided is never in the command
