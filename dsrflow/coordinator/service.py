@@ -35,9 +35,9 @@ from ..events import (
     TaskReceipt,
 )
 from ..exports import BundleError, ExportError, ExportStore, LocalExportStore, build_bundle
-from ..exports.store import case_prefix
+from ..exports.store import case_prefix, controller_prefix
 from ..registry import SystemDeclaration, active_systems
-from ..rights import ACTION_FOR_RIGHT, LASTING, CaseStatus, TaskStatus
+from ..rights import ACTION_FOR_RIGHT, LASTING, CaseStatus, Right, TaskStatus
 from ..settings import Settings
 from ..store import cases as repo
 from ..store import outbox
@@ -216,12 +216,14 @@ class Coordinator:
                            now: datetime) -> Case:
         if not why.strip():
             raise InvalidTransition("say why the client's data is handed over or deleted (no personal data)")
-        right = "portability" if handover else "erasure"
+        if controller == DEFAULT_CONTROLLER:
+            raise InvalidTransition("the default controller is the deployment's own: it is never offboarded")
         await conn.execute("SELECT pg_advisory_xact_lock(hashtext('offboard:' || $1))", controller)
-        if await conn.fetchval("""SELECT 1 FROM cases WHERE controller = $1 AND scope = 'controller'
-                                    AND right_name = $2 AND completed_at IS NULL""", controller, right):
-            raise InvalidTransition(f"controller {controller} is being {'handed over' if handover else 'deleted'} "
-                                    "already: see its open case")
+        open_case = await conn.fetchval("""SELECT right_name FROM cases WHERE controller = $1 AND scope = 'controller'
+                                             AND completed_at IS NULL LIMIT 1""", controller)
+        if open_case is not None:  # a deletion never overtakes a hand-over still running, nor the reverse
+            doing = "handed over" if open_case == "portability" else "deleted"
+            raise InvalidTransition(f"controller {controller}'s data is being {doing}: that case finishes first")
         systems = await active_systems(conn)
         if not any(s.controller == controller for s in systems):
             raise InvalidTransition(f"controller {controller} has no registered system")
@@ -248,16 +250,17 @@ class Coordinator:
 
     # -- the DPO's decisions --------------------------------------------------
     async def _decide(self, case_id: uuid.UUID, decide: Callable[[Case, list[SystemDeclaration]], Effects],
-                      now: datetime, *, conn: asyncpg.Connection | None = None, controller: str | None = None) -> Case:
+                      now: datetime, *, conn: asyncpg.Connection | None = None, controller: str | None = None,
+                      decision: str | None = None) -> Case:
         """Load and lock the case, apply ``decide``, settle it, and record it all in one
         transaction (a savepoint inside ``conn``'s, when given). ``controller``: the decider's
         tenant; a case of another controller is not found."""
         if conn is None:
             async with self.pool.acquire() as own:
-                return await self._decide(case_id, decide, now, conn=own, controller=controller)
+                return await self._decide(case_id, decide, now, conn=own, controller=controller, decision=decision)
         async with conn.transaction():
             case = (await repo.load(conn, [case_id])).get(case_id)
-            if case is None or (controller is not None and not _may_decide(controller, case)):
+            if case is None or (controller is not None and not _may_decide(controller, case, decision)):
                 raise CaseNotFound(f"no case {case_id}")
             systems = await active_systems(conn)
             fx = decide(case, systems)
@@ -304,7 +307,7 @@ class Coordinator:
             decision = str(who.cmd.get("decision"))[:64] if isinstance(who.cmd.get("decision"), str) else None
             base: dict[str, Any] = {"command_id": command_id, "actor": who.actor, "decision": decision, "at": now,
                                     "controller": who.tenant}
-            claim = (who.key_id, command_id)
+            claim = (f"actor:{who.actor}", command_id)  # a rotated key re-signing the same command changes nothing
             try:
                 cmd = commands.parse_command(who.cmd)
                 commands.check_role(who.role, cmd)
@@ -315,7 +318,7 @@ class Coordinator:
             async with conn.transaction():
                 if not await outbox.claim_inbox(conn, COMMANDS, [claim]):
                     log.info("command %s seen already", command_id)
-                    return await self._first_result(conn, command_id, base)
+                    return await self._first_result(conn, command_id, base, actor=who.actor)
                 try:
                     case = await self._apply(conn, cmd, by=who.actor, tenant=who.tenant, now=now)
                 except (CaseError, policy.UnsupportedRight, policy.UnknownJurisdiction) as exc:
@@ -330,12 +333,16 @@ class Coordinator:
             return result
 
     @staticmethod
-    async def _first_result(conn: asyncpg.Connection, command_id: str, base: dict[str, Any]) -> CommandResult:
-        """A command received again: the result it got the first time (while the outbox keeps it)."""
-        row = await conn.fetchrow("SELECT value FROM outbox WHERE topic = $1 AND key = $2 ORDER BY id LIMIT 1",
-                                  topics.COMMAND_RESULTS, command_id.encode())
-        if row is not None:
-            return CommandResult.model_validate_json(bytes(row["value"]))
+    async def _first_result(conn: asyncpg.Connection, command_id: str, base: dict[str, Any], *,
+                            actor: str | None) -> CommandResult:
+        """A command received again: the result it got the first time (while the outbox keeps it),
+        if it was the same actor's; never another actor's."""
+        rows = await conn.fetch("SELECT value FROM outbox WHERE topic = $1 AND key = $2 ORDER BY id",
+                                topics.COMMAND_RESULTS, command_id.encode())
+        for row in rows:
+            first = CommandResult.model_validate_json(bytes(row["value"]))
+            if first.actor == actor:
+                return first
         return CommandResult(**{**base, "accepted": False, "error_type": "duplicate",
                                 "error": "this command was received before; its first result stands"})
 
@@ -345,7 +352,7 @@ class Coordinator:
         async with conn.transaction():
             if not await outbox.claim_inbox(conn, COMMANDS, [claim]):
                 return await self._first_result(conn, result.command_id, result.model_dump(
-                    exclude={"accepted", "error_type", "error"}))
+                    exclude={"accepted", "error_type", "error"}), actor=result.actor)
             await outbox.add(conn, [outbox.message(topics.COMMAND_RESULTS, result.command_id, result, source=SOURCE,
                                                    subject=result.command_id)])
         return result
@@ -393,7 +400,7 @@ class Coordinator:
                 return case.resolve_manual(c.task_id, by=by, resolution=TaskStatus.refused, note=c.note, now=now)
             raise InvalidTransition(f"unknown decision {c.decision}")
 
-        return await self._decide(c.case_id, decide, now, conn=conn, controller=tenant)
+        return await self._decide(c.case_id, decide, now, conn=conn, controller=tenant, decision=c.decision)
 
     async def verify(self, case_id: uuid.UUID, *, by: str, identifiers: Sequence[str] | None = None,
                      now: datetime | None = None) -> CaseStatus:
@@ -550,6 +557,12 @@ class Coordinator:
                                       bundle_error=f"{type(bundle).__name__}: {bundle}"))
             else:
                 fx.extend(case.finish(status, now=now, systems=systems, bundle=bundle))
+            if case.scope == "controller" and case.right == Right.erasure and case.outcome is not None:
+                # the client company's data is gone from its systems: dsrflow's own copies go too
+                # (the hand-over's exports and package), and the outcome says what is left
+                prefix = controller_prefix(case.controller)
+                deleted = await asyncio.to_thread(self.exports.delete_prefix, prefix)
+                case.outcome["dsrflow_exports"] = {"prefix": prefix, "deleted": deleted}
             log.info("case %s %s", case.case_id, case.status)
         done = {c.case_id for c, _ in finishing}
         for case in cases:
@@ -697,10 +710,15 @@ class Coordinator:
         return int(sent.split()[-1]), int(seen.split()[-1])
 
 
-def _may_decide(tenant: str, case: Case) -> bool:
+#: What the processor's own actors (the default controller's) may do on a client's offboarding case.
+_OFFBOARDING_WORK = frozenset({"retry_task", "skip_task", "reassign_task", "complete_task", "decline_task"})
+
+
+def _may_decide(tenant: str, case: Case, decision: str | None) -> bool:
     """An actor decides on its own controller's cases; the default controller's actors (the
-    processor that runs dsrflow) also on a client company's offboarding, which they carry out."""
-    return case.controller == tenant or (case.scope == "controller" and tenant == DEFAULT_CONTROLLER)
+    processor that runs dsrflow) also carry out a client company's offboarding: its tasks only."""
+    return case.controller == tenant or (case.scope == "controller" and tenant == DEFAULT_CONTROLLER
+                                         and decision in _OFFBOARDING_WORK)
 
 
 async def db_now(conn: asyncpg.Connection) -> datetime:

@@ -473,6 +473,8 @@ class Case:
         the law allows), decided before the original due date, with reasons the subject is told."""
         if self.status in TERMINAL_CASE or self.status == CaseStatus.received:
             raise InvalidTransition(f"case {self.case_id} is {self.status}: its deadline cannot be extended")
+        if self.scope == "controller":
+            raise InvalidTransition("a client company's offboarding runs on its contract's period: no law extends it")
         if self.extension is not None:
             raise InvalidTransition(f"case {self.case_id} was extended already: the law allows one extension")
         if self.max_extension_until is None:
@@ -508,7 +510,7 @@ class Case:
         if done:
             names = ", ".join(sorted(t.system for t in done))
             raise InvalidTransition(f"case {self.case_id} was already carried out by {names}: it cannot be denied")
-        sent = [t for t in self.tasks if t.kind == TaskKind.worker]
+        sent = [t for t in self.tasks if t.kind == TaskKind.worker or t.dispatched_at is not None]
         if sent:
             names = ", ".join(sorted(t.system for t in sent))
             raise InvalidTransition(f"case {self.case_id} has tasks sent to {names}: skip them one by one instead")

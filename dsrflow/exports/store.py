@@ -158,6 +158,17 @@ class ExportStore(ABC):
         """Remove ``key``; True if something was removed. Deleting a missing key is not an error."""
         return self._delete(validate_key(key))
 
+    def delete_prefix(self, prefix: str) -> int:
+        """Remove every object whose key starts with ``prefix`` (a non-empty ``a/b/`` path ending
+        in ``/``); returns how many. A client company that leaves takes its exports with it."""
+        if not prefix.endswith("/"):
+            raise InvalidKey("a prefix ends with '/'")
+        validate_key(prefix.rstrip("/"))
+        return sum(self._delete(key) for key in self._keys(prefix))
+
+    @abstractmethod
+    def _keys(self, prefix: str) -> list[str]: ...
+
     @abstractmethod
     def _write(self, key: str, data: bytes) -> None: ...
 
@@ -223,6 +234,13 @@ class LocalExportStore(ExportStore):
     def _exists(self, key: str) -> bool:
         return self.path(key).is_file()
 
+    def _keys(self, prefix: str) -> list[str]:
+        top = self.path(prefix.rstrip("/"))
+        if not top.is_dir():
+            return []
+        return sorted(f"{prefix}{p.relative_to(top).as_posix()}" for p in top.rglob("*")
+                      if p.is_file() and not p.name.startswith("."))
+
     def _delete(self, key: str) -> bool:
         target = self.path(key)
         try:
@@ -275,6 +293,10 @@ class MemoryExportStore(ExportStore):
     def _exists(self, key: str) -> bool:
         with self._lock:
             return key in self._objects
+
+    def _keys(self, prefix: str) -> list[str]:
+        with self._lock:
+            return sorted(k for k in self._objects if k.startswith(prefix))
 
     def _delete(self, key: str) -> bool:
         with self._lock:

@@ -57,7 +57,8 @@ def make_task(
     whole = action in _WHOLE_CONTROLLER  # export_all, erase_all: no identifiers, all of the controller's data
     if not identifiers and not whole:
         raise ValueError("make_task needs at least one identifier")
-    normalised = {IdentifierType(k): identity.normalise(k, v, region=region) for k, v in identifiers.items()}
+    normalised = {} if whole else {  # a whole client company's task names nobody, as the coordinator sends it
+        IdentifierType(k): identity.normalise(k, v, region=region) for k, v in identifiers.items()}
     return TaskAssigned(
         task_id=task_id or uuid.uuid4(),
         case_id=case_id or uuid.uuid4(),

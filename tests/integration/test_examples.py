@@ -347,7 +347,9 @@ async def _attack(worker: Any, system: str, dsn: str, action: Action, identifier
     assert await snapshot(dsn) == before
 
 
-@pytest.mark.parametrize("action", crm.SYSTEM.actions, ids=str)
+# every action about one person (export_all and erase_all are about a whole client company: no identifiers)
+@pytest.mark.parametrize("action", [a for a in crm.SYSTEM.actions if a not in (Action.export_all, Action.erase_all)],
+                         ids=str)
 async def test_crm_identifiers_of_two_people_change_nothing(crm_dsn: str, action: Action) -> None:
     await _attack(crm.worker, "crm", crm_dsn, action, {"email": IN_BOTH.email, "phone": B.phone})
 

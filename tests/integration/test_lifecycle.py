@@ -526,12 +526,15 @@ async def test_a_client_company_leaving_has_all_its_data_handed_over_then_delete
         for cred in (beta, host):
             await auth.add_key(conn, cred.actor, cred.public_pem(), key_id=cred.key_id)
     handover = {"decision": "offboard", "controller": "acme", "mode": "handover", "why": "contract ended 2026-11-30"}
+    own = await coordinator.execute(auth.sign_command(host, {**handover, "controller": "default"}), fallback_id="d")
+    assert not own.accepted and "never offboarded" in (own.error or "")
     refused = await coordinator.execute(auth.sign_command(beta, handover), fallback_id="x")
     assert not refused.accepted and "cannot offboard" in (refused.error or "")
     result = await coordinator.execute(auth.sign_command(host, handover), fallback_id="y")
     assert result.accepted and result.actor == "dpo-host"
-    again = await coordinator.execute(auth.sign_command(host, handover), fallback_id="z")
-    assert not again.accepted and "already" in (again.error or "")
+    for mode in ("handover", "delete"):  # nothing overtakes a hand-over still running
+        again = await coordinator.execute(auth.sign_command(host, {**handover, "mode": mode}), fallback_id="z")
+        assert not again.accepted and "being handed over" in (again.error or "")
     case = await pool.fetchrow("SELECT * FROM cases WHERE case_id = $1", result.case_id)
     assert (case["scope"], case["controller"], case["right_name"]) == ("controller", "acme", "portability")
     assert orjson.loads(case["subject"]) == {}
@@ -547,15 +550,39 @@ async def test_a_client_company_leaving_has_all_its_data_handed_over_then_delete
 
     body = orjson.dumps({"tables": {"contacts": [{"id": 1}]}})
     key = export_key(case["case_id"], "acme-crm", t["acme-crm"]["task_id"], 1,
-                     digest=hashlib.sha256(body).hexdigest())
+                     digest=hashlib.sha256(body).hexdigest(), controller="acme")
     artifacts = [coordinator.exports.put(key, body, records=1).model_dump(mode="json")]
     await coordinator.handle_receipts([receipt(t["acme-crm"], "succeeded", counts={"records": 1},
                                                artifacts=artifacts)])
+    # the processor's DPO carries out the offboarding's tasks, and decides nothing else on acme's case
+    on_case = {"case_id": str(result.case_id)}
+    held = await coordinator.execute(auth.sign_command(host, {"decision": "hold", **on_case, "kind": "legal_hold",
+                                                              "reason": "x"}), fallback_id="h")
+    assert not held.accepted and held.error_type == "CaseNotFound"
     await coordinator.resolve_manual_task(case["case_id"], t["acme-mail"]["task_id"], by="ops", note="mailbox exported",
                                           resolution=TaskStatus.succeeded)
     case = await pool.fetchrow("SELECT * FROM cases WHERE case_id = $1", result.case_id)
     assert case["status"] == "completed" and case["bundle"] is not None  # the handover package
+    assert orjson.loads(case["bundle"])["ref"].startswith("controllers/acme/bundles/")
     assert await notices(pool, case["request_id"]) == []  # a client company, not a data subject
+
+    # then the deletion: acme's systems erase everything, and dsrflow's own copies go too
+    deleting = await coordinator.execute(auth.sign_command(host, {**handover, "mode": "delete"}), fallback_id="e")
+    assert deleting.accepted and deleting.case_id is not None
+    with pytest.raises(InvalidTransition, match="contract"):
+        await coordinator.extend_deadline(deleting.case_id, by="dpo", reason="more time")
+    d = await tasks(pool, (await pool.fetchrow("SELECT request_id FROM cases WHERE case_id = $1",
+                                               deleting.case_id))["request_id"])
+    assert {k: v["action"] for k, v in d.items()} == {"acme-crm": "erase_all", "acme-mail": "erase_all"}
+    await coordinator.handle_receipts([receipt(d["acme-crm"], "succeeded", counts={"erased": 40})])
+    skipped = await coordinator.execute(auth.sign_command(host, {
+        "decision": "skip_task", "case_id": str(deleting.case_id), "task_id": str(d["acme-mail"]["task_id"]),
+        "reason": "the mail vendor deletes it at the contract's end"}), fallback_id="s")
+    assert skipped.accepted and skipped.case_status == "completed_with_exceptions"
+    gone = orjson.loads((await pool.fetchrow("SELECT outcome FROM cases WHERE case_id = $1",
+                                             deleting.case_id))["outcome"])
+    assert gone["dsrflow_exports"] == {"prefix": "controllers/acme/", "deleted": 2}  # the export and the package
+    assert not coordinator.exports.keys()  # type: ignore[attr-defined]
 
     deletion = await coordinator.execute(auth.sign_command(beta, {**handover, "controller": "beta", "mode": "delete"}),
                                          fallback_id="w")

@@ -232,3 +232,20 @@ def test_local_store_read_errors_that_cannot_pass_are_export_errors(tmp_path: Pa
         with pytest.raises(OSError) as exc:  # may pass: left for the caller to retry
             store.get("cases/c/s/t-1.json")
         assert not isinstance(exc.value, ExportError)
+
+
+@pytest.mark.parametrize("kind", ["local", "memory"])
+def test_a_controllers_exports_are_deleted_by_prefix_and_no_one_elses(kind: str, tmp_path: Path) -> None:
+    from dsrflow.exports.store import InvalidKey, controller_prefix
+
+    store = LocalExportStore(tmp_path / "exports") if kind == "local" else MemoryExportStore()
+    acme = [f"controllers/acme/cases/c1/crm/t{i}.json" for i in range(3)] + ["controllers/acme/bundles/c1.zip"]
+    others = ["controllers/acme-2/cases/c2/crm/t.json", "cases/c3/crm/t.json", "bundles/c3.zip"]
+    for key in acme + others:
+        store.put(key, b"{}", records=0)
+    assert store.delete_prefix(controller_prefix("acme")) == 4
+    assert [k for k in acme if store.exists(k)] == [] and all(store.exists(k) for k in others)
+    assert store.delete_prefix("controllers/acme/") == 0
+    for bad in ("controllers/acme", "../", "/"):
+        with pytest.raises(InvalidKey):
+            store.delete_prefix(bad)
