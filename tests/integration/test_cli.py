@@ -998,4 +998,4 @@ async def test_a_client_company_leaving_from_the_command_line(tmp_path: Path, ca
     assert (task["system"], task["action"], task["kind"]) == ("acme-helpdesk", "erase_all", "manual")
     twice = await asyncio.to_thread(dsrflow, "cases", "offboard", "--controller", "acme", "--delete", "--reason",
                                     "again", "--credential", host, tmp=tmp_path, env=env)
-    assert_error(twice, "already")
+    assert_error(twice, "being deleted: that case finishes first")
