@@ -21,6 +21,7 @@
     dsrflow actors add NAME --role R      an actor (dpo, operator, admin) and its credential file
     dsrflow actors key NAME | revoke KEY_ID | disable NAME | list   rotate, revoke, disable, list
     dsrflow systems list | declare FILE   systems that hold personal data (one with no worker too)
+    dsrflow systems key NAME | revoke-key KEY_ID   the key a system's worker signs its receipts with
     dsrflow audit verify [ID]             timelines against their anchors (case rows, dsr.cases.v1)
     dsrflow api                           serve the DPO HTTP API
     dsrflow demo [--broker B]             the end-to-end demo on the embedded stack
@@ -645,6 +646,8 @@ def cmd_systems(args: argparse.Namespace, settings: Settings) -> int:
 
     from .registry import SystemDeclaration, active_systems, register
 
+    if args.action in ("key", "revoke-key"):
+        return _system_key(args, settings)
     declaration = None
     if args.action == "declare":
         if not args.file:
@@ -683,6 +686,52 @@ def cmd_systems(args: argparse.Namespace, settings: Settings) -> int:
         print(f"{sy.name:<16} searches by {', '.join(map(str, sy.identifier_types)):<28} {acts}")
     if not systems:
         print("no systems registered")
+    return 0
+
+
+def _system_key(args: argparse.Namespace, settings: Settings) -> int:
+    """``systems key NAME``: a signing key for a system's worker (its receipts are then checked);
+    ``systems revoke-key KEY_ID``: stop accepting what that key signs."""
+    from . import auth, signing
+    from .events import SystemName
+
+    if not args.file:
+        raise InvalidInput(f"systems {args.action} needs a {'system name' if args.action == 'key' else 'key id'}")
+    if args.action == "revoke-key":
+        async def revoke() -> None:
+            conn = await connect_case_store(settings)
+            try:
+                await signing.revoke_system_key(conn, args.file)
+            finally:
+                await conn.close()
+
+        asyncio.run(revoke())
+        print(f"revoked system key {args.file}: receipts it signs are refused from now on")
+        return 0
+    from pydantic import TypeAdapter, ValidationError
+
+    try:
+        name = TypeAdapter(SystemName).validate_python(args.file)
+    except ValidationError:
+        raise InvalidInput(f"{args.file!r} is not a system name (lower case letters, digits, _ and -)") from None
+    out = Path(args.out) if args.out else settings.state_dir / "credentials" / f"system-{name}.json"
+    if out.exists():
+        raise InvalidInput(f"{out} exists already; not overwritten (pass --out for another file)")
+    credential = auth.generate_credential(name)
+
+    async def add() -> None:
+        conn = await connect_case_store(settings)
+        try:
+            async with conn.transaction():
+                await signing.add_system_key(conn, name, credential.public_pem(), key_id=credential.key_id)
+                credential.save(out)  # inside the transaction: a file that cannot be written adds no key
+        finally:
+            await conn.close()
+
+    asyncio.run(add())
+    path = out.resolve()
+    print(f"system {name}: signing key {credential.key_id} registered; its receipts must now be signed with it")
+    print(f"export DSRFLOW_WORKER_CREDENTIAL={path}")
     return 0
 
 
@@ -1144,9 +1193,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(func=cmd_audit)
 
-    s = sub.add_parser("systems", help="systems that hold personal data: list, declare")
-    s.add_argument("action", choices=["list", "declare"])
-    s.add_argument("file", nargs="?", help="declare: a JSON or TOML SystemDeclaration")
+    s = sub.add_parser("systems", help="systems that hold personal data: list, declare; their signing keys")
+    s.add_argument("action", choices=["list", "declare", "key", "revoke-key"])
+    s.add_argument("file", nargs="?", help="declare: a JSON or TOML SystemDeclaration; key: the system's name; "
+                   "revoke-key: the key id")
+    s.add_argument("--out", help="key: where to write the worker's credential file (default "
+                   "<state>/credentials/system-NAME.json)")
     s.add_argument("--json", action="store_true", help="list: print JSON")
     s.set_defaults(func=cmd_systems)
 
@@ -1194,8 +1246,10 @@ _KAFKA_SETTINGS = ("kafka_bootstrap", "kafka_security_protocol", "kafka_sasl_mec
 SERVICE_SETTINGS: dict[str, tuple[str, ...]] = {
     "coordinator": ("state_dir", *_KAFKA_SETTINGS, "pg_dsn", "export_dir", "max_task_attempts", "task_timeout",
                     "task_backoff_max", "deadline_warning_share", "internal_target", "case_data_retention",
-                    "pseudonym_key", "outbox_retention", "inbox_retention", "startup_timeout", "log_level"),
-    "worker": ("state_dir", *_KAFKA_SETTINGS, "pg_dsn", "export_dir", "startup_timeout", "log_level"),
+                    "pseudonym_key", "offboarding_period", "require_signed_receipts", "outbox_retention",
+                    "inbox_retention", "startup_timeout", "log_level"),
+    "worker": ("state_dir", *_KAFKA_SETTINGS, "pg_dsn", "export_dir", "worker_credential", "startup_timeout",
+               "log_level"),
     "api": ("state_dir", "pg_dsn", "api_host", "api_port", "api_token", "startup_timeout", "log_level"),
 }
 

@@ -152,6 +152,11 @@ class Settings(BaseSettings):
         description="how long a processor takes to hand over or delete a leaving client's data, as its contract "
         "promises (seconds or ISO 8601)",
     )
+    worker_credential: Path | None = Field(
+        default=None, description="a worker's signing key (dsrflow systems key NAME): its receipts are signed with it")
+    require_signed_receipts: bool = Field(
+        default=False, description="the coordinator refuses unsigned receipts from every system, not only from "
+        "systems that have a key")
     credential: Path | None = Field(
         default=None, description="the CLI's credential file (dsrflow actors add): who the DPO's decisions are by")
     log_level: str = "INFO"

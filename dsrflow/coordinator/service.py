@@ -21,7 +21,7 @@ from zoneinfo import ZoneInfo
 import asyncpg
 import orjson
 
-from .. import auth, codec, commands, policy, topics
+from .. import auth, codec, commands, policy, signing, topics
 from ..domain import planner
 from ..domain.case import Case, CaseError, Effects, InvalidTransition, TaskKind
 from ..domain.timeline import Entry, TimelineKind
@@ -90,17 +90,24 @@ class _Work:
 def _decode_all(records: Sequence[Record], model: type[Any], consumer: str,
                 work: _Work) -> list[tuple[Record, codec.Envelope[Any]]]:
     out = []
-    seen: set[tuple[str, str]] = set()
     for rec in records:
         try:
             env = codec.decode(rec.value, rec.headers, model)
         except codec.DecodeError as exc:
             work.dead_letter(rec, consumer, exc.kind, str(exc))
             continue
-        if (env.source, env.id) in seen:  # same event twice in one batch: the inbox would count it once
-            continue
-        seen.add((env.source, env.id))
         out.append((rec, env))
+    return out
+
+
+def _first_of_each(decoded: list[tuple[Record, codec.Envelope[Any]]]) -> list[tuple[Record, codec.Envelope[Any]]]:
+    """The same event twice in one batch counts once, as the inbox would count it."""
+    seen: set[tuple[str, str]] = set()
+    out = []
+    for rec, env in decoded:
+        if (env.source, env.id) not in seen:
+            seen.add((env.source, env.id))
+            out.append((rec, env))
     return out
 
 
@@ -120,13 +127,19 @@ class Coordinator:
             await outbox.add(conn, work.dead)
 
     async def _handle(self, records: Sequence[Record], model: type[Any], consumer: str,
-                      apply: Callable[..., Awaitable[None]]) -> None:
-        """Decode (bad records are dead-lettered), drop events the inbox has seen, apply the rest:
-        all in one transaction."""
+                      apply: Callable[..., Awaitable[None]],
+                      admit: Callable[..., Awaitable[list[Any]]] | None = None) -> None:
+        """Decode (bad records are dead-lettered), let ``admit`` refuse some (dead-lettered before
+        the inbox sees them, so a forgery cannot take a real event's id), drop events the inbox has
+        seen, apply the rest: all in one transaction."""
         work = _Work()
         decoded = _decode_all(records, model, consumer, work)
         now = datetime.now(UTC)
         async with self.pool.acquire() as conn, conn.transaction():
+            if admit is not None and decoded:
+                decoded = await admit(conn, decoded, work)
+            # after admission: a forgery that came first in the batch cannot shadow the real event
+            decoded = _first_of_each(decoded)
             fresh = await outbox.claim_inbox(conn, consumer, [(env.source, env.id) for _, env in decoded])
             decoded = [(rec, env) for rec, env in decoded if (env.source, env.id) in fresh]
             if decoded:
@@ -510,7 +523,27 @@ class Coordinator:
     # -- aggregation ---------------------------------------------------------
     async def handle_receipts(self, records: Sequence[Record]) -> None:
         """Apply new receipts to their tasks and close finished cases (one transaction for the batch)."""
-        await self._handle(records, TaskReceipt, AGGREGATOR, self._apply_receipts)
+        await self._handle(records, TaskReceipt, AGGREGATOR, self._apply_receipts, admit=self._signed)
+
+    async def _signed(self, conn: asyncpg.Connection, decoded: list[tuple[Record, codec.Envelope[TaskReceipt]]],
+                      work: _Work) -> list[tuple[Record, codec.Envelope[TaskReceipt]]]:
+        """Receipts of a system that has keys must be signed by one of them (dsrflow.signing);
+        with ``require_signed_receipts``, every system's must. Others are dead-lettered."""
+        keys = await signing.system_keys(conn, {env.data.system for _, env in decoded})
+        out = []
+        for rec, env in decoded:
+            own = keys.get(env.data.system)
+            if own is None and not self.settings.require_signed_receipts:
+                out.append((rec, env))
+                continue
+            try:
+                signing.verify_headers(own or {}, rec.headers, ce_id=env.id, ce_source=env.source,
+                                       value=rec.value or b"")
+            except signing.SignatureError as exc:
+                work.dead_letter(rec, AGGREGATOR, "unauthenticated_receipt", f"system {env.data.system}: {exc}")
+                continue
+            out.append((rec, env))
+        return out
 
     async def _apply_receipts(self, conn: asyncpg.Connection,
                               decoded: list[tuple[Record, codec.Envelope[TaskReceipt]]], work: _Work,

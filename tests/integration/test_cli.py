@@ -999,3 +999,28 @@ async def test_a_client_company_leaving_from_the_command_line(tmp_path: Path, ca
     twice = await asyncio.to_thread(dsrflow, "cases", "offboard", "--controller", "acme", "--delete", "--reason",
                                     "again", "--credential", host, tmp=tmp_path, env=env)
     assert_error(twice, "being deleted: that case finishes first")
+
+
+async def test_a_systems_signing_key_from_the_command_line(tmp_path: Path, case_store: str) -> None:
+    env = {"DSRFLOW_PG_DSN": case_store}
+    run = await asyncio.to_thread(dsrflow, "systems", "key", "crm", tmp=tmp_path, env=env)
+    assert run.code == 0 and run.stderr == "", run
+    path = Path(next(line for line in run.stdout.splitlines()
+                     if line.startswith("export DSRFLOW_WORKER_CREDENTIAL=")).split("=", 1)[1])
+    assert path.stat().st_mode & 0o777 == 0o600 and "PRIVATE KEY" not in run.stdout
+    from dsrflow import auth
+
+    key_id = auth.load_credential(path).key_id
+    conn = await asyncpg.connect(case_store)
+    try:
+        row = await conn.fetchrow("SELECT system, revoked_at FROM system_keys WHERE key_id = $1", key_id)
+        assert (row["system"], row["revoked_at"]) == ("crm", None)
+        again = await asyncio.to_thread(dsrflow, "systems", "key", "crm", tmp=tmp_path, env=env)
+        assert_error(again, "exists already", code=2)
+        bad = await asyncio.to_thread(dsrflow, "systems", "key", "Not A Name", tmp=tmp_path, env=env)
+        assert_error(bad, "not a system name", code=2)
+        revoked = await asyncio.to_thread(dsrflow, "systems", "revoke-key", key_id, tmp=tmp_path, env=env)
+        assert_ok(revoked, "revoked system key")
+        assert await conn.fetchval("SELECT revoked_at FROM system_keys WHERE key_id = $1", key_id) is not None
+    finally:
+        await conn.close()

@@ -1,0 +1,115 @@
+"""Receipts signed by their system: a worker's receipt carries an Ed25519 signature that the
+coordinator checks against the keys registered for that system, so that a producer on
+``dsr.receipts.v1`` that knows a task id cannot close another system's task, fail a case, or
+get the real receipt dropped as a duplicate (its event id is signed too).
+
+A record is signed over ``dsrflow-receipt-v1``, its CloudEvents ``id`` and ``source``, and its
+value bytes, each separated by a NUL byte; the signature and the key id travel as the headers
+``dsr_signature`` (base64url, no padding) and ``dsr_key_id``. Any language can make them with an
+Ed25519 library. An administrator registers a system's public key (``dsrflow systems key NAME``,
+table ``system_keys``, migration 0010); the private key stays with the worker
+(``DSRFLOW_WORKER_CREDENTIAL``).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Iterable, Mapping, Sequence
+
+import asyncpg
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from .auth import Credential, _load_public, _public_pem, new_key_id
+from .errors import DsrflowError, InvalidInput
+
+__all__ = [
+    "KEY_HEADER",
+    "SIGNATURE_HEADER",
+    "SignatureError",
+    "add_system_key",
+    "revoke_system_key",
+    "sign_headers",
+    "system_keys",
+    "verify_headers",
+]
+
+KEY_HEADER = "dsr_key_id"
+SIGNATURE_HEADER = "dsr_signature"
+_CONTEXT = b"dsrflow-receipt-v1"
+
+
+class SignatureError(DsrflowError):
+    """A record's signature is missing, malformed, by an unknown or revoked key, or wrong."""
+
+
+def signing_input(ce_id: str, ce_source: str, value: bytes) -> bytes:
+    """The bytes a receipt's signature covers."""
+    return b"\x00".join((_CONTEXT, ce_id.encode(), ce_source.encode(), value))
+
+
+def sign_headers(credential: Credential, *, ce_id: str, ce_source: str, value: bytes) -> list[tuple[str, bytes]]:
+    """The two headers that sign a record made by ``credential``'s system."""
+    signature = credential.private_key.sign(signing_input(ce_id, ce_source, value))
+    return [(KEY_HEADER, credential.key_id.encode()),
+            (SIGNATURE_HEADER, base64.urlsafe_b64encode(signature).rstrip(b"="))]
+
+
+def _header(headers: Mapping[str, bytes] | Sequence[tuple[str, bytes]], name: str) -> bytes | None:
+    items = headers.items() if isinstance(headers, Mapping) else headers
+    found = [v for k, v in items if k == name]
+    if len(found) > 1:
+        raise SignatureError(f"the record has {len(found)} {name} headers")
+    return found[0] if found else None
+
+
+def verify_headers(keys: Mapping[str, Ed25519PublicKey], headers: Mapping[str, bytes] | Sequence[tuple[str, bytes]],
+                   *, ce_id: str, ce_source: str, value: bytes) -> str:
+    """Check a record's signature against ``keys`` (key id -> public key: the system's keys that
+    are not revoked). Returns the key id; raises :class:`SignatureError`."""
+    key_id, signature = _header(headers, KEY_HEADER), _header(headers, SIGNATURE_HEADER)
+    if key_id is None or signature is None:
+        raise SignatureError("the receipt is not signed (no dsr_key_id / dsr_signature header)")
+    kid = key_id.decode(errors="replace")
+    key = keys.get(kid)
+    if key is None:
+        raise SignatureError(f"key {kid[:40]!r} is not a registered, unrevoked key of this system")
+    try:
+        raw = base64.urlsafe_b64decode(signature + b"=" * (-len(signature) % 4))
+        key.verify(raw, signing_input(ce_id, ce_source, value))
+    except (binascii.Error, ValueError, InvalidSignature):
+        raise SignatureError(f"the receipt's signature does not verify with key {kid}") from None
+    return kid
+
+
+async def system_keys(conn: asyncpg.Connection, systems: Iterable[str]) -> dict[str, dict[str, Ed25519PublicKey]]:
+    """The unrevoked public keys of each of ``systems`` that has any."""
+    rows = await conn.fetch("SELECT system, key_id, public_key FROM system_keys "
+                            "WHERE system = ANY($1::text[]) AND revoked_at IS NULL", sorted(set(systems)))
+    out: dict[str, dict[str, Ed25519PublicKey]] = {}
+    for r in rows:
+        out.setdefault(r["system"], {})[r["key_id"]] = _load_public(r["public_key"])
+    return out
+
+
+async def add_system_key(conn: asyncpg.Connection, system: str, public_pem: str, *, key_id: str | None = None) -> str:
+    """Register a public key a system's worker signs its receipts with; returns its key id."""
+    pem = _public_pem(_load_public(public_pem))
+    key_id = key_id or new_key_id()
+    try:
+        await conn.execute("INSERT INTO system_keys (key_id, system, public_key) VALUES ($1, $2, $3)",
+                           key_id, system, pem)
+    except asyncpg.UniqueViolationError:
+        raise InvalidInput("this key (or key id) is registered already; keys are never reused") from None
+    except asyncpg.CheckViolationError:
+        raise InvalidInput(f"not a valid system name or key id: {system!r}, {key_id!r}") from None
+    return key_id
+
+
+async def revoke_system_key(conn: asyncpg.Connection, key_id: str) -> None:
+    """Stop accepting receipts signed by ``key_id`` (a leaked or retired worker key)."""
+    status = await conn.execute("UPDATE system_keys SET revoked_at = coalesce(revoked_at, now()) WHERE key_id = $1",
+                                key_id)
+    if status.endswith(" 0"):
+        raise InvalidInput(f"no system key {key_id}")
