@@ -22,6 +22,7 @@
     dsrflow actors key NAME | revoke KEY_ID | disable NAME | list   rotate, revoke, disable, list
     dsrflow systems list | declare FILE   systems that hold personal data (one with no worker too)
     dsrflow systems key NAME | revoke-key KEY_ID   the key a system's worker signs its receipts with
+    dsrflow systems coordinator-key       the key the coordinator signs tasks with, and its public file
     dsrflow audit verify [ID]             timelines against their anchors (case rows, dsr.cases.v1)
     dsrflow api                           serve the DPO HTTP API
     dsrflow demo [--broker B]             the end-to-end demo on the embedded stack
@@ -648,6 +649,8 @@ def cmd_systems(args: argparse.Namespace, settings: Settings) -> int:
 
     if args.action in ("key", "revoke-key"):
         return _system_key(args, settings)
+    if args.action == "coordinator-key":
+        return _coordinator_key(args, settings)
     declaration = None
     if args.action == "declare":
         if not args.file:
@@ -686,6 +689,24 @@ def cmd_systems(args: argparse.Namespace, settings: Settings) -> int:
         print(f"{sy.name:<16} searches by {', '.join(map(str, sy.identifier_types)):<28} {acts}")
     if not systems:
         print("no systems registered")
+    return 0
+
+
+def _coordinator_key(args: argparse.Namespace, settings: Settings) -> int:
+    """``systems coordinator-key``: the key the coordinator signs every task with (a credential for
+    the coordinator) and the public-key file its workers verify tasks with."""
+    from . import auth, signing
+
+    folder = Path(args.out) if args.out else settings.state_dir / "credentials"
+    private, public = folder / "coordinator.json", folder / "coordinator-public.json"
+    if private.exists() or public.exists():
+        raise InvalidInput(f"{private} or {public} exists already; not overwritten (pass --out for another folder)")
+    credential = auth.generate_credential("coordinator")
+    credential.save(private)
+    signing.write_public_keys(public, [credential])
+    print(f"coordinator signing key {credential.key_id}: give the coordinator the first file, every worker the second")
+    print(f"export DSRFLOW_COORDINATOR_CREDENTIAL={private.resolve()}")
+    print(f"export DSRFLOW_COORDINATOR_PUBLIC_KEYS={public.resolve()}")
     return 0
 
 
@@ -1194,11 +1215,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_audit)
 
     s = sub.add_parser("systems", help="systems that hold personal data: list, declare; their signing keys")
-    s.add_argument("action", choices=["list", "declare", "key", "revoke-key"])
+    s.add_argument("action", choices=["list", "declare", "key", "revoke-key", "coordinator-key"])
     s.add_argument("file", nargs="?", help="declare: a JSON or TOML SystemDeclaration; key: the system's name; "
                    "revoke-key: the key id")
     s.add_argument("--out", help="key: where to write the worker's credential file (default "
-                   "<state>/credentials/system-NAME.json)")
+                   "<state>/credentials/system-NAME.json); coordinator-key: the folder (default <state>/credentials)")
     s.add_argument("--json", action="store_true", help="list: print JSON")
     s.set_defaults(func=cmd_systems)
 
@@ -1246,10 +1267,11 @@ _KAFKA_SETTINGS = ("kafka_bootstrap", "kafka_security_protocol", "kafka_sasl_mec
 SERVICE_SETTINGS: dict[str, tuple[str, ...]] = {
     "coordinator": ("state_dir", *_KAFKA_SETTINGS, "pg_dsn", "export_dir", "max_task_attempts", "task_timeout",
                     "task_backoff_max", "deadline_warning_share", "internal_target", "case_data_retention",
-                    "pseudonym_key", "offboarding_period", "require_signed_receipts", "outbox_retention",
+                    "pseudonym_key", "offboarding_period", "require_signed_receipts", "coordinator_credential",
+                    "outbox_retention",
                     "inbox_retention", "startup_timeout", "log_level"),
-    "worker": ("state_dir", *_KAFKA_SETTINGS, "pg_dsn", "export_dir", "worker_credential", "startup_timeout",
-               "log_level"),
+    "worker": ("state_dir", *_KAFKA_SETTINGS, "pg_dsn", "export_dir", "worker_credential",
+               "coordinator_public_keys", "startup_timeout", "log_level"),
     "api": ("state_dir", "pg_dsn", "api_host", "api_port", "api_token", "startup_timeout", "log_level"),
 }
 

@@ -154,6 +154,12 @@ class Settings(BaseSettings):
     )
     worker_credential: Path | None = Field(
         default=None, description="a worker's signing key (dsrflow systems key NAME): its receipts are signed with it")
+    coordinator_credential: Path | None = Field(
+        default=None, description="the coordinator's signing key (dsrflow systems coordinator-key): every task is "
+        "signed with it")
+    coordinator_public_keys: Path | None = Field(
+        default=None, description="a worker acts only on tasks signed by one of the keys in this file (written by "
+        "dsrflow systems coordinator-key)")
     require_signed_receipts: bool = Field(
         default=False, description="the coordinator refuses unsigned receipts from every system, not only from "
         "systems that have a key")

@@ -1,34 +1,45 @@
-"""Receipts signed by their system: a worker's receipt carries an Ed25519 signature that the
+"""Signed records between the coordinator and the workers.
+
+**Receipts** are signed by their system: a worker's receipt carries an Ed25519 signature that the
 coordinator checks against the keys registered for that system, so that a producer on
 ``dsr.receipts.v1`` that knows a task id cannot close another system's task, fail a case, or
 get the real receipt dropped as a duplicate (its event id is signed too).
 
-A record is signed over ``dsrflow-receipt-v1``, its CloudEvents ``id`` and ``source``, and its
-value bytes, each separated by a NUL byte; the signature and the key id travel as the headers
-``dsr_signature`` (base64url, no padding) and ``dsr_key_id``. Any language can make them with an
-Ed25519 library. An administrator registers a system's public key (``dsrflow systems key NAME``,
-table ``system_keys``, migration 0010); the private key stays with the worker
-(``DSRFLOW_WORKER_CREDENTIAL``).
+**Tasks** are signed by the coordinator (its relay, with ``DSRFLOW_COORDINATOR_CREDENTIAL``), and a
+worker given the coordinator's public keys (``DSRFLOW_COORDINATOR_PUBLIC_KEYS``, a file written by
+``dsrflow systems coordinator-key``) acts only on tasks they verify.
+
+A record is signed over ``dsrflow-receipt-v1`` (``dsrflow-task-v1`` for a task), its CloudEvents
+``id`` and ``source``, and its value bytes, each separated by a NUL byte; the signature and the
+key id travel as the headers ``dsr_signature`` (base64url, no padding) and ``dsr_key_id``. Any
+language can make them with an Ed25519 library. An administrator registers a system's public
+key (``dsrflow systems key NAME``, table ``system_keys``, migration 0010); the private key stays
+with the worker (``DSRFLOW_WORKER_CREDENTIAL``).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import json
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Literal
 
 import asyncpg
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from .auth import Credential, _load_public, _public_pem, new_key_id
-from .errors import DsrflowError, InvalidInput
+from .errors import ConfigError, DsrflowError, InvalidInput
 
 __all__ = [
     "KEY_HEADER",
     "SIGNATURE_HEADER",
     "SignatureError",
     "add_system_key",
+    "load_public_keys",
+    "write_public_keys",
     "revoke_system_key",
     "sign_headers",
     "system_keys",
@@ -37,21 +48,22 @@ __all__ = [
 
 KEY_HEADER = "dsr_key_id"
 SIGNATURE_HEADER = "dsr_signature"
-_CONTEXT = b"dsrflow-receipt-v1"
+Kind = Literal["receipt", "task"]
 
 
 class SignatureError(DsrflowError):
     """A record's signature is missing, malformed, by an unknown or revoked key, or wrong."""
 
 
-def signing_input(ce_id: str, ce_source: str, value: bytes) -> bytes:
-    """The bytes a receipt's signature covers."""
-    return b"\x00".join((_CONTEXT, ce_id.encode(), ce_source.encode(), value))
+def signing_input(ce_id: str, ce_source: str, value: bytes, kind: Kind = "receipt") -> bytes:
+    """The bytes a record's signature covers (a receipt's signature never passes for a task's)."""
+    return b"\x00".join((f"dsrflow-{kind}-v1".encode(), ce_id.encode(), ce_source.encode(), value))
 
 
-def sign_headers(credential: Credential, *, ce_id: str, ce_source: str, value: bytes) -> list[tuple[str, bytes]]:
-    """The two headers that sign a record made by ``credential``'s system."""
-    signature = credential.private_key.sign(signing_input(ce_id, ce_source, value))
+def sign_headers(credential: Credential, *, ce_id: str, ce_source: str, value: bytes,
+                 kind: Kind = "receipt") -> list[tuple[str, bytes]]:
+    """The two headers that sign a record made by ``credential``'s holder."""
+    signature = credential.private_key.sign(signing_input(ce_id, ce_source, value, kind))
     return [(KEY_HEADER, credential.key_id.encode()),
             (SIGNATURE_HEADER, base64.urlsafe_b64encode(signature).rstrip(b"="))]
 
@@ -65,22 +77,47 @@ def _header(headers: Mapping[str, bytes] | Sequence[tuple[str, bytes]], name: st
 
 
 def verify_headers(keys: Mapping[str, Ed25519PublicKey], headers: Mapping[str, bytes] | Sequence[tuple[str, bytes]],
-                   *, ce_id: str, ce_source: str, value: bytes) -> str:
+                   *, ce_id: str, ce_source: str, value: bytes, kind: Kind = "receipt") -> str:
     """Check a record's signature against ``keys`` (key id -> public key: the system's keys that
     are not revoked). Returns the key id; raises :class:`SignatureError`."""
     key_id, signature = _header(headers, KEY_HEADER), _header(headers, SIGNATURE_HEADER)
     if key_id is None or signature is None:
-        raise SignatureError("the receipt is not signed (no dsr_key_id / dsr_signature header)")
+        raise SignatureError(f"the {kind} is not signed (no dsr_key_id / dsr_signature header)")
     kid = key_id.decode(errors="replace")
     key = keys.get(kid)
     if key is None:
-        raise SignatureError(f"key {kid[:40]!r} is not a registered, unrevoked key of this system")
+        raise SignatureError(f"key {kid[:40]!r} is not one of the keys the {kind} may be signed with")
     try:
         raw = base64.urlsafe_b64decode(signature + b"=" * (-len(signature) % 4))
-        key.verify(raw, signing_input(ce_id, ce_source, value))
+        key.verify(raw, signing_input(ce_id, ce_source, value, kind))
     except (binascii.Error, ValueError, InvalidSignature):
-        raise SignatureError(f"the receipt's signature does not verify with key {kid}") from None
+        raise SignatureError(f"the {kind}'s signature does not verify with key {kid}") from None
     return kid
+
+
+def write_public_keys(path: str | Path, credentials: Iterable[Credential]) -> Path:
+    """Write the public halves of ``credentials`` (the coordinator's current and next keys) as
+    JSON ``{"keys": [{"key_id", "public_key"}]}``: what workers are given to verify tasks with."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"keys": [{"key_id": c.key_id, "public_key": c.public_pem()} for c in credentials]}
+    target.write_text(json.dumps(doc, indent=2) + "\n")
+    return target
+
+
+def load_public_keys(path: str | Path) -> dict[str, Ed25519PublicKey]:
+    """The keys of a file written by :func:`write_public_keys`; a clear :class:`ConfigError` otherwise."""
+    try:
+        doc = json.loads(Path(path).read_text())
+        keys = {str(k["key_id"]): _load_public(str(k["public_key"])) for k in doc["keys"]}
+    except OSError as exc:
+        raise ConfigError(f"cannot read the public key file {path}: {exc.strerror}") from None
+    except (ValueError, KeyError, TypeError, InvalidInput) as exc:
+        raise ConfigError(f"{path} is not a public key file ({{\"keys\": [{{\"key_id\", \"public_key\"}}]}}): "
+                          f"{exc}") from None
+    if not keys:
+        raise ConfigError(f"{path} holds no key")
+    return keys
 
 
 async def system_keys(conn: asyncpg.Connection, systems: Iterable[str]) -> dict[str, dict[str, Ed25519PublicKey]]:

@@ -28,7 +28,10 @@ from aiokafka.errors import (
     RecordTooLargeError,
 )
 
+from ..auth import Credential, load_credential
+from ..codec import header_map
 from ..settings import Settings
+from ..signing import KEY_HEADER, SIGNATURE_HEADER, sign_headers
 from ..store.outbox import NOTIFY_CHANNEL, headers_from_json
 
 log = logging.getLogger("dsrflow.relay")
@@ -46,6 +49,17 @@ SET_ASIDE_AFTER = timedelta(minutes=5)
 _ROW_ERRORS = (MessageSizeTooLargeError, RecordTooLargeError, CorruptRecordException, InvalidMessageError)
 
 
+_TASKS_PREFIX = "dsr.tasks."
+
+
+def sign_task(credential: Credential, headers: list[tuple[str, bytes]], value: bytes) -> list[tuple[str, bytes]]:
+    """A task record's headers with the coordinator's signature (any earlier one replaced)."""
+    ce = header_map(headers)
+    kept = [(k, v) for k, v in headers if k not in (KEY_HEADER, SIGNATURE_HEADER)]
+    return kept + sign_headers(credential, ce_id=ce.get("ce_id", ""), ce_source=ce.get("ce_source", ""),
+                               value=value, kind="task")
+
+
 class OutboxRelay:
     def __init__(self, settings: Settings, *, batch_size: int = 500, poll_interval: float = 1.0,
                  standby_interval: float = 2.0, set_aside_after: timedelta = SET_ASIDE_AFTER) -> None:
@@ -56,6 +70,9 @@ class OutboxRelay:
         self.poll_interval = poll_interval
         self.standby_interval = standby_interval
         self._wake = asyncio.Event()
+        #: the coordinator's signing key: every task leaves signed (workers check it)
+        self._credential = load_credential(settings.coordinator_credential) if settings.coordinator_credential \
+            else None
         self.published = 0
         self.set_aside = 0
 
@@ -171,9 +188,9 @@ class OutboxRelay:
         self.set_aside += len(aside)
         return len(sent) + len(aside)
 
-    @staticmethod
-    async def _send(producer: AIOKafkaProducer, r: asyncpg.Record) -> asyncio.Future[Any]:
-        fut: asyncio.Future[Any] = await producer.send(
-            r["topic"], value=r["value"], key=r["key"], headers=headers_from_json(r["headers"])
-        )
+    async def _send(self, producer: AIOKafkaProducer, r: asyncpg.Record) -> asyncio.Future[Any]:
+        headers = headers_from_json(r["headers"])
+        if self._credential is not None and r["topic"].startswith(_TASKS_PREFIX):
+            headers = sign_task(self._credential, headers, r["value"] or b"")
+        fut: asyncio.Future[Any] = await producer.send(r["topic"], value=r["value"], key=r["key"], headers=headers)
         return fut

@@ -155,3 +155,46 @@ async def test_a_forgery_ahead_of_the_real_receipt_in_one_batch_does_not_shadow_
     crm = await pool.fetchrow("SELECT status, result FROM tasks WHERE task_id = $1", t["crm"]["task_id"])
     assert crm["status"] == "succeeded" and orjson.loads(crm["result"])["counts"] == {"erased": 1}
     assert await dead_letters(pool) == ["unauthenticated_receipt"]
+
+
+async def test_the_relay_signs_every_task_with_the_coordinators_key(
+    pool: asyncpg.Pool, case_store: str, broker: str, broker_kind: str, tmp_path: Path
+) -> None:
+    import asyncio
+
+    from aiokafka import AIOKafkaConsumer
+
+    from dsrflow.coordinator.relay import OutboxRelay
+
+    credential = auth.generate_credential("coordinator")
+    credential.save(tmp_path / "coordinator.json")
+    signing.write_public_keys(tmp_path / "coordinator-public.json", [credential])
+    settings = Settings(pg_dsn=case_store, kafka_bootstrap=broker, state_dir=tmp_path,
+                        kafka_idempotent_producer=broker_kind != "tansu",
+                        coordinator_credential=tmp_path / "coordinator.json")
+    await topics.apply(settings.kafka_client_options(), topics.specs_for(["crm", "billing"]))
+    c = Coordinator(settings, pool, export_store=MemoryExportStore())
+    t = await erasure(c, pool)
+    stop = asyncio.Event()
+    relay = asyncio.create_task(OutboxRelay(settings, poll_interval=0.1).run(stop))
+    consumer = AIOKafkaConsumer(topics.tasks_topic("crm"), **settings.kafka_client_options(),
+                                auto_offset_reset="earliest", group_id=None)
+    await consumer.start()
+    try:
+        found = None
+        deadline = asyncio.get_running_loop().time() + 30
+        while found is None and asyncio.get_running_loop().time() < deadline:
+            for recs in (await consumer.getmany(timeout_ms=500)).values():
+                found = next((r for r in recs if str(t["crm"]["task_id"]).encode() in (r.value or b"")), found)
+        assert found is not None, "the task never reached its topic"
+        ce = codec.header_map(found.headers)
+        keys = signing.load_public_keys(tmp_path / "coordinator-public.json")
+        assert signing.verify_headers(keys, list(found.headers), ce_id=ce["ce_id"], ce_source=ce["ce_source"],
+                                      value=found.value or b"", kind="task") == credential.key_id
+        with pytest.raises(signing.SignatureError):  # a task's signature never passes for a receipt's
+            signing.verify_headers(keys, list(found.headers), ce_id=ce["ce_id"], ce_source=ce["ce_source"],
+                                   value=found.value or b"", kind="receipt")
+    finally:
+        stop.set()
+        await relay
+        await consumer.stop()
