@@ -219,6 +219,33 @@ async def prepare(settings: Settings) -> None:
                        replication_factor=settings.topic_replication_factor)
 
 
+async def sign_everything(settings: Settings, systems: Sequence[str] = SYSTEMS) -> Settings:
+    """What an administrator does before the services start (``dsrflow systems coordinator-key``,
+    ``dsrflow systems key NAME``): the coordinator signs every task and the workers act only on
+    signed ones; each system's worker signs its receipts and the coordinator refuses unsigned
+    ones. Returns the settings the services are started with (keys made once per state dir)."""
+    from . import auth, signing
+    from .launcher import worker_credential
+
+    folder = settings.state_dir / "credentials"
+    private, public = folder / "coordinator.json", folder / "coordinator-public.json"
+    if not private.exists():
+        credential = auth.generate_credential("coordinator")
+        credential.save(private, overwrite=True)
+        signing.write_public_keys(public, [credential])
+    conn = await asyncpg.connect(settings.dsn)
+    try:
+        for system in systems:
+            if worker_credential(settings, system) is None:
+                key = auth.generate_credential(system)
+                await signing.add_system_key(conn, system, key.public_pem(), key_id=key.key_id)
+                key.save(folder / f"system-{system}.json")
+    finally:
+        await conn.close()
+    return settings.model_copy(update={"coordinator_credential": private, "coordinator_public_keys": public,
+                                       "require_signed_receipts": True})
+
+
 #: The demo's people who decide: a DPO, and an operator of the call centre. Each acts with a signing
 #: key, as `dsrflow actors add` gives one; the timeline records them by that key, never by a name
 #: a sender makes up.
@@ -665,7 +692,8 @@ def main(base: Settings) -> int:
                             log_level="INFO")
         _print(f"  broker {settings.bootstrap} ({info['broker']}), PostgreSQL {settings.dsn}")
         asyncio.run(prepare(settings))
-        _print("case store migrated; CRM and billing databases seeded; topics applied")
+        settings = asyncio.run(sign_everything(settings))
+        _print("case store migrated; CRM and billing databases seeded; topics applied; tasks and receipts signed")
         with launcher.running(settings, SYSTEMS, log_dir=state_dir / "logs") as services:
             asyncio.run(launcher.wait_registered(settings.dsn, SYSTEMS, services))
             _print("coordinator and workers (crm, billing) running")

@@ -39,8 +39,22 @@ def service_env(settings: Settings, extra: Mapping[str, str] | None = None) -> d
     env["DSRFLOW_KAFKA_IDEMPOTENT_PRODUCER"] = str(settings.producer_options()["enable_idempotence"]).lower()
     if settings.api_token is not None:
         env["DSRFLOW_API_TOKEN"] = settings.api_token.get_secret_value()
+    # trust (dsrflow.signing): the coordinator signs tasks, workers check them, receipts are checked
+    for name in ("coordinator_credential", "coordinator_public_keys"):
+        path = getattr(settings, name)
+        if path is not None:
+            env[f"DSRFLOW_{name.upper()}"] = str(Path(path).resolve())
+    if settings.require_signed_receipts:
+        env["DSRFLOW_REQUIRE_SIGNED_RECEIPTS"] = "true"
     env.update(extra or {})
     return env
+
+
+def worker_credential(settings: Settings, system: str) -> Path | None:
+    """The credential a system's worker signs its receipts with, where ``dsrflow systems key``
+    writes it by default (``<state>/credentials/system-<name>.json``), if it is there."""
+    path = settings.state_dir / "credentials" / f"system-{system}.json"
+    return path.resolve() if path.exists() else None
 
 
 @dataclass
@@ -116,7 +130,9 @@ def running(settings: Settings, workers: Sequence[str], *, log_dir: Path, cwd: P
         if coordinator:
             services.start("coordinator", ["coordinator"], env, cwd)
         for w in workers:
-            services.start(f"worker-{w}", ["worker", w], env, cwd)
+            own = worker_credential(settings, w)
+            services.start(f"worker-{w}", ["worker", w],
+                           {**env, "DSRFLOW_WORKER_CREDENTIAL": str(own)} if own else env, cwd)
         yield services
     finally:
         services.stop()

@@ -19,7 +19,7 @@ from dsrflow.identity import normalise
 from dsrflow.rights import IdentifierType, change_category
 from dsrflow.settings import Settings
 from dsrflow.stack.postgres import create_database, with_database
-from dsrflow.worker import Result, SubjectMatch, TaskContext, TaskError, Worker
+from dsrflow.worker import PostgresTaskLedger, Result, SubjectMatch, TaskContext, TaskError, TaskLedger, Worker
 
 
 def system_dsn(system: str, settings: Settings) -> str:
@@ -27,6 +27,17 @@ def system_dsn(system: str, settings: Settings) -> str:
     store's server. A real system would bring its own configuration; this keeps the demo to one
     PostgreSQL server."""
     return os.environ.get(f"DSRFLOW_{system.upper()}_DSN") or settings.database_dsn(system)
+
+
+def own_ledger(system: str) -> Callable[[Settings], TaskLedger]:
+    """``Worker(ledger=...)``: the worker's task ledger (which task attempts ran, and their first
+    receipts) in the system's own database, next to the data its handlers change. The worker opens
+    it after its startup hooks, which create that database."""
+
+    def ledger(settings: Settings) -> TaskLedger:
+        return PostgresTaskLedger(system_dsn(system, settings))
+
+    return ledger
 
 
 async def ensure_database(dsn: str) -> None:

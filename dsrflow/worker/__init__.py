@@ -22,23 +22,35 @@ retention rules), supplies one handler per action, and runs::
 
     await crm.run(settings)          # or: python -m dsrflow.worker mymodule:crm
 
+A task delivered again (after a crash, a rebalance or a restart) is not run again: the worker
+claims each task attempt in a task ledger first and sends its first receipt again
+(:class:`PostgresTaskLedger` in the case store by default; ``Worker(..., ledger=...)`` for the
+system's own database).
+
 Test handlers without Kafka with :func:`dsrflow.testing.worker.run_task`.
 """
 
 from ..identity import SubjectMatch, match_subject
 from ._context import TaskContext
+from ._ledger import LedgerClaim, LedgerFactory, MemoryTaskLedger, PostgresTaskLedger, TaskLedger
 from ._result import Result, RetryableError, TaskError
-from ._worker import DEFAULT_RETRY_ON, Handler, Hook, Worker
+from ._worker import DEFAULT_MAX_RECEIPT_BYTES, DEFAULT_RETRY_ON, Handler, Hook, Worker
 
 __all__ = [
+    "DEFAULT_MAX_RECEIPT_BYTES",
     "DEFAULT_RETRY_ON",
     "Handler",
     "Hook",
+    "LedgerClaim",
+    "LedgerFactory",
+    "MemoryTaskLedger",
+    "PostgresTaskLedger",
     "Result",
     "RetryableError",
     "SubjectMatch",
     "TaskContext",
     "TaskError",
+    "TaskLedger",
     "Worker",
     "load_worker",
     "match_subject",

@@ -19,6 +19,7 @@ from ..exports.store import ExportStore
 from ..registry import SystemDeclaration
 from ..rights import Action
 from ._context import TaskContext
+from ._ledger import LedgerFactory, TaskLedger
 from ._result import Result, TaskError
 
 if TYPE_CHECKING:
@@ -45,6 +46,12 @@ DEFAULT_RETRY_ON: tuple[type[BaseException], ...] = (
 
 _ERROR_MAX = 2000  # TaskReceipt.error's limit
 REDACTED = "[redacted]"
+#: A receipt whose record would be larger is sent as ``failed`` without its details (brokers take
+#: 1 MiB records by default; a receipt is normally a few kB).
+DEFAULT_MAX_RECEIPT_BYTES = 900_000
+#: How much longer than ``task_timeout`` a ledger claim lasts by default before another instance
+#: may take it over (the holder must have died: its handler would have timed out by then).
+LEASE_MARGIN = timedelta(minutes=1)
 
 
 def _redact(text: str, task: TaskAssigned) -> str:
@@ -93,6 +100,15 @@ class Worker:
     ``concurrency`` bounds the handlers running at once, ``max_batch`` the records taken from Kafka
     per batch, ``task_timeout`` one handler call (a timeout is reported as retryable).
     ``retry_on`` lists exceptions that are transient even when the handler raises them unwrapped.
+
+    ``ledger`` is the task ledger that keeps a task redelivered to the group (after a crash, a
+    rebalance, a restart) from running twice: a :class:`~dsrflow.worker.TaskLedger`, or a function
+    of the settings that returns one, e.g. ``lambda s: PostgresTaskLedger(my_dsn(s))`` for the
+    system's own database. By default it is a :class:`~dsrflow.worker.PostgresTaskLedger` in the
+    case store (``settings.dsn``). It is opened after the startup hooks. ``ledger_lease`` is how
+    long a claim holds without a receipt before another instance may take it over (default
+    ``task_timeout`` plus a minute; it must be longer than ``task_timeout``).
+    ``max_receipt_bytes`` bounds a receipt's record: a larger one is sent as ``failed``.
     """
 
     def __init__(
@@ -103,14 +119,24 @@ class Worker:
         max_batch: int = 200,
         task_timeout: timedelta = timedelta(minutes=2),
         retry_on: tuple[type[BaseException], ...] = DEFAULT_RETRY_ON,
+        ledger: TaskLedger | LedgerFactory | None = None,
+        ledger_lease: timedelta | None = None,
+        max_receipt_bytes: int = DEFAULT_MAX_RECEIPT_BYTES,
     ) -> None:
         if concurrency < 1 or max_batch < 1:
             raise ValueError("concurrency and max_batch must be >= 1")
+        if ledger_lease is not None and ledger_lease <= task_timeout:
+            raise ValueError("ledger_lease must be longer than task_timeout")
+        if max_receipt_bytes < 4096:
+            raise ValueError("max_receipt_bytes must be at least 4096")
         self.system = system
         self.concurrency = concurrency
         self.max_batch = max_batch
         self.task_timeout = task_timeout
         self.retry_on = retry_on
+        self.ledger = ledger
+        self.ledger_lease = ledger_lease or task_timeout + LEASE_MARGIN
+        self.max_receipt_bytes = max_receipt_bytes
         self._handlers: dict[Action, Handler] = {}
         self._startup: list[Hook] = []
         self._shutdown: list[Hook] = []
@@ -267,7 +293,8 @@ class Worker:
         """Register the system, ensure its task topic, run the startup hooks, and consume tasks
         until ``stop`` is set (or SIGTERM/SIGINT when no ``stop`` is given).
 
-        At-least-once: a batch's receipts are delivered before its offsets are committed.
+        At-least-once: a batch's receipts are delivered before its offsets are committed; the task
+        ledger keeps a task delivered again from running again (its first receipt is sent again).
         The export store defaults to ``LocalExportStore(settings.exports)``.
         """
         from ._runner import run_worker

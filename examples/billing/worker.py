@@ -38,6 +38,7 @@ from ..common import (
     answering,
     lift_records,
     open_with,
+    own_ledger,
     parse_email,
     parse_name,
     parse_phone,
@@ -104,7 +105,7 @@ SYSTEM = SystemDeclaration(
     backup_retention=timedelta(days=35),
 )
 
-worker = Worker(SYSTEM)
+worker = Worker(SYSTEM, ledger=own_ledger(NAME))  # the task ledger in its own database
 db = Database(NAME)
 
 

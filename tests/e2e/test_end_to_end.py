@@ -8,6 +8,7 @@ import io
 import sys
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import orjson
@@ -31,6 +32,7 @@ async def test_every_right_duplicate_and_invalid_end_to_end(e2e_settings: Settin
 
     settings = e2e_settings
     await demo.prepare(settings)
+    settings = await demo.sign_everything(settings)  # every task and receipt signed, and checked
     extra = {k: os.environ[k] for k in ("DSRFLOW_CRM_DSN", "DSRFLOW_BILLING_DSN")}
     with launcher.running(settings, demo.SYSTEMS, log_dir=tmp_path / "logs", cwd=ROOT, extra_env=extra) as services:
         await launcher.wait_registered(settings.dsn, demo.SYSTEMS, services)
@@ -42,6 +44,9 @@ async def test_every_right_duplicate_and_invalid_end_to_end(e2e_settings: Settin
         checks += await demo.dpo_decisions(settings, people)
         services.check_alive()  # nothing died on the invalid event
         dlq = await demo.dead_letters(settings)
+        signed = await _receipts_signed(settings, {str(r.case_id) for r in results if r.case_id})
+    assert signed and all(signed.values()), signed  # every receipt of these cases, signed by its system
+    assert not [d for d in dlq if d.get("dlq_error_type", "").startswith("unauthenticated")], dlq
 
     failed = [label for label, ok in checks if not ok]
     assert not failed, failed
@@ -122,3 +127,41 @@ async def test_every_right_duplicate_and_invalid_end_to_end(e2e_settings: Settin
     assert invalid and invalid[0]["dlq_original_topic"] == "dsr.requests.v1"
     assert "right" in invalid[0]["dlq_error"]
     assert orjson.loads(orjson.dumps(invalid[0]))  # plain strings only
+
+
+async def _receipts_signed(settings: Settings, case_ids: set[str]) -> dict[str, bool]:
+    """Each receipt of these cases on dsr.receipts.v1: whether its signature verifies with its
+    system's key in the case store."""
+    import asyncpg
+    from aiokafka import AIOKafkaConsumer
+
+    from dsrflow import codec, signing, topics
+
+    conn = await asyncpg.connect(settings.dsn)
+    try:
+        keys = await signing.system_keys(conn, demo.SYSTEMS)
+    finally:
+        await conn.close()
+    consumer = AIOKafkaConsumer(topics.RECEIPTS, **settings.kafka_client_options(), auto_offset_reset="earliest",
+                                group_id=None)
+    await consumer.start()
+    out: dict[str, bool] = {}
+    try:
+        batches: list[Any] = []
+        while polled := await consumer.getmany(timeout_ms=2000):
+            batches += polled.values()
+        for recs in batches:
+            for r in recs:
+                ce = codec.header_map(r.headers)
+                if (r.key or b"").decode() not in case_ids:
+                    continue
+                system = ce.get("ce_source", "").rsplit("/", 1)[-1]
+                try:
+                    signing.verify_headers(keys.get(system, {}), list(r.headers), ce_id=ce["ce_id"],
+                                           ce_source=ce["ce_source"], value=r.value or b"")
+                    out[ce["ce_id"]] = True
+                except signing.SignatureError:
+                    out[ce["ce_id"]] = False
+    finally:
+        await consumer.stop()
+    return out

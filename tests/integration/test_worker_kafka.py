@@ -208,3 +208,66 @@ async def test_worker_round_trip(
     finally:
         await probe.stop()
     assert committed == produced
+
+
+async def test_a_worker_acts_only_on_tasks_the_coordinator_signed_and_signs_its_receipts(
+    broker: str, broker_kind: str, case_store: str, tmp_path: Path, collectors: tuple[Collector, Collector]
+) -> None:
+    from dsrflow import auth, signing
+    from dsrflow.coordinator.relay import sign_task
+
+    receipts, dead = collectors
+    system = f"ks{uuid.uuid4().hex[:10]}"
+    task_topic = topics.tasks_topic(system)
+    coordinator_key, impostor = auth.generate_credential("coordinator"), auth.generate_credential("coordinator")
+    signing.write_public_keys(tmp_path / "coordinator-public.json", [coordinator_key])
+    worker_key = auth.generate_credential(system)
+    worker_key.save(tmp_path / "worker.json")
+    settings = Settings(kafka_bootstrap=broker, pg_dsn=SecretStr(case_store), export_dir=tmp_path / "exports",
+                        kafka_idempotent_producer=broker_kind != "tansu",
+                        coordinator_public_keys=tmp_path / "coordinator-public.json",
+                        worker_credential=tmp_path / "worker.json")
+    calls: list[str] = []
+    worker = tiny_worker(system)
+    erase = worker._handlers[Action.erase]
+
+    async def counting(ctx: TaskContext) -> Result:
+        calls.append(ctx.identifiers[IdentifierType.email])
+        return await erase(ctx)
+
+    worker._handlers[Action.erase] = counting
+    stop = asyncio.Event()
+    running = asyncio.create_task(worker.run(settings, stop=stop))
+    producer = AIOKafkaProducer(**settings.producer_options())
+    await producer.start()
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while task_topic not in (await producer.client.fetch_all_metadata()).topics():
+            if running.done():
+                running.result()
+            assert time.monotonic() < deadline, "worker did not create its task topic"
+            await asyncio.sleep(0.2)
+        real = make_task(system, Action.erase, {"email": "lan.nguyen@example.vn"})
+        unsigned = make_task(system, Action.erase, {"email": "nam.le@example.vn"})
+        forged = make_task(system, Action.erase, {"email": "mai.tran@example.vn"})
+        value, headers = codec.encode(real, source="dsrflow/coordinator")
+        await producer.send_and_wait(task_topic, value, key=b"real", headers=sign_task(coordinator_key, headers, value))
+        value, headers = codec.encode(unsigned, source="dsrflow/coordinator")
+        await producer.send_and_wait(task_topic, value, key=b"unsigned", headers=headers)
+        value, headers = codec.encode(forged, source="dsrflow/coordinator")
+        await producer.send_and_wait(task_topic, value, key=b"forged", headers=sign_task(impostor, headers, value))
+
+        [got] = await receipts.wait_for(lambda r: receipt_of(r).task_id == real.task_id)
+        ce = header_map(got.headers)
+        assert signing.verify_headers({worker_key.key_id: worker_key.private_key.public_key()}, list(got.headers),
+                                      ce_id=ce["ce_id"], ce_source=ce["ce_source"], value=got.value) \
+            == worker_key.key_id
+        letters = await dead.wait_for(lambda r: header_map(r.headers).get("dlq_original_topic") == task_topic,
+                                      count=2)
+        assert {r.key: read_dead_letter(r.headers).error_type for r in letters} == {
+            b"unsigned": "unauthenticated_task", b"forged": "unauthenticated_task"}
+        assert calls == ["lan.nguyen@example.vn"]  # the forged tasks were never acted on
+    finally:
+        stop.set()
+        await producer.stop()
+        await asyncio.wait_for(running, TIMEOUT)

@@ -559,3 +559,144 @@ async def test_a_batch_coming_round_again_resends_its_receipts_without_rerunning
     assert consumer.commits == [{tp: 6}]
     [delivered] = [codec.decode(v, h, TaskReceipt).data for t, _, v, h in producer.sent if t == topics.RECEIPTS]
     assert delivered.status == ReceiptStatus.succeeded and delivered.counts == {"erased": 1}
+
+
+# -- the task ledger, receipts too large, partitions handed back (broker faked) ----------------------
+
+
+def erase_counting(calls: list[str], *, big_for: str | None = None, **options: Any) -> Worker:
+    """Erases one record; the receipt of ``big_for``'s task has 5,000 counts more (about 80 kB)."""
+    w = Worker(declaration(Action.erase), **options)
+
+    @w.handler(Action.erase)
+    async def erase(ctx: TaskContext) -> Result:
+        calls.append(str(ctx.task.task_id))
+        many = 5_000 if ctx.identifiers.get(IdentifierType.email) == big_for else 0
+        return Result.succeeded(counts={"erased": 1, **{f"part_{i:07d}": 1 for i in range(many)}})
+
+    return w
+
+
+def sent_receipts(producer: FakeProducer) -> list[TaskReceipt]:
+    from dsrflow import codec, topics
+
+    return [codec.decode(v, h, TaskReceipt).data for t, _, v, h in producer.sent if t == topics.RECEIPTS]
+
+
+async def test_a_task_delivered_again_to_another_instance_sends_the_ledger_receipt_without_running() -> None:
+    from aiokafka import TopicPartition
+
+    from dsrflow import codec, topics
+    from dsrflow.worker import MemoryTaskLedger
+
+    ledger = MemoryTaskLedger()  # shared, as a PostgreSQL ledger is by the instances of a group
+    calls: list[str] = []
+    topic = topics.tasks_topic("shop")
+    tp = TopicPartition(topic, 0)
+    task = make_task("shop", "erase", {"email": EMAIL})
+    batch = {tp: [record(topic, 5, *codec.encode(task, source="test"))]}
+    first, second = FakeProducer(), FakeProducer()
+    runner, _, _ = runner_with(erase_counting(calls, ledger=ledger), [batch], first)
+    await runner._loop()
+    # The first instance died before its commit; the second gets the record again.
+    runner, consumer, _ = runner_with(erase_counting(calls, ledger=ledger), [batch], second)
+    await runner._loop()
+    assert calls == [str(task.task_id)]
+    assert sent_receipts(second) == sent_receipts(first) and sent_receipts(first)[0].counts == {"erased": 1}
+    assert consumer.commits == [{tp: 6}]
+
+
+class RefusingProducer(FakeProducer):
+    """A broker that takes records up to ``limit`` bytes."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+
+    async def send(
+        self, topic: str, value: bytes | None, *, key: bytes | None, headers: list[tuple[str, bytes]]
+    ) -> asyncio.Future[None]:
+        if len(value or b"") <= self.limit:
+            return await super().send(topic, value, key=key, headers=headers)
+        from aiokafka.errors import MessageSizeTooLargeError
+
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        fut.set_exception(MessageSizeTooLargeError())
+        self.events.append(f"refused {topic}")
+        return fut
+
+
+@pytest.mark.parametrize("limit", ["worker", "broker"])
+async def test_a_receipt_too_large_goes_as_failed_and_the_batch_is_committed(limit: str) -> None:
+    from aiokafka import TopicPartition
+
+    from dsrflow import codec, topics
+
+    calls: list[str] = []
+    topic = topics.tasks_topic("shop")
+    tp = TopicPartition(topic, 0)
+    big, small = make_task("shop", "erase", {"email": EMAIL}), make_task("shop", "erase", {"email": "an@example.vn"})
+    batch = {tp: [record(topic, 0, *codec.encode(big, source="test")),
+                  record(topic, 1, *codec.encode(small, source="test"))]}
+    if limit == "worker":  # over max_receipt_bytes before it is sent
+        producer, options = FakeProducer(), {"max_receipt_bytes": 50_000}
+    else:  # under it, but the broker refuses it
+        producer, options = RefusingProducer(50_000), {}
+    w = erase_counting(calls, big_for=EMAIL.lower(), **options)
+    runner, consumer, _ = runner_with(w, [batch], producer)
+    await runner._loop()
+
+    assert len(calls) == 2 and consumer.commits == [{tp: 2}]
+    receipts = {r.task_id: r for r in sent_receipts(producer)}
+    failed = receipts[big.task_id]
+    assert failed.status == ReceiptStatus.failed and not failed.retryable and failed.counts == {}
+    assert failed.error is not None and failed.error.startswith("receipt not sent: ")
+    assert "succeeded result" in failed.error
+    assert ("too large" if limit == "worker" else "MessageSizeTooLargeError") in failed.error
+    assert receipts[small.task_id].status == ReceiptStatus.succeeded
+
+
+async def test_a_partition_handed_back_in_a_rebalance_is_neither_answered_nor_committed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The batch cannot finish before the rebalance goes on: its revoked partition is handed back;
+    the task running there finishes into the ledger, the one not started is left to the new owner."""
+    from aiokafka import TopicPartition
+
+    from dsrflow import codec, topics
+    from dsrflow.worker import MemoryTaskLedger, _runner
+
+    monkeypatch.setattr(_runner, "REVOKE_WAIT_S", 0.05)
+    ledger = MemoryTaskLedger()
+    release = asyncio.Event()
+    calls: list[str] = []
+    w = Worker(declaration(Action.erase), concurrency=1, ledger=ledger)
+
+    @w.handler(Action.erase)
+    async def erase(ctx: TaskContext) -> Result:
+        calls.append(str(ctx.task.task_id))
+        await release.wait()
+        return Result.succeeded(counts={"erased": 1})
+
+    topic = topics.tasks_topic("shop")
+    tp0, tp1 = TopicPartition(topic, 0), TopicPartition(topic, 1)
+    running, waiting = make_task("shop", "erase", {"email": EMAIL}), make_task("shop", "erase", {"email": "an@x.vn"})
+    from aiokafka.structs import ConsumerRecord
+
+    r0 = record(topic, 7, *codec.encode(running, source="test"))
+    value, headers = codec.encode(waiting, source="test")
+    r1 = ConsumerRecord(topic, 1, 3, 0, 0, b"k", value, None, 1, len(value), headers)
+    producer = FakeProducer()
+    runner, consumer, _ = runner_with(w, [{tp0: [r0], tp1: [r1]}], producer)
+    loop = asyncio.create_task(runner._loop())
+    while not calls:
+        await asyncio.sleep(0.01)
+    await runner.revoked({tp1})  # the group rebalances: tp1 goes elsewhere
+    release.set()
+    await loop
+
+    assert calls == [str(running.task_id)]  # the task of tp1 was not started here
+    assert [r.task_id for r in sent_receipts(producer)] == [running.task_id]
+    assert consumer.commits == [{tp0: 8}]
+    done = await ledger.claim(running, owner="new owner", lease=timedelta(minutes=1))
+    assert done.state == "done" and done.receipt is not None and done.receipt.counts == {"erased": 1}
