@@ -40,10 +40,8 @@ def service_env(settings: Settings, extra: Mapping[str, str] | None = None) -> d
     if settings.api_token is not None:
         env["DSRFLOW_API_TOKEN"] = settings.api_token.get_secret_value()
     # trust (dsrflow.signing): the coordinator signs tasks, workers check them, receipts are checked
-    for name in ("coordinator_credential", "coordinator_public_keys"):
-        path = getattr(settings, name)
-        if path is not None:
-            env[f"DSRFLOW_{name.upper()}"] = str(Path(path).resolve())
+    if settings.coordinator_public_keys is not None:  # the private key goes to the coordinator only
+        env["DSRFLOW_COORDINATOR_PUBLIC_KEYS"] = str(Path(settings.coordinator_public_keys).resolve())
     if settings.require_signed_receipts:
         env["DSRFLOW_REQUIRE_SIGNED_RECEIPTS"] = "true"
     env.update(extra or {})
@@ -128,7 +126,9 @@ def running(settings: Settings, workers: Sequence[str], *, log_dir: Path, cwd: P
     services = Services(log_dir)
     try:
         if coordinator:
-            services.start("coordinator", ["coordinator"], env, cwd)
+            signer = ({"DSRFLOW_COORDINATOR_CREDENTIAL": str(Path(settings.coordinator_credential).resolve())}
+                      if settings.coordinator_credential is not None else {})
+            services.start("coordinator", ["coordinator"], {**env, **signer}, cwd)
         for w in workers:
             own = worker_credential(settings, w)
             services.start(f"worker-{w}", ["worker", w],

@@ -100,13 +100,25 @@ def _decode_all(records: Sequence[Record], model: type[Any], consumer: str,
     return out
 
 
-def _first_of_each(decoded: list[tuple[Record, codec.Envelope[Any]]]) -> list[tuple[Record, codec.Envelope[Any]]]:
+def _event_key(env: codec.Envelope[Any]) -> tuple[str, str]:
+    """What the inbox knows an event by: CloudEvents ids are unique per source."""
+    return env.source, env.id
+
+
+def _receipt_key(env: codec.Envelope[Any]) -> tuple[str, str]:
+    """A receipt is known by its system (the one whose key admitted it) and its id, never by a
+    source a producer can write: a receipt naming another system cannot take this one's id."""
+    return f"system:{env.data.system}", env.id
+
+
+def _first_of_each(decoded: list[tuple[Record, codec.Envelope[Any]]],
+                   key: Callable[[codec.Envelope[Any]], tuple[str, str]]) -> list[tuple[Record, codec.Envelope[Any]]]:
     """The same event twice in one batch counts once, as the inbox would count it."""
     seen: set[tuple[str, str]] = set()
     out = []
     for rec, env in decoded:
-        if (env.source, env.id) not in seen:
-            seen.add((env.source, env.id))
+        if key(env) not in seen:
+            seen.add(key(env))
             out.append((rec, env))
     return out
 
@@ -128,7 +140,8 @@ class Coordinator:
 
     async def _handle(self, records: Sequence[Record], model: type[Any], consumer: str,
                       apply: Callable[..., Awaitable[None]],
-                      admit: Callable[..., Awaitable[list[Any]]] | None = None) -> None:
+                      admit: Callable[..., Awaitable[list[Any]]] | None = None,
+                      key: Callable[[codec.Envelope[Any]], tuple[str, str]] = _event_key) -> None:
         """Decode (bad records are dead-lettered), let ``admit`` refuse some (dead-lettered before
         the inbox sees them, so a forgery cannot take a real event's id), drop events the inbox has
         seen, apply the rest: all in one transaction."""
@@ -139,9 +152,9 @@ class Coordinator:
             if admit is not None and decoded:
                 decoded = await admit(conn, decoded, work)
             # after admission: a forgery that came first in the batch cannot shadow the real event
-            decoded = _first_of_each(decoded)
-            fresh = await outbox.claim_inbox(conn, consumer, [(env.source, env.id) for _, env in decoded])
-            decoded = [(rec, env) for rec, env in decoded if (env.source, env.id) in fresh]
+            decoded = _first_of_each(decoded, key)
+            fresh = await outbox.claim_inbox(conn, consumer, [key(env) for _, env in decoded])
+            decoded = [(rec, env) for rec, env in decoded if key(env) in fresh]
             if decoded:
                 await apply(conn, decoded, work, now)
             await repo.record(conn, work.effects, extra=work.dead)
@@ -523,7 +536,8 @@ class Coordinator:
     # -- aggregation ---------------------------------------------------------
     async def handle_receipts(self, records: Sequence[Record]) -> None:
         """Apply new receipts to their tasks and close finished cases (one transaction for the batch)."""
-        await self._handle(records, TaskReceipt, AGGREGATOR, self._apply_receipts, admit=self._signed)
+        await self._handle(records, TaskReceipt, AGGREGATOR, self._apply_receipts, admit=self._signed,
+                           key=_receipt_key)
 
     async def _signed(self, conn: asyncpg.Connection, decoded: list[tuple[Record, codec.Envelope[TaskReceipt]]],
                       work: _Work) -> list[tuple[Record, codec.Envelope[TaskReceipt]]]:

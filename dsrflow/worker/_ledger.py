@@ -174,7 +174,10 @@ class PostgresTaskLedger:
             if self._pool is not None:
                 return
             try:
-                pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=self.max_connections)
+                # timeouts well under the lease margin: a half-open connection fails the batch (which is
+                # retried) instead of holding a claim until its lease runs out
+                pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=self.max_connections,
+                                                 timeout=10, command_timeout=20)
                 try:
                     async with pool.acquire() as conn, conn.transaction():
                         await conn.execute("SELECT pg_advisory_xact_lock($1)", _SCHEMA_LOCK)
@@ -208,6 +211,8 @@ class PostgresTaskLedger:
             return LedgerClaim("busy", retry_in=0.0)
         if row["state"] == "done":
             return LedgerClaim("done", receipt=TaskReceipt.model_validate_json(row["receipt"]))
+        if row["claimed_by"] == owner:  # our own claim, made by a try whose answer was lost
+            return LedgerClaim("owned")
         return LedgerClaim("busy", holder=row["claimed_by"], retry_in=float(row["retry_in"]))
 
     async def finish(self, task: TaskAssigned, receipt: TaskReceipt, *, owner: str) -> TaskReceipt:

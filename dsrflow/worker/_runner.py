@@ -525,6 +525,9 @@ class _Runner:
             async with self._semaphore:  # claimed only when it can run at once: the lease starts now
                 if tp in self._handed_back:
                     raise _HandedBack
+                if self.stop.is_set():  # stopping: start nothing new; whoever has it next runs it
+                    self._handed_back.add(tp)
+                    raise _HandedBack
                 claim = await self.ledger.claim(task, owner=self.instance, lease=self.worker.ledger_lease)
                 if claim.state == "owned":
                     if claim.takeover:

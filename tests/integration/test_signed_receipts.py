@@ -198,3 +198,22 @@ async def test_the_relay_signs_every_task_with_the_coordinators_key(
         stop.set()
         await relay
         await consumer.stop()
+
+
+async def test_a_receipt_naming_another_system_cannot_take_the_real_ones_id(
+    pool: asyncpg.Pool, case_store: str, tmp_path: Path
+) -> None:
+    c = coordinator(pool, case_store, tmp_path)
+    crm_key = auth.generate_credential("crm")
+    async with pool.acquire() as conn:
+        await signing.add_system_key(conn, "crm", crm_key.public_pem(), key_id=crm_key.key_id)
+    t = await erasure(c, pool)
+    real_id, crm_source = f"receipt-{t['crm']['task_id']}", "dsrflow/worker/crm"
+    ghost = dict(t["crm"]) | {"system": "ghost"}  # a system with no key: admitted unsigned, then unknown
+    await c.handle_receipts([receipt_record(ghost, "failed", error="x", event_id=real_id,  # type: ignore[arg-type]
+                                            source=crm_source)])
+    await c.handle_receipts([receipt_record(t["crm"], "succeeded", credential=crm_key, event_id=real_id,
+                                            source=crm_source, counts={"erased": 1})])
+    crm = await pool.fetchrow("SELECT status FROM tasks WHERE task_id = $1", t["crm"]["task_id"])
+    assert crm["status"] == "succeeded"
+    assert await dead_letters(pool) == ["unknown_task"]
