@@ -1024,3 +1024,23 @@ async def test_a_systems_signing_key_from_the_command_line(tmp_path: Path, case_
         assert await conn.fetchval("SELECT revoked_at FROM system_keys WHERE key_id = $1", key_id) is not None
     finally:
         await conn.close()
+
+
+async def test_seed_prepares_the_reference_systems_once(
+    tmp_path: Path, case_store: str, make_database: Callable[..., Awaitable[str]]
+) -> None:
+    crm_dsn, billing_dsn = await make_database("crm"), await make_database("billing")
+    env = {"DSRFLOW_PG_DSN": case_store, "DSRFLOW_CRM_DSN": crm_dsn, "DSRFLOW_BILLING_DSN": billing_dsn}
+    for _ in range(2):  # a second run changes nothing
+        run = await asyncio.to_thread(dsrflow, "seed", tmp=tmp_path, env=env)
+        assert run.code == 0, run
+        assert "crm: " in run.stdout and "billing: " in run.stdout
+    conn = await asyncpg.connect(crm_dsn)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM contacts WHERE email = 'lan.nguyen@example.vn'") == 1
+        contacts = await conn.fetchval("SELECT count(*) FROM contacts")
+    finally:
+        await conn.close()
+    assert f"crm: {contacts} contacts" in run.stdout
+    bad = await asyncio.to_thread(dsrflow, "seed", "payroll", tmp=tmp_path, env=env)
+    assert_error(bad, "no reference system payroll", code=2)
