@@ -211,8 +211,6 @@ class PostgresTaskLedger:
             return LedgerClaim("busy", retry_in=0.0)
         if row["state"] == "done":
             return LedgerClaim("done", receipt=TaskReceipt.model_validate_json(row["receipt"]))
-        if row["claimed_by"] == owner:  # our own claim, made by a try whose answer was lost
-            return LedgerClaim("owned")
         return LedgerClaim("busy", holder=row["claimed_by"], retry_in=float(row["retry_in"]))
 
     async def finish(self, task: TaskAssigned, receipt: TaskReceipt, *, owner: str) -> TaskReceipt:
