@@ -289,6 +289,13 @@ class TaskReceipt(Event):
     error: str | None = Field(default=None, max_length=2000, description="no personal data")
     completed_at: datetime
 
+    @field_validator("error", mode="before")
+    @classmethod
+    def _no_nul(cls, v: Any) -> Any:
+        """PostgreSQL stores no NUL character, in text or jsonb: one in a handler's error text would
+        make the receipt unstorable (in the worker's ledger and the case store) and its batch stuck."""
+        return v.replace("\x00", "") if isinstance(v, str) else v
+
 
 class CaseUpdated(Event):
     """A case's state. Topic ``dsr.cases.v1`` (compacted), key: case_id. No personal data."""

@@ -445,3 +445,14 @@ async def test_a_receipt_too_large_to_send_is_sent_as_failed_and_the_partition_g
     [(_, ok)] = receipts.of(after.task_id)
     assert ok.status == ReceiptStatus.succeeded and ok.counts == {"erased": 1}
     assert await calls_per_task(dsn) == {huge.task_id: 1, after.task_id: 1}
+
+
+async def test_a_receipt_whose_error_holds_a_nul_is_stored(ledger: TaskLedger) -> None:
+    """PostgreSQL refuses NUL in text and jsonb: a handler's error text with one (from a C library,
+    say) must not make the receipt unstorable and its batch stuck."""
+    task = make_task("crm", Action.erase, {"email": "lan.nguyen@example.vn"})
+    assert (await ledger.claim(task, owner="a", lease=timedelta(seconds=30))).state == "owned"
+    receipt = TaskReceipt(task_id=task.task_id, case_id=task.case_id, system="crm", attempt=1,
+                          status=ReceiptStatus.failed, error="driver said: bad\x00byte", completed_at=task.due_at)
+    stored = await ledger.finish(task, receipt, owner="a")
+    assert stored.error == "driver said: badbyte"
