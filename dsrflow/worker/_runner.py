@@ -594,8 +594,14 @@ class _Runner:
             kind,
         )
         value, headers = codec.dead_letter(record.value, original, letter)
-        delivery: asyncio.Future[Any] = await self.producer.send(topics.DEADLETTER, value, key=record.key,
-                                                                 headers=headers)
+        try:
+            delivery: asyncio.Future[Any] = await self.producer.send(topics.DEADLETTER, value, key=record.key,
+                                                                     headers=headers)
+        except _REFUSED_RECORD as exc:  # too large to copy: the letter names where the original is
+            letter = letter.model_copy(update={"error": f"{letter.error}; the original ({len(record.value or b'')} "
+                                               f"bytes) is not copied: {type(exc).__name__}"[:4000]})
+            value, headers = codec.dead_letter(None, [], letter)
+            delivery = await self.producer.send(topics.DEADLETTER, value, key=record.key, headers=headers)
         return delivery
 
     async def _commit(self, batch: Batch) -> None:

@@ -700,3 +700,30 @@ async def test_a_partition_handed_back_in_a_rebalance_is_neither_answered_nor_co
     assert consumer.commits == [{tp0: 8}]
     done = await ledger.claim(running, owner="new owner", lease=timedelta(minutes=1))
     assert done.state == "done" and done.receipt is not None and done.receipt.counts == {"erased": 1}
+
+
+async def test_a_dead_letter_too_large_to_copy_goes_without_the_original_and_the_batch_goes_on() -> None:
+    from aiokafka import TopicPartition
+    from aiokafka.errors import MessageSizeTooLargeError
+
+    from dsrflow import topics
+    from dsrflow.codec import read_dead_letter
+
+    class RefusesBigLetters(FakeProducer):
+        async def send(self, topic: str, value: bytes | None, *, key: bytes | None,
+                       headers: list[tuple[str, bytes]]) -> asyncio.Future[None]:
+            if topic == topics.DEADLETTER and value:  # the client's own size check, before sending
+                raise MessageSizeTooLargeError()
+            return await super().send(topic, value, key=key, headers=headers)
+
+    topic = topics.tasks_topic("shop")
+    tp = TopicPartition(topic, 0)
+    producer = RefusesBigLetters()
+    runner, consumer, _ = runner_with(make_worker(), [{tp: [record(topic, 5, b"{not json" * 1000, [])]}], producer)
+    await runner._loop()
+    [(_, key, value, headers)] = [s for s in producer.sent if s[0] == topics.DEADLETTER]
+    assert key == b"k" and not value
+    letter = read_dead_letter(headers)
+    assert (letter.original_topic, letter.original_offset) == (topic, 5)
+    assert "not copied: MessageSizeTooLargeError" in letter.error
+    assert consumer.commits == [{tp: 6}]  # nothing stuck behind it
