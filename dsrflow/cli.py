@@ -360,6 +360,10 @@ def load_worker(name: str, app: str | None) -> Any:
     module, _, attr = app.partition(":")
     if str(Path.cwd()) not in sys.path:
         sys.path.insert(0, str(Path.cwd()))
+    if default:
+        from ._reference import ensure_examples
+
+        ensure_examples()
     try:
         worker = load(app)
     except ModuleNotFoundError as exc:
@@ -1110,12 +1114,13 @@ def cmd_seed(args: argparse.Namespace, settings: Settings) -> int:
 
     import asyncpg
 
-    if str(Path.cwd()) not in sys.path:
-        sys.path.insert(0, str(Path.cwd()))
+    from ._reference import ensure_examples
+
+    ensure_examples()
     try:
         from examples.common import system_dsn
     except ImportError:
-        raise DsrflowError("the reference systems are not here: run dsrflow seed in a dsrflow checkout") from None
+        raise DsrflowError("the reference systems are not installed with this dsrflow") from None
     systems = args.systems or sorted(_REFERENCE)
     unknown = sorted(set(systems) - set(_REFERENCE))
     if unknown:

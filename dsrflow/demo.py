@@ -16,7 +16,6 @@ import asyncio
 import logging
 import os
 import shutil
-import sys
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -676,9 +675,9 @@ def _print(msg: str) -> None:
 def main(base: Settings) -> int:
     """Entry point of ``dsrflow demo``."""
     from . import stack
+    from ._reference import ensure_examples
 
-    if str(Path.cwd()) not in sys.path:
-        sys.path.insert(0, str(Path.cwd()))
+    ensure_examples()  # the checkout's examples/, or the copy inside the installed package
     logging.getLogger("aiokafka").setLevel(logging.WARNING)  # the services log to files; keep the screen for the story
     state_dir = base.state_dir / "demo"
     if state_dir.exists():

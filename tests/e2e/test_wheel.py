@@ -1,5 +1,6 @@
 """A wheel install (not editable, not run from the checkout) starts the embedded stack on Apache
-Kafka from the files inside the package, and the CLI and topic declarations work from it."""
+Kafka from the files inside the package, the CLI and topic declarations work from it, and the demo
+runs from it with the reference systems the wheel carries."""
 
 from __future__ import annotations
 
@@ -111,3 +112,19 @@ def test_a_wheel_install_runs_the_stack_and_the_cli(tmp_path: Path) -> None:
                 psutil.Process(pid).kill()
     assert down.returncode == 0, down.stderr[-3000:]
     assert left == [], f"java processes for {state} left after `stack down`: {left}"
+
+    # The reference systems ship inside the package: the demo runs from the wheel alone, outside any
+    # checkout (tmp_path has no examples/), its workers too.
+    where = _run([str(py), "-c", "from dsrflow._reference import ensure_examples; ensure_examples(); "
+                  "import examples.crm.worker as w; print(w.__file__)"], env=env, cwd=tmp_path)
+    assert where.returncode == 0 and where.stdout.startswith(str(site)), where
+    try:
+        demo = _run([dsrflow, "demo"], env=env, cwd=tmp_path, timeout=600)
+        assert demo.returncode == 0, (demo.stdout[-3000:], demo.stderr[-3000:])
+        assert "demo succeeded" in demo.stdout and "BAD" not in demo.stdout, demo.stdout[-3000:]
+    finally:
+        left = _jvms(state)
+        for pid in left:
+            with contextlib.suppress(psutil.Error):
+                psutil.Process(pid).kill()
+    assert left == [], f"java processes for {state} left after the demo: {left}"
