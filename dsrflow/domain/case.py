@@ -837,10 +837,10 @@ class Case:
     # -- dsrflow's own personal data ---------------------------------------------------
     def pseudonymise(self, now: datetime, *, key: bytes | None) -> Effects:
         """Replace what this closed case keeps of the person once its retention ran out: each
-        identifier by a keyed hash (HMAC-SHA256 with ``key``: the same person is still recognised,
-        by whoever holds the key, but not read), or dropped without a key; corrections' values,
-        the representative's name and contact, and the free text staff wrote (notes, reasons) by
-        their SHA-256 (so a kept copy can still be matched). The evidence stays: timeline, statuses,
+        identifier, each corrected value and the representative's name and contact by a keyed hash
+        (HMAC-SHA256 with ``key``: the same person is still recognised, by whoever holds the key,
+        but not read), or dropped without a key; the free text staff wrote (notes, reasons) by its
+        SHA-256 (so a kept copy can still be matched). The evidence stays: timeline, statuses,
         what was done and kept on which basis, who decided, and the hashes. A lasting effect still
         in force (a restriction, an opt-out) keeps its identifiers: later systems need them."""
         if self.status not in TERMINAL_CASE or self.pseudonymised_at is not None:
@@ -856,11 +856,16 @@ class Case:
         def digest(text: str) -> str:
             return text if text.startswith("sha256:") else "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
+        def personal(text: str) -> str:  # a corrected email or phone is guessed back from a plain hash
+            if key is None or text.startswith("hmac-sha256:"):
+                return "pseudonymised" if key is None else text
+            return "hmac-sha256:" + hmac.new(key, text.encode(), hashlib.sha256).hexdigest()
+
         self.subject = {k: ident(k, v) for k, v in self.subject.items()}
         if self.changes:
-            self.changes = {f: digest(v) for f, v in self.changes.items()}
+            self.changes = {f: personal(v) for f, v in self.changes.items()}
         if self.requester:
-            self.requester = {k: (digest(v) if k in ("name", "contact", "evidence") and isinstance(v, str) else v)
+            self.requester = {k: (personal(v) if k in ("name", "contact", "evidence") and isinstance(v, str) else v)
                               for k, v in self.requester.items()}
         if self.opened and "why" in self.opened:
             self.opened = {**self.opened, "why": digest(self.opened["why"])}
@@ -870,7 +875,7 @@ class Case:
                 setattr(self, held, {**doc, "reason": digest(doc["reason"])})
         for t in self.tasks:
             if t.changes:
-                t.changes = {f: digest(v) for f, v in t.changes.items()}
+                t.changes = {f: personal(v) for f, v in t.changes.items()}
             if t.note:
                 t.note = digest(t.note)
             if t.reason and t.reason.startswith("reassigned to a person:"):  # the DPO's words

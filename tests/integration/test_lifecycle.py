@@ -631,3 +631,22 @@ async def test_a_controllers_exports_and_bundle_live_under_its_own_prefix(
     await coordinator.handle_receipts([receipt(t["beta-crm"], "succeeded", artifacts=[wrong.model_dump(mode="json")])])
     case = await case_of(pool, rid)
     assert case["status"] == "failed" and "not one of this case's" in orjson.loads(case["outcome"])["bundle_error"]
+
+
+async def test_pseudonymised_corrections_are_keyed_hashes(pool: asyncpg.Pool, case_store: str,
+                                                          tmp_path: Path) -> None:
+    """A corrected email or phone is guessed back from a plain hash: with a key, it is keyed too."""
+    settings = Settings(pg_dsn=case_store, kafka_bootstrap="unused:9092", state_dir=tmp_path,
+                        case_data_retention=timedelta(days=1), pseudonym_key="k" * 32)
+    c = Coordinator(settings, pool, export_store=MemoryExportStore())
+    await systems(pool, CRM)
+    rid = await submit(c, "rectification", changes={"email": "lan.new@example.vn"})
+    t = await tasks(pool, rid)
+    await c.handle_receipts([receipt(t["crm"], "succeeded")])
+    case = await case_of(pool, rid)
+    assert await c.pseudonymise_closed(case["completed_at"] + timedelta(days=2)) == 1
+    case = await case_of(pool, rid)
+    [value] = orjson.loads(case["changes"]).values()
+    assert value.startswith("hmac-sha256:") and "lan.new" not in value
+    task_changes = orjson.loads((await tasks(pool, rid))["crm"]["changes"])
+    assert all(v.startswith("hmac-sha256:") for v in task_changes.values())
