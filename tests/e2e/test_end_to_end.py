@@ -44,9 +44,11 @@ async def test_every_right_duplicate_and_invalid_end_to_end(e2e_settings: Settin
         checks += await demo.dpo_decisions(settings, people)
         services.check_alive()  # nothing died on the invalid event
         dlq = await demo.dead_letters(settings)
-        signed = await _receipts_signed(settings, {str(r.case_id) for r in results if r.case_id})
+        ours = {str(r.case_id) for r in results if r.case_id}
+        signed = await _receipts_signed(settings, ours)
+        refused = await _refused_as_unauthenticated(settings, ours)
     assert signed and all(signed.values()), signed  # every receipt of these cases, signed by its system
-    assert not [d for d in dlq if d.get("dlq_error_type", "").startswith("unauthenticated")], dlq
+    assert refused == [], refused  # and no task or receipt of theirs refused for its signature
 
     failed = [label for label, ok in checks if not ok]
     assert not failed, failed
@@ -129,11 +131,35 @@ async def test_every_right_duplicate_and_invalid_end_to_end(e2e_settings: Settin
     assert orjson.loads(orjson.dumps(invalid[0]))  # plain strings only
 
 
+async def _records(settings: Settings, topic: str) -> list[Any]:
+    """Every record on ``topic`` (the broker is shared with other tests: callers pick theirs)."""
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(topic, **settings.kafka_client_options(), auto_offset_reset="earliest",
+                                group_id=None)
+    await consumer.start()
+    try:
+        batches: list[Any] = []
+        while polled := await consumer.getmany(timeout_ms=2000):
+            batches += polled.values()
+    finally:
+        await consumer.stop()
+    return [r for recs in batches for r in recs]
+
+
+async def _refused_as_unauthenticated(settings: Settings, case_ids: set[str]) -> list[dict[str, str]]:
+    """Dead letters of these cases' tasks and receipts (keyed by case id) refused for their signature."""
+    from dsrflow import codec, topics
+
+    letters = [codec.header_map(r.headers) for r in await _records(settings, topics.DEADLETTER)
+               if (r.key or b"").decode() in case_ids]
+    return [h for h in letters if h.get("dlq_error_type", "").startswith("unauthenticated")]
+
+
 async def _receipts_signed(settings: Settings, case_ids: set[str]) -> dict[str, bool]:
     """Each receipt of these cases on dsr.receipts.v1: whether its signature verifies with its
     system's key in the case store."""
     import asyncpg
-    from aiokafka import AIOKafkaConsumer
 
     from dsrflow import codec, signing, topics
 
@@ -142,26 +168,16 @@ async def _receipts_signed(settings: Settings, case_ids: set[str]) -> dict[str, 
         keys = await signing.system_keys(conn, demo.SYSTEMS)
     finally:
         await conn.close()
-    consumer = AIOKafkaConsumer(topics.RECEIPTS, **settings.kafka_client_options(), auto_offset_reset="earliest",
-                                group_id=None)
-    await consumer.start()
     out: dict[str, bool] = {}
-    try:
-        batches: list[Any] = []
-        while polled := await consumer.getmany(timeout_ms=2000):
-            batches += polled.values()
-        for recs in batches:
-            for r in recs:
-                ce = codec.header_map(r.headers)
-                if (r.key or b"").decode() not in case_ids:
-                    continue
-                system = ce.get("ce_source", "").rsplit("/", 1)[-1]
-                try:
-                    signing.verify_headers(keys.get(system, {}), list(r.headers), ce_id=ce["ce_id"],
-                                           ce_source=ce["ce_source"], value=r.value or b"")
-                    out[ce["ce_id"]] = True
-                except signing.SignatureError:
-                    out[ce["ce_id"]] = False
-    finally:
-        await consumer.stop()
+    for r in await _records(settings, topics.RECEIPTS):
+        ce = codec.header_map(r.headers)
+        if (r.key or b"").decode() not in case_ids:
+            continue
+        system = ce.get("ce_source", "").rsplit("/", 1)[-1]
+        try:
+            signing.verify_headers(keys.get(system, {}), list(r.headers), ce_id=ce["ce_id"],
+                                   ce_source=ce["ce_source"], value=r.value or b"")
+            out[ce["ce_id"]] = True
+        except signing.SignatureError:
+            out[ce["ce_id"]] = False
     return out
