@@ -700,15 +700,13 @@ def cmd_systems(args: argparse.Namespace, settings: Settings) -> int:
 def _coordinator_key(args: argparse.Namespace, settings: Settings) -> int:
     """``systems coordinator-key``: the key the coordinator signs every task with (a credential for
     the coordinator) and the public-key file its workers verify tasks with."""
-    from . import auth, signing
+    from . import signing
 
     folder = Path(args.out) if args.out else settings.state_dir / "credentials"
-    private, public = folder / "coordinator.json", folder / "coordinator-public.json"
+    private, public = signing.coordinator_key_files(folder)
     if private.exists() or public.exists():
         raise InvalidInput(f"{private} or {public} exists already; not overwritten (pass --out for another folder)")
-    credential = auth.generate_credential("coordinator")
-    credential.save(private)
-    signing.write_public_keys(public, [credential])
+    credential = signing.new_coordinator_key(private, public)
     print(f"coordinator signing key {credential.key_id}: give the coordinator the first file, every worker the second")
     print(f"export DSRFLOW_COORDINATOR_CREDENTIAL={private.resolve()}")
     print(f"export DSRFLOW_COORDINATOR_PUBLIC_KEYS={public.resolve()}")
@@ -718,7 +716,7 @@ def _coordinator_key(args: argparse.Namespace, settings: Settings) -> int:
 def _system_key(args: argparse.Namespace, settings: Settings) -> int:
     """``systems key NAME``: a signing key for a system's worker (its receipts are then checked);
     ``systems revoke-key KEY_ID``: stop accepting what that key signs."""
-    from . import auth, signing
+    from . import signing
     from .events import SystemName
 
     if not args.file:
@@ -740,21 +738,18 @@ def _system_key(args: argparse.Namespace, settings: Settings) -> int:
         name = TypeAdapter(SystemName).validate_python(args.file)
     except ValidationError:
         raise InvalidInput(f"{args.file!r} is not a system name (lower case letters, digits, _ and -)") from None
-    out = Path(args.out) if args.out else settings.state_dir / "credentials" / f"system-{name}.json"
+    out = Path(args.out) if args.out else signing.system_key_file(settings.state_dir / "credentials", name)
     if out.exists():
         raise InvalidInput(f"{out} exists already; not overwritten (pass --out for another file)")
-    credential = auth.generate_credential(name)
 
-    async def add() -> None:
+    async def add() -> Credential:
         conn = await connect_case_store(settings)
         try:
-            async with conn.transaction():
-                await signing.add_system_key(conn, name, credential.public_pem(), key_id=credential.key_id)
-                credential.save(out)  # inside the transaction: a file that cannot be written adds no key
+            return await signing.new_system_key(conn, name, out)
         finally:
             await conn.close()
 
-    asyncio.run(add())
+    credential = asyncio.run(add())
     path = out.resolve()
     print(f"system {name}: signing key {credential.key_id} registered; its receipts must now be signed with it")
     print(f"export DSRFLOW_WORKER_CREDENTIAL={path}")

@@ -223,22 +223,18 @@ async def sign_everything(settings: Settings, systems: Sequence[str] = SYSTEMS) 
     ``dsrflow systems key NAME``): the coordinator signs every task and the workers act only on
     signed ones; each system's worker signs its receipts and the coordinator refuses unsigned
     ones. Returns the settings the services are started with (keys made once per state dir)."""
-    from . import auth, signing
+    from . import signing
     from .launcher import worker_credential
 
     folder = settings.state_dir / "credentials"
-    private, public = folder / "coordinator.json", folder / "coordinator-public.json"
+    private, public = signing.coordinator_key_files(folder)
     if not private.exists():
-        credential = auth.generate_credential("coordinator")
-        credential.save(private, overwrite=True)
-        signing.write_public_keys(public, [credential])
+        signing.new_coordinator_key(private, public)
     conn = await asyncpg.connect(settings.dsn)
     try:
         for system in systems:
             if worker_credential(settings, system) is None:
-                key = auth.generate_credential(system)
-                await signing.add_system_key(conn, system, key.public_pem(), key_id=key.key_id)
-                key.save(folder / f"system-{system}.json")
+                await signing.new_system_key(conn, system, signing.system_key_file(folder, system))
     finally:
         await conn.close()
     return settings.model_copy(update={"coordinator_credential": private, "coordinator_public_keys": public,

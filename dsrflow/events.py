@@ -390,7 +390,7 @@ class SubjectNotice(Event):
 
     ce_type: ClassVar[str] = "dsrflow.notice.v1"
 
-    notice_id: UUID = Field(description="stable per case and kind: a privacy centre drops repeats by it")
+    notice_id: UUID = Field(description="the same for the same notice sent again: a privacy centre drops repeats by it")
     kind: NoticeKind
     case_id: UUID
     request_id: Token

@@ -51,7 +51,9 @@ def service_env(settings: Settings, extra: Mapping[str, str] | None = None) -> d
 def worker_credential(settings: Settings, system: str) -> Path | None:
     """The credential a system's worker signs its receipts with, where ``dsrflow systems key``
     writes it by default (``<state>/credentials/system-<name>.json``), if it is there."""
-    path = settings.state_dir / "credentials" / f"system-{system}.json"
+    from .signing import system_key_file
+
+    path = system_key_file(settings.state_dir / "credentials", system)
     return path.resolve() if path.exists() else None
 
 

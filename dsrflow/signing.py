@@ -30,7 +30,7 @@ import asyncpg
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from .auth import Credential, _load_public, _public_pem, new_key_id
+from .auth import Credential, _load_public, _public_pem, generate_credential, new_key_id
 from .errors import ConfigError, DsrflowError, InvalidInput
 
 __all__ = [
@@ -38,6 +38,10 @@ __all__ = [
     "SIGNATURE_HEADER",
     "SignatureError",
     "add_system_key",
+    "coordinator_key_files",
+    "new_coordinator_key",
+    "new_system_key",
+    "system_key_file",
     "load_public_keys",
     "write_public_keys",
     "revoke_system_key",
@@ -142,6 +146,36 @@ async def add_system_key(conn: asyncpg.Connection, system: str, public_pem: str,
     except asyncpg.CheckViolationError:
         raise InvalidInput(f"not a valid system name or key id: {system!r}, {key_id!r}") from None
     return key_id
+
+
+def system_key_file(folder: Path, system: str) -> Path:
+    """Where ``dsrflow systems key NAME`` writes a worker's credential by default, in ``folder``
+    (``<state>/credentials``): ``system-<name>.json``."""
+    return folder / f"system-{system}.json"
+
+
+def coordinator_key_files(folder: Path) -> tuple[Path, Path]:
+    """The coordinator's credential and the public-key file for workers, in ``folder``."""
+    return folder / "coordinator.json", folder / "coordinator-public.json"
+
+
+def new_coordinator_key(private: Path, public: Path) -> Credential:
+    """A new key for the coordinator to sign tasks with: its credential (0600) at ``private``, its
+    public half for the workers at ``public``."""
+    credential = generate_credential("coordinator")
+    credential.save(private)
+    write_public_keys(public, [credential])
+    return credential
+
+
+async def new_system_key(conn: asyncpg.Connection, system: str, path: Path) -> Credential:
+    """A new key for ``system``'s worker: registered, and its credential written to ``path`` in the
+    same transaction (a file that cannot be written registers no key)."""
+    credential = generate_credential(system)
+    async with conn.transaction():
+        await add_system_key(conn, system, credential.public_pem(), key_id=credential.key_id)
+        credential.save(path)
+    return credential
 
 
 async def revoke_system_key(conn: asyncpg.Connection, key_id: str) -> None:

@@ -299,7 +299,6 @@ class Case:
             max_extension_until=max_extension_until, opened=opened, controller=request.controller,
             target_at=target_at, acknowledged_at=now if opened is None else None,
         )
-        systems = case.mine(systems)
         fx = Effects([case._entry(TimelineKind.received, now, event_id=event_id, source=source,
                                   right=str(request.right), jurisdiction=request.jurisdiction,
                                   due_at=due_at.isoformat(), ack_due_at=ack_due_at.isoformat(), basis=basis,
@@ -848,20 +847,17 @@ class Case:
         if self.lasting_in_force or any(not t.terminal for t in self.tasks):
             raise InvalidTransition(f"case {self.case_id} still acts (a lasting effect or an open task)")
 
-        def ident(kind: IdentifierType, value: str) -> str:
-            if key is None:
-                return "pseudonymised"
-            return "hmac-sha256:" + hmac.new(key, f"{kind}:{value}".encode(), hashlib.sha256).hexdigest()
-
         def digest(text: str) -> str:
             return text if text.startswith("sha256:") else "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
-        def personal(text: str) -> str:  # a corrected email or phone is guessed back from a plain hash
-            if key is None or text.startswith("hmac-sha256:"):
-                return "pseudonymised" if key is None else text
+        def personal(text: str) -> str:  # keyed: an email or phone is guessed back from a plain hash
+            if key is None:
+                return "pseudonymised"
+            if text.startswith("hmac-sha256:"):
+                return text
             return "hmac-sha256:" + hmac.new(key, text.encode(), hashlib.sha256).hexdigest()
 
-        self.subject = {k: ident(k, v) for k, v in self.subject.items()}
+        self.subject = {k: personal(f"{k}:{v}") for k, v in self.subject.items()}
         if self.changes:
             self.changes = {f: personal(v) for f, v in self.changes.items()}
         if self.requester:

@@ -25,7 +25,7 @@ from dsrflow.settings import Settings
 from dsrflow.store.outbox import headers_from_json
 from dsrflow.store.timeline import verify
 from tests.integration.test_coordinator import receipt, record
-from tests.integration.test_outcomes import BILLING, CRM, LAN, case_of, systems, tasks, timeline
+from tests.integration.test_outcomes import BILLING, CRM, LAN, case_of, submit, systems, tasks, timeline
 
 ARCHIVE = SystemDeclaration(name="archive", identifier_types=("email",), actions=("export", "erase"))
 
@@ -41,16 +41,6 @@ async def pool(case_store: str) -> AsyncIterator[asyncpg.Pool]:
 def coordinator(pool: asyncpg.Pool, case_store: str, tmp_path: Path) -> Coordinator:
     settings = Settings(pg_dsn=case_store, kafka_bootstrap="unused:9092", state_dir=tmp_path, internal_target="50%")
     return Coordinator(settings, pool, export_store=MemoryExportStore())
-
-
-async def submit(c: Coordinator, right: str, identifiers: dict[str, str] | None = None, **kw: Any) -> str:
-    body = {"request_id": f"l-{uuid.uuid4().hex[:10]}", "right": right,
-            "subject": {"identifiers": identifiers or LAN}, **kw}
-    body.setdefault("verified", True)
-    req = RightsRequested.model_validate(body)
-    value, headers = codec.encode(req, source="test")
-    await c.handle_requests([record(topics.REQUESTS, value, headers, req.request_id.encode())])
-    return req.request_id
 
 
 async def notices(pool: asyncpg.Pool, request_id: str) -> list[SubjectNotice]:
