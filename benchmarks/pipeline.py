@@ -106,7 +106,7 @@ async def wait_done(dsn: str, prefix: str, n: int, timeout: float) -> list[float
 
 
 async def run(settings: Settings, n: int, steady: int, services: launcher.Services) -> dict[str, float]:
-    await launcher.wait_registered(settings.dsn, demo.SYSTEMS, services)
+    await demo.approve_systems(settings, demo.SYSTEMS, services)
     # warm-up: consumer groups joined, pools open
     await submit(settings, requests(10, "warm"))
     await wait_done(settings.dsn, "bench-warm-", 10, 120)

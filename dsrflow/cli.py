@@ -22,6 +22,8 @@
     dsrflow actors add NAME --role R      an actor (dpo, operator, admin) and its credential file
     dsrflow actors key NAME | revoke KEY_ID | disable NAME | list   rotate, revoke, disable, list
     dsrflow systems list | declare FILE   systems that hold personal data (one with no worker too)
+    dsrflow systems pending [--all]       what workers announced that waits for an administrator
+    dsrflow systems approve | refuse NAME --digest D   put an announced declaration in force, or not
     dsrflow systems key NAME | revoke-key KEY_ID   the key a system's worker signs its receipts with
     dsrflow systems coordinator-key       the key the coordinator signs tasks with, and its public file
     dsrflow audit verify [ID]             timelines against their anchors (case rows, dsr.cases.v1)
@@ -656,6 +658,10 @@ def cmd_systems(args: argparse.Namespace, settings: Settings) -> int:
         return _system_key(args, settings)
     if args.action == "coordinator-key":
         return _coordinator_key(args, settings)
+    if args.action == "pending":
+        return _systems_pending(args, settings)
+    if args.action in ("approve", "refuse"):
+        return _system_decision(args, settings)
     declaration = None
     if args.action == "declare":
         if not args.file:
@@ -695,6 +701,73 @@ def cmd_systems(args: argparse.Namespace, settings: Settings) -> int:
     if not systems:
         print("no systems registered")
     return 0
+
+
+def _systems_pending(args: argparse.Namespace, settings: Settings) -> int:
+    """``systems pending``: what workers announced that is not in force (a new system, a changed
+    declaration) or was refused, with what changed, for an administrator to approve or refuse;
+    ``--all`` shows every system's last announcement (its heartbeat and versions)."""
+    from .registry import AnnouncementState, announcements
+
+    states: tuple[AnnouncementState, ...] = ("pending", "approved", "refused") if args.all else ("pending", "refused")
+
+    async def go() -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+        conn = await connect_case_store(settings)
+        try:
+            rows = await announcements(conn, states=states)
+            found = await conn.fetch("SELECT name, declaration FROM systems WHERE declaration IS NOT NULL")
+            in_force = {r["name"]: orjson.loads(r["declaration"]) if isinstance(r["declaration"], str)
+                        else r["declaration"] for r in found}
+            return rows, in_force
+        finally:
+            await conn.close()
+
+    rows, in_force = asyncio.run(go())
+    docs = []
+    for r in rows:
+        now = in_force.get(r["system"])
+        changed = sorted(k for k in set(r["declaration"]) | set(now or {})
+                         if (now or {}).get(k) != r["declaration"].get(k)) if now is not None else None
+        docs.append({"system": r["system"], "controller": r["controller"], "state": r["state"], "digest": r["digest"],
+                     "reason": r["reason"], "in_force": r["digest_in_force"], "changed": changed,
+                     "signed_by": r["signed_by"], "sdk_version": r["sdk_version"], "version": r["version"],
+                     "instance": r["instance"], "first_seen_at": r["first_seen_at"].isoformat(),
+                     "last_seen_at": r["last_seen_at"].isoformat(), "declaration": r["declaration"]})
+    if args.json:
+        _print_json(docs)
+        return 0
+    if not docs:
+        print("nothing waits for approval" if not args.all else "no worker has announced itself")
+        return 0
+    for d in docs:
+        what = ("a new system" if d["changed"] is None else
+                "no change" if not d["changed"] else f"changes {', '.join(d['changed'])}")
+        print(f"{d['system']:<16} {d['state']:<9} digest {d['digest']}  ({what}; controller {d['controller']}; "
+              f"signed {'by ' + d['signed_by'] if d['signed_by'] else 'by no key'}; last seen "
+              f"{d['last_seen_at'][:19]}; dsrflow {d['sdk_version']}"
+              f"{'; worker ' + d['version'] if d['version'] else ''})")
+        if d["reason"]:
+            print(f"{'':<16} {d['reason']}")
+        if d["state"] == "pending":
+            print(f"{'':<16} dsrflow systems approve {d['system']} --digest {d['digest']}")
+    return 0
+
+
+def _system_decision(args: argparse.Namespace, settings: Settings) -> int:
+    """``systems approve NAME --digest D`` / ``systems refuse NAME --digest D --reason R``: an
+    administrator's signed decision on what a system's worker announced."""
+    if not args.file:
+        raise InvalidInput(f"systems {args.action} needs the system's name")
+    if not args.digest:
+        raise InvalidInput(f"systems {args.action} needs --digest (the one `dsrflow systems pending` shows)")
+    cmd: dict[str, Any] = {"decision": f"{args.action}_system", "system": args.file, "digest": args.digest}
+    if args.action == "refuse":
+        cmd["reason"] = _reason(args, "--reason (why; shown to whoever runs the worker)")
+    result, _ = _decide(settings, _credential(args, settings), _command(cmd))
+    line = (f"system {args.file}: declaration {args.digest[:12]} approved by {result.actor}; it is in force, and "
+            f"open cases ask it at the coordinator's next sweep" if args.action == "approve" else
+            f"system {args.file}: declaration {args.digest[:12]} refused by {result.actor}; the one in force stays")
+    return _answer(args, result.model_dump(mode="json", exclude_none=True), line)
 
 
 def _coordinator_key(args: argparse.Namespace, settings: Settings) -> int:
@@ -1261,13 +1334,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(func=cmd_audit)
 
-    s = sub.add_parser("systems", help="systems that hold personal data: list, declare; their signing keys")
-    s.add_argument("action", choices=["list", "declare", "key", "revoke-key", "coordinator-key"])
-    s.add_argument("file", nargs="?", help="declare: a JSON or TOML SystemDeclaration; key: the system's name; "
-                   "revoke-key: the key id")
+    s = sub.add_parser("systems", help="systems that hold personal data: list, declare; approve what workers "
+                       "announce; their signing keys")
+    s.add_argument("action", choices=["list", "declare", "pending", "approve", "refuse", "key", "revoke-key",
+                                      "coordinator-key"])
+    s.add_argument("file", nargs="?", help="declare: a JSON or TOML SystemDeclaration; key, approve, refuse: the "
+                   "system's name; revoke-key: the key id")
+    s.add_argument("--digest", help="approve, refuse: the announced declaration's digest (systems pending shows it)")
+    s.add_argument("--reason", help="refuse: why (no personal data)")
+    s.add_argument("--all", action="store_true", help="pending: every system's last announcement")
+    _credential_option(s)
     s.add_argument("--out", help="key: where to write the worker's credential file (default "
                    "<state>/credentials/system-NAME.json); coordinator-key: the folder (default <state>/credentials)")
-    s.add_argument("--json", action="store_true", help="list: print JSON")
+    s.add_argument("--json", action="store_true", help="list, pending, approve, refuse: print JSON")
     s.set_defaults(func=cmd_systems)
 
     s = sub.add_parser("tasks", help="tasks: list; complete or decline a manual one; skip, retry or reassign one")

@@ -26,6 +26,7 @@ from .rights import IdentifierType
 
 __all__ = [
     "ROLES_FOR",
+    "ApproveSystem",
     "Command",
     "CommandError",
     "CompleteTask",
@@ -38,6 +39,7 @@ __all__ = [
     "NotAllowed",
     "OpenCase",
     "ReassignTask",
+    "RefuseSystem",
     "Release",
     "RetryTask",
     "SkipTask",
@@ -68,13 +70,17 @@ class Decision(StrEnum):
     decline_task = "decline_task"
     open_case = "open_case"
     offboard = "offboard"
+    approve_system = "approve_system"
+    refuse_system = "refuse_system"
 
 
 _DPO = frozenset({Role.dpo})
 _TASK_WORK = frozenset({Role.dpo, Role.operator})
+_ADMIN = frozenset({Role.admin})
 
-#: Which roles may make each decision: a DPO every one; an operator only carries out tasks
-#: (retry, complete, decline); an admin manages actors and keys, and decides nothing on a case.
+#: Which roles may make each decision: a DPO every one on cases; an operator only carries out
+#: tasks (retry, complete, decline); an admin manages actors, keys and systems (approves what a
+#: worker announced), and decides nothing on a case.
 ROLES_FOR: dict[Decision, frozenset[Role]] = {
     Decision.verify: _DPO,
     Decision.deny: _DPO,
@@ -89,6 +95,8 @@ ROLES_FOR: dict[Decision, frozenset[Role]] = {
     Decision.decline_task: _TASK_WORK,
     Decision.open_case: _DPO,
     Decision.offboard: _DPO,
+    Decision.approve_system: _ADMIN,
+    Decision.refuse_system: _ADMIN,
 }
 
 
@@ -235,9 +243,28 @@ class Offboard(_Command):
     why: Text2000 = Field(description="why, e.g. the contract's end (no personal data)")
 
 
+class ApproveSystem(_Command):
+    """Put in force the declaration a system's worker announced (a new system, or a changed one),
+    named by its digest as ``dsrflow systems pending`` shows it: one that changed since is refused."""
+
+    decision: Literal["approve_system"]
+    system: SystemName
+    digest: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+
+
+class RefuseSystem(_Command):
+    """Refuse the declaration a system's worker announced: the one in force (if any) stays, and the
+    worker's announcements of this declaration stay refused until it announces another."""
+
+    decision: Literal["refuse_system"]
+    system: SystemName
+    digest: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+    reason: Text2000 = Field(description="why (no personal data); shown to whoever runs the worker")
+
+
 Command = Annotated[
     Verify | Deny | Extend | Hold | Release | Lift | RetryTask | SkipTask | ReassignTask | CompleteTask
-    | DeclineTask | OpenCase | Offboard,
+    | DeclineTask | OpenCase | Offboard | ApproveSystem | RefuseSystem,
     Field(discriminator="decision"),
 ]
 

@@ -244,19 +244,19 @@ async def sign_everything(settings: Settings, systems: Sequence[str] = SYSTEMS) 
 #: The demo's people who decide: a DPO, and an operator of the call centre. Each acts with a signing
 #: key, as `dsrflow actors add` gives one; the timeline records them by that key, never by a name
 #: a sender makes up.
-DPO, OPERATOR = "dpo-demo", "ops-demo"
+DPO, OPERATOR, ADMIN = "dpo-demo", "ops-demo", "admin-demo"
 
 
 async def credentials(settings: Settings) -> dict[str, Any]:
-    """The DPO's and the operator's credentials (made and registered once per case store, kept in
-    ``<state_dir>/credentials``)."""
+    """The DPO's, the operator's and the administrator's credentials (made and registered once per
+    case store, kept in ``<state_dir>/credentials``)."""
     from . import auth
 
     out: dict[str, Any] = {}
     conn = await asyncpg.connect(settings.dsn)
     try:
         known = {a.name for a in await auth.list_actors(conn)}
-        for name, role in ((DPO, auth.Role.dpo), (OPERATOR, auth.Role.operator)):
+        for name, role in ((DPO, auth.Role.dpo), (OPERATOR, auth.Role.operator), (ADMIN, auth.Role.admin)):
             path = settings.state_dir / "credentials" / f"{name}.json"
             if name in known and path.exists():
                 out[name] = auth.load_credential(path)
@@ -303,6 +303,21 @@ async def decide(settings: Settings, actor: str, command: Mapping[str, Any]) -> 
         return await Coordinator(settings, pool).execute(token, fallback_id=f"demo-{uuid.uuid4()}")
     finally:
         await pool.close()
+
+
+async def approve_systems(settings: Settings, systems: Sequence[str] = SYSTEMS, services: Any = None,
+                          timeout: float = 60.0) -> None:
+    """What an administrator does when a new worker announces itself (``dsrflow systems pending``,
+    then ``dsrflow systems approve NAME --digest D``): wait for each system's announcement, approve
+    the declaration it announced, and wait until it is registered."""
+    from . import launcher
+
+    digests = await launcher.wait_announced(settings.dsn, systems, services, timeout)
+    for system, digest in digests.items():
+        result = await decide(settings, ADMIN, {"decision": "approve_system", "system": system, "digest": digest})
+        if not result.accepted:
+            raise RuntimeError(f"approving system {system} was refused: {result.error_type}: {result.error}")
+    await launcher.wait_registered(settings.dsn, systems, services, timeout)
 
 
 async def verify_case(settings: Settings, case_id: uuid.UUID) -> None:
@@ -690,8 +705,9 @@ def main(base: Settings) -> int:
         settings = asyncio.run(sign_everything(settings))
         _print("case store migrated; CRM and billing databases seeded; topics applied; tasks and receipts signed")
         with launcher.running(settings, SYSTEMS, log_dir=state_dir / "logs") as services:
-            asyncio.run(launcher.wait_registered(settings.dsn, SYSTEMS, services))
-            _print("coordinator and workers (crm, billing) running")
+            asyncio.run(approve_systems(settings, SYSTEMS, services))
+            _print("coordinator and workers (crm, billing) running; the systems they announced approved by an "
+                   "administrator")
             people = asyncio.run(cast(settings))
             results = asyncio.run(run_scenario(settings, progress=lambda m: _print("  " + m), people=people))
             checks = asyncio.run(reference_checks(settings, people))

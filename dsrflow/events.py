@@ -297,6 +297,31 @@ class TaskReceipt(Event):
         return v.replace("\x00", "") if isinstance(v, str) else v
 
 
+class TaskProgress(Event):
+    """A worker's word that a long task is still running: how far it got. Topic ``dsr.receipts.v1``
+    (beside the receipts, so it is ordered before its task's receipt), key: case_id. Not a result:
+    the coordinator records it on the task and waits longer before it sends the task again.
+
+    No personal data: counts and a short note."""
+
+    ce_type: ClassVar[str] = "dsrflow.task.progress.v1"
+
+    task_id: UUID
+    case_id: UUID
+    system: SystemName
+    attempt: int = Field(ge=1)
+    seq: int = Field(ge=1, description="1, 2, 3... per attempt: a later one supersedes an earlier one")
+    done: int | None = Field(default=None, ge=0, description="units of work done so far (records, tables...)")
+    total: int | None = Field(default=None, ge=0, description="units of work in all, when known")
+    note: str | None = Field(default=None, max_length=200, description="what it is doing; no personal data")
+    at: datetime
+
+    @field_validator("note", mode="before")
+    @classmethod
+    def _no_nul(cls, v: Any) -> Any:
+        return v.replace("\x00", "") if isinstance(v, str) else v
+
+
 class CaseUpdated(Event):
     """A case's state. Topic ``dsr.cases.v1`` (compacted), key: case_id. No personal data."""
 
@@ -473,6 +498,6 @@ class CommandResult(Event):
 
 
 EVENT_TYPES: dict[str, type[Event]] = {
-    m.ce_type: m for m in (RightsRequested, TaskAssigned, TaskReceipt, CaseUpdated, DeadLetter, SubjectNotice,
-                           CaseAlert, DecisionCommand, CommandResult)
+    m.ce_type: m for m in (RightsRequested, TaskAssigned, TaskReceipt, TaskProgress, CaseUpdated, DeadLetter,
+                           SubjectNotice, CaseAlert, DecisionCommand, CommandResult)
 }

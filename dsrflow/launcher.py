@@ -140,20 +140,35 @@ def running(settings: Settings, workers: Sequence[str], *, log_dir: Path, cwd: P
         services.stop()
 
 
+async def wait_announced(dsn: str, systems: Sequence[str], services: Services | None = None,
+                         timeout: float = 60.0) -> dict[str, str]:
+    """Wait until every named system's worker has announced itself and the coordinator recorded it
+    (``system_announcements``); returns each system's announced digest (what an administrator
+    approves, :func:`dsrflow.demo.approve_systems`)."""
+    return await _wait(dsn, "SELECT system AS name, digest FROM system_announcements", systems, services, timeout,
+                       "workers not announced")
+
+
 async def wait_registered(dsn: str, systems: Sequence[str], services: Services | None = None,
                           timeout: float = 60.0) -> None:
-    """Wait until every named system's worker has registered in the case store."""
+    """Wait until every named system is registered (approved) in the case store."""
+    await _wait(dsn, "SELECT name, digest FROM systems WHERE active", systems, services, timeout,
+                "systems not registered")
+
+
+async def _wait(dsn: str, query: str, systems: Sequence[str], services: Services | None, timeout: float,
+                what: str) -> dict[str, str]:
     deadline = time.monotonic() + timeout
     conn = await asyncpg.connect(dsn)
     try:
         while True:
-            have = {r["name"] for r in await conn.fetch("SELECT name FROM systems WHERE active")}
-            if set(systems) <= have:
-                return
+            have = {r["name"]: r["digest"] for r in await conn.fetch(query)}
+            if set(systems) <= set(have):
+                return {s: have[s] for s in systems}
             if services is not None:
                 services.check_alive()
             if time.monotonic() > deadline:
-                raise TimeoutError(f"workers not registered after {timeout}s: {sorted(set(systems) - have)}")
+                raise TimeoutError(f"{what} after {timeout}s: {sorted(set(systems) - set(have))}")
             await asyncio.sleep(0.2)
     finally:
         await conn.close()

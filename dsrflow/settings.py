@@ -154,6 +154,9 @@ class Settings(BaseSettings):
     )
     worker_credential: Path | None = Field(
         default=None, description="a worker's signing key (dsrflow systems key NAME): its receipts are signed with it")
+    worker_ledger_dsn: SecretStr | None = Field(
+        default=None, description="where a worker keeps its task ledger (a PostgreSQL the worker owns); default the "
+        "case store, as on the embedded stack")
     coordinator_credential: Path | None = Field(
         default=None, description="the coordinator's signing key (dsrflow systems coordinator-key): every task is "
         "signed with it")

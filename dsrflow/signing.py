@@ -9,7 +9,10 @@ get the real receipt dropped as a duplicate (its event id is signed too).
 worker given the coordinator's public keys (``DSRFLOW_COORDINATOR_PUBLIC_KEYS``, a file written by
 ``dsrflow systems coordinator-key``) acts only on tasks they verify.
 
-A record is signed over ``dsrflow-receipt-v1`` (``dsrflow-task-v1`` for a task), its CloudEvents
+**Announcements** of a system (``dsr.systems.v1``) are signed with the system's key too.
+
+A record is signed over ``dsrflow-receipt-v1`` (``dsrflow-task-v1`` for a task,
+``dsrflow-announcement-v1`` for an announcement), its CloudEvents
 ``id`` and ``source``, and its value bytes, each separated by a NUL byte; the signature and the
 key id travel as the headers ``dsr_signature`` (base64url, no padding) and ``dsr_key_id``. Any
 language can make them with an Ed25519 library. An administrator registers a system's public
@@ -52,7 +55,7 @@ __all__ = [
 
 KEY_HEADER = "dsr_key_id"
 SIGNATURE_HEADER = "dsr_signature"
-Kind = Literal["receipt", "task"]
+Kind = Literal["receipt", "task", "announcement"]
 
 
 class SignatureError(DsrflowError):

@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from . import events
+from . import events, registry
 
 REQUESTS = "dsr.requests.v1"
 RECEIPTS = "dsr.receipts.v1"
@@ -23,18 +23,21 @@ NOTICES = "dsr.notices.v1"
 ALERTS = "dsr.alerts.v1"
 COMMANDS = "dsr.commands.v1"
 COMMAND_RESULTS = "dsr.command-results.v1"
+SYSTEMS = "dsr.systems.v1"
 TASKS_TEMPLATE = "dsr.tasks.{system}.v1"
 
 SCHEMA_MODELS: dict[str, type[events.Event]] = {
     "RightsRequested": events.RightsRequested,
     "TaskAssigned": events.TaskAssigned,
     "TaskReceipt": events.TaskReceipt,
+    "TaskProgress": events.TaskProgress,
     "CaseUpdated": events.CaseUpdated,
     "DeadLetter": events.DeadLetter,
     "SubjectNotice": events.SubjectNotice,
     "CaseAlert": events.CaseAlert,
     "DecisionCommand": events.DecisionCommand,
     "CommandResult": events.CommandResult,
+    "SystemAnnounced": registry.SystemAnnounced,
 }
 
 

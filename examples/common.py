@@ -5,6 +5,7 @@ purposes are read."""
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import re
 from collections.abc import Awaitable, Callable, Mapping
@@ -15,6 +16,8 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
+from dsrflow._startup import retry_at_start
+from dsrflow.errors import DsrflowError, ServiceUnavailable
 from dsrflow.identity import normalise
 from dsrflow.rights import IdentifierType, change_category
 from dsrflow.settings import Settings
@@ -98,14 +101,40 @@ async def setup_database(
         await conn.close()
 
 
+async def wait_for_database(name: str, dsn: str, attempt: Callable[[], Awaitable[None]], settings: Settings) -> None:
+    """Run ``attempt`` until the system's own database answers, for up to DSRFLOW_STARTUP_TIMEOUT;
+    then one clear error naming it by ``host:port/dbname`` (never the DSN: it may hold a password)."""
+    parts = urlsplit(dsn)
+    where = f"{parts.hostname}:{parts.port or 5432}{parts.path}"
+
+    def transient(exc: BaseException) -> bool:
+        return isinstance(exc, OSError | TimeoutError | asyncpg.CannotConnectNowError
+                          | asyncpg.TooManyConnectionsError)
+
+    def fail(exc: BaseException) -> DsrflowError | None:
+        if transient(exc) or isinstance(exc, asyncpg.PostgresConnectionError | asyncpg.InterfaceError):
+            return ServiceUnavailable(f"the {name} database is unreachable at {where} ({type(exc).__name__})")
+        if isinstance(exc, asyncpg.InvalidAuthorizationSpecificationError):
+            return ServiceUnavailable(f"the {name} database at {where} refused the connection: "
+                                      f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+        return None
+
+    await retry_at_start(f"{name} database unreachable", attempt, timeout=settings.startup_timeout.total_seconds(),
+                         retryable=transient, fail=fail, log=logging.getLogger("dsrflow.worker"))
+
+
 def open_with(worker: Worker, db: Database, setup: Callable[..., Awaitable[None]]) -> None:
     """Give the worker startup and shutdown hooks that create (unseeded) and open ``db``."""
 
     @worker.on_startup
     async def open_database(settings: Settings) -> None:
         dsn = system_dsn(db.name, settings)
-        await setup(dsn, seed=False)
-        await db.open(dsn, max_size=worker.concurrency)
+
+        async def attempt() -> None:
+            await setup(dsn, seed=False)
+            await db.open(dsn, max_size=worker.concurrency)
+
+        await wait_for_database(db.name, dsn, attempt, settings)
 
     @worker.on_shutdown
     async def close_database(settings: Settings) -> None:

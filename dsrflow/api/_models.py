@@ -66,6 +66,24 @@ class SubjectIdentifiers(_Model):
     identifiers: dict[IdentifierType, str] = Field(description="identifier type -> value, as submitted")
 
 
+class TaskProgress(_Model):
+    """The latest progress a task's worker reported while it runs (no personal data)."""
+
+    seq: int = Field(description="1, 2, 3... per attempt: the latest one the coordinator received")
+    done: int | None = Field(description="units of work done so far (records, tables...), if the worker said")
+    total: int | None = Field(description="units of work in all, when known")
+    note: str | None = Field(description="what the worker is doing")
+    at: datetime = Field(description="when the coordinator received it: the task's wait for its receipt runs "
+                         "from here, or from dispatched_at if later")
+
+    @classmethod
+    def of(cls, progress: dict[str, Any] | None, at: datetime | None) -> TaskProgress | None:
+        if progress is None or at is None:
+            return None
+        return cls(seq=progress["seq"], done=progress.get("done"), total=progress.get("total"),
+                   note=progress.get("note"), at=at)
+
+
 class Task(_Model):
     """One system's share of the work."""
 
@@ -84,6 +102,9 @@ class Task(_Model):
     reason: str | None = Field(default=None, description="manual tasks: why a person must act")
     decided_by: str | None = Field(default=None, description="who completed, declined or skipped it")
     note: str | None = Field(default=None, description="what the person did, or why not")
+    progress: TaskProgress | None = Field(
+        default=None, description="the latest progress its worker reported for the current attempt (a re-dispatch "
+        "clears it); null when none was")
 
     @classmethod
     def of(cls, row: queries.TaskRow) -> Task:
@@ -101,6 +122,7 @@ class Task(_Model):
             reason=row.reason,
             decided_by=row.decided_by,
             note=row.note,
+            progress=TaskProgress.of(row.progress, row.progress_at),
         )
 
 

@@ -1,5 +1,5 @@
-"""The coordinator as a faust app: agents on dsr.requests.v1 and dsr.receipts.v1, and the
-outbox relay as a long-running task.
+"""The coordinator as a faust app: agents on dsr.requests.v1, dsr.receipts.v1, dsr.commands.v1
+and dsr.systems.v1, and the outbox relay as a long-running task.
 
 Faust gives us the consumer group, partition assignment and batching (``take_events``
 acks a batch only after its transaction committed). We do not use its
@@ -22,6 +22,7 @@ from ..settings import Settings
 from ..store.errors import is_transient, where
 from .relay import OutboxRelay
 from .service import AGGREGATOR, COMMANDS, INTAKE, Coordinator, Record
+from .systems import ANNOUNCEMENTS
 
 if TYPE_CHECKING:
     from .._startup import StartupBudget
@@ -87,6 +88,7 @@ def create_app(settings: Settings) -> faust.App:
     requests = app.topic(topics.REQUESTS, key_type=bytes, value_type=bytes)
     receipts = app.topic(topics.RECEIPTS, key_type=bytes, value_type=bytes)
     decisions = app.topic(topics.COMMANDS, key_type=bytes, value_type=bytes)
+    announcements = app.topic(topics.SYSTEMS, key_type=bytes, value_type=bytes)
 
     async def consume(stream: faust.StreamT[bytes], label: str, consumer: str, handler: str) -> None:
         c = await coordinator()
@@ -105,6 +107,10 @@ def create_app(settings: Settings) -> faust.App:
     @app.agent(decisions)
     async def command(stream: faust.StreamT[bytes]) -> None:
         await consume(stream, "commands", COMMANDS, "handle_commands")
+
+    @app.agent(announcements)
+    async def systems(stream: faust.StreamT[bytes]) -> None:
+        await consume(stream, "announcements", ANNOUNCEMENTS, "handle_announcements")
 
     @app.timer(interval=SWEEP_INTERVAL)  # type: ignore[untyped-decorator]
     async def sweep() -> None:

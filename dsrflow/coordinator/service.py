@@ -21,7 +21,7 @@ from zoneinfo import ZoneInfo
 import asyncpg
 import orjson
 
-from .. import auth, codec, commands, policy, signing, topics
+from .. import auth, codec, commands, policy, registry, signing, topics
 from ..domain import planner
 from ..domain.case import Case, CaseError, Effects, InvalidTransition, TaskKind
 from ..domain.timeline import Entry, TimelineKind
@@ -32,6 +32,7 @@ from ..events import (
     DeadLetter,
     DecisionCommand,
     RightsRequested,
+    TaskProgress,
     TaskReceipt,
 )
 from ..exports import BundleError, ExportError, ExportStore, LocalExportStore, build_bundle
@@ -109,6 +110,30 @@ def _receipt_key(env: codec.Envelope[Any]) -> tuple[str, str]:
     """A receipt is known by its system (the one whose key admitted it) and its id, never by a
     source a producer can write: a receipt naming another system cannot take this one's id."""
     return f"system:{env.data.system}", env.id
+
+
+#: What dsr.receipts.v1 carries, by CloudEvents type: a task's result, or its progress meanwhile.
+_ON_RECEIPTS: dict[str, type[TaskReceipt] | type[TaskProgress]] = {
+    TaskReceipt.ce_type: TaskReceipt, TaskProgress.ce_type: TaskProgress}
+
+
+def _decode_on_receipts(records: Sequence[Record], work: _Work) -> list[tuple[Record, codec.Envelope[Any]]]:
+    """Decode each record of dsr.receipts.v1 as the type its ``ce_type`` header names; any other
+    type (or none) is dead-lettered, with the reason."""
+    out = []
+    for rec in records:
+        try:
+            ce_type = codec.header_map(rec.headers).get("ce_type")
+            model = _ON_RECEIPTS.get(ce_type or "")
+            if model is None and ce_type:
+                raise codec.DecodeError("bad_type", f"ce_type {ce_type[:200]!r} is not one of dsr.receipts.v1's: "
+                                                    f"{', '.join(repr(t) for t in _ON_RECEIPTS)}")
+            env = codec.decode(rec.value, rec.headers, model or TaskReceipt)  # no ce_type: missing_header
+        except codec.DecodeError as exc:
+            work.dead_letter(rec, AGGREGATOR, exc.kind, str(exc))
+            continue
+        out.append((rec, env))
+    return out
 
 
 def _first_of_each(decoded: list[tuple[Record, codec.Envelope[Any]]],
@@ -296,6 +321,12 @@ class Coordinator:
         return case
 
     # -- decisions as signed commands (dsr.commands.v1, and the CLI) ------------------------------
+    async def handle_announcements(self, records: Sequence[Record]) -> None:
+        """Record what workers announce on ``dsr.systems.v1`` (see :mod:`.systems`)."""
+        from .systems import handle_announcements
+
+        await handle_announcements(self.pool, self.settings, records)
+
     async def handle_commands(self, records: Sequence[Record]) -> None:
         """Decisions sent on ``dsr.commands.v1`` by a DPO tool: each is checked (its token's
         signature, the actor's role and tenant) and applied in its own transaction, and its result
@@ -347,11 +378,13 @@ class Coordinator:
                     return await self._first_result(conn, command_id, base, actor=who.actor)
                 try:
                     case = await self._apply(conn, cmd, by=who.actor, tenant=who.tenant, now=now)
-                except (CaseError, policy.UnsupportedRight, policy.UnknownJurisdiction) as exc:
+                except (CaseError, policy.UnsupportedRight, policy.UnknownJurisdiction,
+                        registry.SystemDecisionError, registry.SystemOwnedElsewhere) as exc:
                     result = CommandResult(**base, accepted=False, error_type=type(exc).__name__, error=str(exc)[:2000],
                                            case_id=getattr(cmd, "case_id", None))
                 else:
-                    result = CommandResult(**base, accepted=True, case_id=case.case_id, case_status=case.status)
+                    result = CommandResult(**base, accepted=True, case_id=case.case_id if case else None,
+                                           case_status=case.status if case else None)
                 await outbox.add(conn, [outbox.message(topics.COMMAND_RESULTS, command_id, result, source=SOURCE,
                                                        subject=command_id)])
             log.info("command %s (%s by %s): %s", command_id, decision, who.actor,
@@ -384,9 +417,17 @@ class Coordinator:
         return result
 
     async def _apply(self, conn: asyncpg.Connection, cmd: commands.Command, *, by: str, tenant: str,
-                     now: datetime) -> Case:
-        """One decision, inside ``conn``'s transaction (as a savepoint: a refusal undoes only it)."""
+                     now: datetime) -> Case | None:
+        """One decision, inside ``conn``'s transaction (as a savepoint: a refusal undoes only it).
+        The case it was about; None for a decision on a system."""
         c = cmd
+        if isinstance(c, commands.ApproveSystem | commands.RefuseSystem):
+            async with conn.transaction():
+                if isinstance(c, commands.ApproveSystem):
+                    await registry.approve(conn, c.system, c.digest, by=by, tenant=tenant)
+                else:
+                    await registry.refuse(conn, c.system, c.digest, by=by, tenant=tenant, reason=c.reason)
+            return None  # an approved system's open cases are planned by the next sweep (plan_new_systems)
         if isinstance(c, commands.Offboard):
             if tenant not in (c.controller, DEFAULT_CONTROLLER):
                 raise InvalidTransition(f"an actor of controller {tenant!r} cannot offboard {c.controller!r}")
@@ -535,14 +576,30 @@ class Coordinator:
 
     # -- aggregation ---------------------------------------------------------
     async def handle_receipts(self, records: Sequence[Record]) -> None:
-        """Apply new receipts to their tasks and close finished cases (one transaction for the batch)."""
-        await self._handle(records, TaskReceipt, AGGREGATOR, self._apply_receipts, admit=self._signed,
-                           key=_receipt_key)
+        """Apply new receipts to their tasks and close finished cases, and record the progress
+        workers report on long tasks (both arrive on ``dsr.receipts.v1``, told apart by their
+        ``ce_type``): decoded (bad records, and other types, are dead-lettered), admitted by their
+        system's signature, claimed in the inbox and applied in their order, in one transaction
+        for the batch."""
+        work = _Work()
+        decoded = _decode_on_receipts(records, work)
+        now = datetime.now(UTC)
+        async with self.pool.acquire() as conn, conn.transaction():
+            if decoded:
+                decoded = await self._signed(conn, decoded, work)
+            # after admission: a forgery that came first in the batch cannot shadow the real event
+            decoded = _first_of_each(decoded, _receipt_key)
+            fresh = await outbox.claim_inbox(conn, AGGREGATOR, [_receipt_key(env) for _, env in decoded])
+            decoded = [(rec, env) for rec, env in decoded if _receipt_key(env) in fresh]
+            if decoded:
+                await self._apply_receipts(conn, decoded, work, now)
+            await repo.record(conn, work.effects, extra=work.dead)
 
-    async def _signed(self, conn: asyncpg.Connection, decoded: list[tuple[Record, codec.Envelope[TaskReceipt]]],
-                      work: _Work) -> list[tuple[Record, codec.Envelope[TaskReceipt]]]:
-        """Receipts of a system that has keys must be signed by one of them (dsrflow.signing);
-        with ``require_signed_receipts``, every system's must. Others are dead-lettered."""
+    async def _signed(self, conn: asyncpg.Connection, decoded: list[tuple[Record, codec.Envelope[Any]]],
+                      work: _Work) -> list[tuple[Record, codec.Envelope[Any]]]:
+        """Receipts and progress of a system that has keys must be signed by one of them
+        (dsrflow.signing, as a receipt); with ``require_signed_receipts``, every system's must.
+        Others are dead-lettered, both as ``unauthenticated_receipt`` (one kind to watch for)."""
         keys = await signing.system_keys(conn, {env.data.system for _, env in decoded})
         out = []
         for rec, env in decoded:
@@ -554,14 +611,19 @@ class Coordinator:
                 signing.verify_headers(own or {}, rec.headers, ce_id=env.id, ce_source=env.source,
                                        value=rec.value or b"")
             except signing.SignatureError as exc:
-                work.dead_letter(rec, AGGREGATOR, "unauthenticated_receipt", f"system {env.data.system}: {exc}")
+                what = "progress of " if isinstance(env.data, TaskProgress) else ""
+                work.dead_letter(rec, AGGREGATOR, "unauthenticated_receipt", f"{what}system {env.data.system}: {exc}")
                 continue
             out.append((rec, env))
         return out
 
     async def _apply_receipts(self, conn: asyncpg.Connection,
-                              decoded: list[tuple[Record, codec.Envelope[TaskReceipt]]], work: _Work,
+                              decoded: list[tuple[Record, codec.Envelope[TaskReceipt | TaskProgress]]], work: _Work,
                               now: datetime) -> None:
+        """Receipts and progress in the order they came. A progress only ever records itself on its
+        task: no timeline entry, no event, no settling; when it does not fit (an unknown task,
+        another attempt, a task no longer dispatched, an older one) it is late, not invalid, and is
+        ignored with a log line."""
         cases = await repo.load(conn, [env.data.case_id for _, env in decoded])
         systems = {s.name: s for s in await active_systems(conn)}
         receipt_rows = []
@@ -569,6 +631,14 @@ class Coordinator:
         for rec, env in decoded:
             r = env.data
             case = cases.get(r.case_id)
+            if isinstance(r, TaskProgress):
+                why = f"no case {r.case_id}" if case is None else case.apply_progress(r, now=now)
+                if why is not None:
+                    named = case.task(r.task_id) if case is not None else None
+                    # another system's task: not late, but a system's key speaking for a task not its own
+                    level = logging.WARNING if named is not None and named.system != r.system else logging.INFO
+                    log.log(level, "progress of system %s ignored: %s", r.system, why)
+                continue
             try:
                 if case is None:
                     raise InvalidTransition(f"no task {r.task_id} for case {r.case_id} in system {r.system}")
@@ -586,7 +656,7 @@ class Coordinator:
             receipt_rows,
         )
         work.effects.extend(await self._settle(conn, list(touched.values()), systems, now))
-        await repo.save(conn, touched.values())
+        await repo.save(conn, cases.values())  # the cases receipts touched, and the progress recorded
 
     async def _settle(self, conn: asyncpg.Connection, cases: Sequence[Case], systems: Mapping[str, SystemDeclaration],
                       now: datetime) -> Effects:
@@ -645,11 +715,12 @@ class Coordinator:
     # -- timers --------------------------------------------------------------
     async def sweep_stalled(self, now: datetime | None = None, *, limit: int = 500) -> int:
         """Re-send tasks whose wait for a receipt ran out (``task_timeout``, doubled with every
-        attempt up to ``task_backoff_max``); once a case's deadline nears (its warning point, see
-        :meth:`watch_deadlines`) and a task was sent ``max_task_attempts`` times, mark it stalled
-        instead and alert the DPO. A late receipt still
-        completes a stalled task. Times are the database's clock unless ``now`` is given. Returns
-        how many tasks changed."""
+        attempt up to ``task_backoff_max``, counted from when the task was sent or from the latest
+        progress its worker reported, whichever is later: a task that keeps reporting progress is
+        left to run); once a case's deadline nears (its warning point, see :meth:`watch_deadlines`)
+        and a task was sent ``max_task_attempts`` times, mark it stalled instead and alert the DPO.
+        A late receipt still completes a stalled task. Times are the database's clock unless
+        ``now`` is given. Returns how many tasks changed."""
         timeout, cap = self.settings.task_timeout, self.settings.task_backoff_max
         async with self.pool.acquire() as conn, conn.transaction():
             now = now or await db_now(conn)
@@ -663,8 +734,9 @@ class Coordinator:
             for case in cases.values():
                 near = now >= case.warn_at(self.settings.deadline_warning_share)
                 for task in case.tasks:
-                    if (task.status == TaskStatus.dispatched and task.dispatched_at
-                            and task.dispatched_at + repo.task_wait(timeout, cap, task.attempt) < now):
+                    since = task.waiting_since  # sent, or its latest progress: a task still progressing waits
+                    if (task.status == TaskStatus.dispatched and since is not None
+                            and since + repo.task_wait(timeout, cap, task.attempt) < now):
                         # every task is sent max_task_attempts times at least (one planned late for a
                         # lasting effect, long after its case's deadline, too); then only until it nears
                         surface = near and task.attempt >= self.settings.max_task_attempts

@@ -15,6 +15,8 @@ States (:class:`~dsrflow.rights.CaseStatus`)::
 Tasks (:class:`~dsrflow.rights.TaskStatus`): a worker task is ``dispatched`` until its worker's
 receipt makes it succeeded / not_found / retained / conflict / refused / failed (a retryable
 failure is sent again), or the sweep finds it silent and re-sends it, then marks it ``stalled``.
+A long task's worker reports progress meanwhile (:meth:`Case.apply_progress`): the sweep counts
+its silence from the latest progress, and a re-dispatch clears it.
 A manual task waits in ``manual`` for a person to complete or decline it.
 """
 
@@ -42,6 +44,7 @@ from ..events import (
     RightsRequested,
     SubjectNotice,
     TaskAssigned,
+    TaskProgress,
     TaskReceipt,
 )
 from ..registry import SystemDeclaration
@@ -116,8 +119,14 @@ class Task:
     note: str | None = None
     #: the person a manual task is assigned to (an actor), if any
     assignee: str | None = None
+    #: the latest progress its worker reported for the current attempt: {attempt, seq, done, total,
+    #: note}; and when the coordinator recorded it. A re-dispatch clears both.
+    progress: dict[str, Any] | None = None
+    progress_at: datetime | None = None
     #: touched by the transition in hand: the store writes it
     dirty: bool = field(default=False, compare=False)
+    #: only its progress changed (no timeline entry, no case event): the store writes that alone
+    progressed: bool = field(default=False, compare=False)
 
     @property
     def label(self) -> str:
@@ -127,6 +136,17 @@ class Task:
     @property
     def terminal(self) -> bool:
         return self.status in TERMINAL_TASK
+
+    @property
+    def waiting_since(self) -> datetime | None:
+        """Where its wait for a receipt counts from: when it was sent, or its latest progress."""
+        if self.dispatched_at is None or self.progress_at is None:
+            return self.dispatched_at
+        return max(self.dispatched_at, self.progress_at)
+
+    def _send(self, now: datetime) -> None:
+        """Sent (again) now: its wait starts over, and an earlier attempt's progress counts no more."""
+        self.dispatched_at, self.progress, self.progress_at = now, None, None
 
 
 @dataclass(slots=True)
@@ -461,8 +481,8 @@ class Case:
                     or not (t.reason or "").startswith(UNVERIFIED_REASON)):
                 continue
             if any(k in usable for k in system.identifier_types):
-                t.kind, t.status, t.dispatched_at, t.reason, t.dirty = (
-                    TaskKind.worker, TaskStatus.dispatched, now, None, True)
+                t.kind, t.status, t.reason, t.dirty = TaskKind.worker, TaskStatus.dispatched, None, True
+                t._send(now)
                 fx.events.append(self.task_event(t, by_name))
         fx.events.append(self.case_event(now))
         return fx
@@ -584,7 +604,8 @@ class Case:
         if task.action == Action.restrict and self.lifted_at is not None:
             raise InvalidTransition("the restriction was lifted: it is not sent again")
         task.attempt += 1
-        task.status, task.dispatched_at, task.completed_at, task.dirty = TaskStatus.dispatched, now, None, True
+        task.status, task.completed_at, task.dirty = TaskStatus.dispatched, None, True
+        task._send(now)
         fx = Effects([self._entry(TimelineKind.task_retried_by_dpo, now, system=task.system, by=by,
                                   attempt=task.attempt)], [self.task_event(task, by_name)])
         if self.status in TERMINAL_CASE and self.status != CaseStatus.denied:
@@ -773,13 +794,37 @@ class Case:
                 task.error = receipt.error
                 return Effects([self._entry(TimelineKind.task_failed, now, **detail, counts=receipt.counts,
                                             retry="after the hold is released")])
-            task.attempt, task.status, task.dispatched_at, task.error = (
-                receipt.attempt + 1, TaskStatus.dispatched, now, receipt.error)
+            task.attempt, task.status, task.error = receipt.attempt + 1, TaskStatus.dispatched, receipt.error
+            task._send(now)
             return Effects([self._entry(TimelineKind.task_retried, now, **detail, next_attempt=receipt.attempt + 1)],
                            [self.task_event(task, systems)])
         task.status, task.completed_at, task.error = TaskStatus(receipt.status), receipt.completed_at, receipt.error
         task.result = receipt.model_dump(mode="json", include={"counts", "categories", "retained", "artifacts"})
         return Effects([self._entry(TimelineKind(f"task_{receipt.status}"), now, **detail, counts=receipt.counts)])
+
+    def apply_progress(self, progress: TaskProgress, *, now: datetime) -> str | None:
+        """A worker's word that a task of this case is still running: recorded on the task (its
+        latest progress, and ``now`` as when it came) if the task is its system's, dispatched, at
+        that attempt, and the progress is later (a higher ``seq``) than the one recorded. No
+        timeline entry and no event: the sweep only waits longer. Returns None when recorded, else
+        why it changed nothing (ids only)."""
+        task = self.task(progress.task_id)
+        if task is None:
+            return f"no task {progress.task_id} in case {self.case_id}"
+        if task.system != progress.system:  # a system's key never speaks for another system's task
+            return f"task {progress.task_id} is not system {progress.system}'s"
+        if task.status != TaskStatus.dispatched or task.kind != TaskKind.worker:
+            return f"task {progress.task_id} is {task.status}, no longer dispatched"
+        if progress.attempt != task.attempt:
+            return f"attempt {progress.attempt} of task {progress.task_id}, which is at attempt {task.attempt}"
+        seen = task.progress or {}
+        last = seen.get("seq", 0) if seen.get("attempt") == task.attempt else 0
+        if progress.seq <= last:
+            return f"progress {progress.seq} of task {progress.task_id} is not after {last}"
+        task.progress = {"attempt": progress.attempt, "seq": progress.seq, "done": progress.done,
+                         "total": progress.total, "note": progress.note}
+        task.progress_at, task.progressed = now, True
+        return None
 
     def time_out(self, task: Task, *, systems: Mapping[str, SystemDeclaration], now: datetime,
                  surface: bool) -> Effects:
@@ -789,12 +834,15 @@ class Case:
         completes it)."""
         if task.status != TaskStatus.dispatched or task.dispatched_at is None or self.status == CaseStatus.on_hold:
             return Effects()
-        detail = {"system": task.system, "attempt": task.attempt,
-                  "waited_s": int((now - task.dispatched_at).total_seconds())}
+        detail: dict[str, Any] = {"system": task.system, "attempt": task.attempt,
+                                  "waited_s": int((now - task.dispatched_at).total_seconds())}
+        if task.progress_at is not None and task.progress is not None:  # it went silent after reporting progress
+            detail.update(progress_seq=task.progress.get("seq"),
+                          silent_s=int((now - (task.waiting_since or now)).total_seconds()))
         task.dirty = True
         if not surface and task.system in systems:
             task.attempt += 1
-            task.dispatched_at = now
+            task._send(now)
             return Effects([self._entry(TimelineKind.task_redispatched, now, **detail, next_attempt=task.attempt)],
                            [self.task_event(task, systems)])
         task.status = TaskStatus.stalled
@@ -874,6 +922,8 @@ class Case:
                 t.changes = {f: personal(v) for f, v in t.changes.items()}
             if t.note:
                 t.note = digest(t.note)
+            if t.progress and t.progress.get("note"):  # a worker's words: meant to hold no personal data
+                t.progress = {**t.progress, "note": digest(t.progress["note"])}
             if t.reason and t.reason.startswith("reassigned to a person:"):  # the DPO's words
                 t.reason = digest(t.reason)
             t.dirty = True

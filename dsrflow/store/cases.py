@@ -42,7 +42,7 @@ def _task(row: Mapping[str, Any]) -> Task:
         status=TaskStatus(row["status"]), kind=TaskKind(row["kind"]), attempt=row["attempt"],
         dispatched_at=row["dispatched_at"], completed_at=row["completed_at"], result=_loads(row["result"]),
         error=row["error"], reason=row["reason"], changes=_loads(row["changes"]), decided_by=row["decided_by"],
-        note=row["note"], assignee=row["assignee"],
+        note=row["note"], assignee=row["assignee"], progress=_loads(row["progress"]), progress_at=row["progress_at"],
     )
 
 
@@ -146,25 +146,38 @@ async def save(conn: asyncpg.Connection, cases: Iterable[Case]) -> None:
     )
     for c in changed:
         c.dirty = False
-    await _save_tasks(conn, [t for c in cases for t in c.tasks if t.dirty])
+    tasks = [t for c in cases for t in c.tasks]
+    await _save_progress(conn, [t for t in tasks if t.progressed and not t.dirty])
+    await _save_tasks(conn, [t for t in tasks if t.dirty])
 
 
 async def _save_tasks(conn: asyncpg.Connection, tasks: Sequence[Task]) -> None:
     await conn.executemany(
         """INSERT INTO tasks (task_id, case_id, system, action, status, kind, attempt, dispatched_at, completed_at,
-               result, error, reason, changes, decided_by, note, assignee)
-           VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10::jsonb,$11,$12,$13::jsonb,$14,$15,$16)
+               result, error, reason, changes, decided_by, note, assignee, progress_at, progress)
+           VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10::jsonb,$11,$12,$13::jsonb,$14,$15,$16,$17,$18::jsonb)
            ON CONFLICT (task_id) DO UPDATE SET status=EXCLUDED.status, kind=EXCLUDED.kind,
                reason=EXCLUDED.reason, attempt=EXCLUDED.attempt, assignee=EXCLUDED.assignee,
                changes=EXCLUDED.changes,
                dispatched_at=EXCLUDED.dispatched_at, completed_at=EXCLUDED.completed_at, result=EXCLUDED.result,
-               error=EXCLUDED.error, decided_by=EXCLUDED.decided_by, note=EXCLUDED.note, updated_at=now()""",
+               error=EXCLUDED.error, decided_by=EXCLUDED.decided_by, note=EXCLUDED.note,
+               progress_at=EXCLUDED.progress_at, progress=EXCLUDED.progress, updated_at=now()""",
         [(t.task_id, t.case_id, t.system, str(t.action), str(t.status), str(t.kind), t.attempt, t.dispatched_at,
-          t.completed_at, _j(t.result), t.error, t.reason, _j(t.changes), t.decided_by, t.note, t.assignee)
+          t.completed_at, _j(t.result), t.error, t.reason, _j(t.changes), t.decided_by, t.note, t.assignee,
+          t.progress_at, _j(t.progress))
          for t in tasks],
     )
     for t in tasks:
-        t.dirty = False
+        t.dirty = t.progressed = False
+
+
+async def _save_progress(conn: asyncpg.Connection, tasks: Sequence[Task]) -> None:
+    """Tasks whose progress alone changed: those two columns (the row's updated_at stays about
+    the task's state)."""
+    await conn.executemany("UPDATE tasks SET progress_at = $2, progress = $3::jsonb WHERE task_id = $1",
+                           [(t.task_id, t.progress_at, _j(t.progress)) for t in tasks])
+    for t in tasks:
+        t.progressed = False
 
 
 async def record(conn: asyncpg.Connection, effects: Effects, *, extra: Iterable[outbox.OutboxMessage] = ()) -> None:
@@ -206,12 +219,14 @@ async def _head(conn: asyncpg.Connection, case_id: uuid.UUID) -> tuple[int, byte
 
 async def stale_cases(conn: asyncpg.Connection, now: Any, timeout: Any, cap: Any, limit: int) -> list[uuid.UUID]:
     """Cases (not on hold) with a task whose wait for a receipt ran out: the task timeout, doubled
-    with every attempt up to ``cap`` (the same rule as :func:`task_wait`)."""
+    with every attempt up to ``cap`` (the same rule as :func:`task_wait`), counted from when it
+    was sent or from its latest progress, whichever is later (``Task.waiting_since``)."""
     return [r["case_id"] for r in await conn.fetch(
         """SELECT t.case_id FROM tasks t JOIN cases c USING (case_id)
            WHERE t.status = 'dispatched' AND c.status <> 'on_hold'
-             AND t.dispatched_at + LEAST($2::interval * power(2, LEAST(t.attempt - 1, 30)), $3::interval) < $1
-           GROUP BY t.case_id ORDER BY min(t.dispatched_at) LIMIT $4""",
+             AND GREATEST(t.dispatched_at, t.progress_at)
+                 + LEAST($2::interval * power(2, LEAST(t.attempt - 1, 30)), $3::interval) < $1
+           GROUP BY t.case_id ORDER BY min(GREATEST(t.dispatched_at, t.progress_at)) LIMIT $4""",
         now, timeout, cap, limit)]
 
 

@@ -110,6 +110,10 @@ class TaskRow:
     note: str | None = None
     case_id: UUID | None = None
     assignee: str | None = None
+    #: the latest progress its worker reported for the current attempt: {attempt, seq, done, total,
+    #: note}, and when the coordinator recorded it
+    progress: dict[str, Any] | None = None
+    progress_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,7 +222,7 @@ async def get_case(db: Executor, case_id: UUID, *, now: datetime) -> CaseDetail 
 
 
 _TASK_COLUMNS = """task_id, case_id, system, action, status, attempt, dispatched_at, completed_at, result, error,
-                   kind, reason, decided_by, note, assignee"""
+                   kind, reason, decided_by, note, assignee, progress, progress_at"""
 
 
 def _task_row(r: Mapping[str, Any]) -> TaskRow:
@@ -226,7 +230,7 @@ def _task_row(r: Mapping[str, Any]) -> TaskRow:
         task_id=r["task_id"], system=r["system"], action=r["action"], status=r["status"], attempt=r["attempt"],
         dispatched_at=r["dispatched_at"], completed_at=r["completed_at"], result=_json(r["result"]),
         error=r["error"], kind=r["kind"], reason=r["reason"], decided_by=r["decided_by"], note=r["note"],
-        case_id=r["case_id"], assignee=r["assignee"],
+        case_id=r["case_id"], assignee=r["assignee"], progress=_json(r["progress"]), progress_at=r["progress_at"],
     )
 
 

@@ -49,7 +49,7 @@ async def test_killed_coordinator_and_worker_lose_nothing_and_double_nothing(
     try:
         with launcher.running(settings, demo.SYSTEMS, log_dir=tmp_path / "logs", cwd=ROOT,
                               extra_env=extra) as services:
-            await launcher.wait_registered(settings.dsn, demo.SYSTEMS, services)
+            await demo.approve_systems(settings, demo.SYSTEMS, services)
             await submit(settings, requests)
             deadline = time.monotonic() + 60
             while await _completed(conn) < 20 and time.monotonic() < deadline:

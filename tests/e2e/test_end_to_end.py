@@ -35,7 +35,7 @@ async def test_every_right_duplicate_and_invalid_end_to_end(e2e_settings: Settin
     settings = await demo.sign_everything(settings)  # every task and receipt signed, and checked
     extra = {k: os.environ[k] for k in ("DSRFLOW_CRM_DSN", "DSRFLOW_BILLING_DSN")}
     with launcher.running(settings, demo.SYSTEMS, log_dir=tmp_path / "logs", cwd=ROOT, extra_env=extra) as services:
-        await launcher.wait_registered(settings.dsn, demo.SYSTEMS, services)
+        await demo.approve_systems(settings, demo.SYSTEMS, services)
         people = await demo.cast(settings)
         results = await demo.run_scenario(settings, timeout=90, people=people)
         # Checked in the reference systems' own databases: every right's effect is really there.

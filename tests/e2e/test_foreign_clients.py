@@ -71,7 +71,7 @@ async def test_requests_from_librdkafka_in_every_codec_and_from_kcat_open_their_
     try:
         with launcher.running(settings, demo.SYSTEMS, log_dir=tmp_path / "logs", cwd=ROOT,
                              extra_env=extra) as services:
-            await launcher.wait_registered(settings.dsn, demo.SYSTEMS, services)
+            await demo.approve_systems(settings, demo.SYSTEMS, services)
             for request_id, (name, email) in wanted.items():
                 # The request and a retry of it (same request id): one batch, so compressing pays.
                 batch = [(request_id.encode(), _request(request_id, email), _headers("librdkafka"))

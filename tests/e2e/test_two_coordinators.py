@@ -34,7 +34,7 @@ async def test_two_coordinators_complete_every_case_once(e2e_settings: Settings,
     try:
         with launcher.running(settings, demo.SYSTEMS, log_dir=logs, cwd=ROOT, extra_env=extra) as services:
             services.start("coordinator-2", ["coordinator"], launcher.service_env(settings, extra), ROOT)
-            await launcher.wait_registered(settings.dsn, demo.SYSTEMS, services)
+            await demo.approve_systems(settings, demo.SYSTEMS, services)
             # both in the group before the burst, so the partitions are shared while it runs
             deadline = time.monotonic() + 90
             while not all("coordinator ready" in (logs / f"{n}.log").read_text()

@@ -52,7 +52,11 @@ EXAMPLES: dict[str, dict[str, Any]] = {
                               "subject": {"identifiers": {"email": " Lan.Nguyen@Example.VN",
                                                           "phone": "0912 345 678"}}}},
     "offboard": {"decision": "offboard", "controller": "acme", "mode": "handover", "why": "contract ended"},
+    "approve_system": {"decision": "approve_system", "system": "crm", "digest": "ab" * 32},
+    "refuse_system": {"decision": "refuse_system", "system": "crm", "digest": "ab" * 32,
+                      "reason": "declares no phone; the CRM searches by phone"},
 }
+SYSTEM_DECISIONS = {Decision.approve_system, Decision.refuse_system}
 
 
 def test_every_decision_has_an_example() -> None:
@@ -169,8 +173,8 @@ def test_the_role_table_covers_every_decision() -> None:
     assert all(isinstance(r, frozenset) and r <= set(Role) for r in ROLES_FOR.values())
 
 
-def test_a_dpo_may_make_every_decision() -> None:
-    assert all(Role.dpo in roles for roles in ROLES_FOR.values())
+def test_a_dpo_may_make_every_decision_on_a_case() -> None:
+    assert all(Role.dpo in roles for d, roles in ROLES_FOR.items() if d not in SYSTEM_DECISIONS)
 
 
 def test_an_operator_only_carries_out_tasks() -> None:
@@ -178,8 +182,9 @@ def test_an_operator_only_carries_out_tasks() -> None:
         Decision.retry_task, Decision.complete_task, Decision.decline_task}
 
 
-def test_an_admin_decides_nothing_on_a_case() -> None:
-    assert not any(Role.admin in roles for roles in ROLES_FOR.values())
+def test_an_admin_decides_nothing_on_a_case_and_alone_on_systems() -> None:
+    assert not any(Role.admin in roles for d, roles in ROLES_FOR.items() if d not in SYSTEM_DECISIONS)
+    assert all(ROLES_FOR[d] == {Role.admin} for d in SYSTEM_DECISIONS)
 
 
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
