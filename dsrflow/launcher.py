@@ -57,6 +57,24 @@ def worker_credential(settings: Settings, system: str) -> Path | None:
     return path.resolve() if path.exists() else None
 
 
+#: What a worker is given for the case store: an address where nothing answers. A worker needs no
+#: case store (it announces itself on dsr.systems.v1, keeps its task ledger in its own database),
+#: and every run of the demo and the end-to-end tests proves it.
+NO_CASE_STORE = "postgresql://no-case-store@127.0.0.1:9/none"
+
+
+def worker_env(settings: Settings, system: str, env: Mapping[str, str]) -> dict[str, str]:
+    """A reference worker's environment: its own database (``DSRFLOW_<SYSTEM>_DSN``, on the case
+    store's server unless given), its signing key if ``dsrflow systems key`` made one, and no
+    case store."""
+    own_db = f"DSRFLOW_{system.upper()}_DSN"
+    out = {**env, own_db: env.get(own_db) or settings.database_dsn(system), "DSRFLOW_PG_DSN": NO_CASE_STORE}
+    credential = worker_credential(settings, system)
+    if credential is not None:
+        out["DSRFLOW_WORKER_CREDENTIAL"] = str(credential)
+    return out
+
+
 @dataclass
 class Services:
     """A set of running service processes."""
@@ -132,9 +150,7 @@ def running(settings: Settings, workers: Sequence[str], *, log_dir: Path, cwd: P
                       if settings.coordinator_credential is not None else {})
             services.start("coordinator", ["coordinator"], {**env, **signer}, cwd)
         for w in workers:
-            own = worker_credential(settings, w)
-            services.start(f"worker-{w}", ["worker", w],
-                           {**env, "DSRFLOW_WORKER_CREDENTIAL": str(own)} if own else env, cwd)
+            services.start(f"worker-{w}", ["worker", w], worker_env(settings, w, env), cwd)
         yield services
     finally:
         services.stop()

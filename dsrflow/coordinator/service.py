@@ -36,7 +36,7 @@ from ..events import (
     TaskReceipt,
 )
 from ..exports import BundleError, ExportError, ExportStore, LocalExportStore, build_bundle
-from ..exports.store import case_prefix, controller_prefix
+from ..exports.store import controller_prefix, system_case_prefix
 from ..registry import SystemDeclaration, active_systems
 from ..rights import ACTION_FOR_RIGHT, LASTING, CaseStatus, Right, TaskStatus
 from ..settings import Settings
@@ -700,7 +700,7 @@ class Coordinator:
                  for a in (t.result or {}).get("artifacts", [])]
         for system, artifact in parts:
             # A receipt may only bring its own system's exports for this case into the bundle.
-            if not artifact.ref.startswith(f"{case_prefix(case.case_id, case.controller)}{system}/"):
+            if not artifact.ref.startswith(system_case_prefix(system, case.case_id, case.controller)):
                 raise BundleError(f"export of system {system!r} is not one of this case's: {artifact.ref}")
         return await asyncio.to_thread(
             build_bundle, self.exports, case_id=case.case_id, request_id=case.request_id, parts=parts,

@@ -8,8 +8,11 @@ from .store import (
     InvalidKey,
     LocalExportStore,
     MemoryExportStore,
+    ScopedExportStore,
     bundle_key,
     export_key,
+    system_case_prefix,
+    system_prefix,
     validate_key,
 )
 
@@ -22,9 +25,12 @@ __all__ = [
     "InvalidKey",
     "LocalExportStore",
     "MemoryExportStore",
+    "ScopedExportStore",
     "build_bundle",
     "bundle_key",
     "export_key",
     "read_bundle",
+    "system_case_prefix",
+    "system_prefix",
     "validate_key",
 ]

@@ -5,9 +5,16 @@ receipt carries only the key, size and sha256 (an :class:`~dsrflow.events.Artifa
 
 One interface, two implementations, in the manner of httpx's transports::
 
-    ExportStore           abstract: put, get, exists, path, delete
+    ExportStore           abstract: put, get, exists, path, delete, scoped
     ├── LocalExportStore  files under a root directory, written atomically
-    └── MemoryExportStore a dict, for tests
+    ├── MemoryExportStore a dict, for tests
+    └── ScopedExportStore one prefix of another store: a system's own part
+
+Each system's exports live under its own prefix, ``[controllers/<c>/]systems/<system>/``
+(:func:`system_prefix`): its worker's handlers get only that part (:meth:`ExportStore.scoped`),
+and a deployment gives each worker only that part of the store (docs/deploy, README "ACLs").
+The coordinator reads every system's part, and accepts in a bundle only the exports under the
+part of the system whose receipt names them.
 
 What can go wrong::
 
@@ -43,8 +50,11 @@ __all__ = [
     "InvalidKey",
     "LocalExportStore",
     "MemoryExportStore",
+    "ScopedExportStore",
     "bundle_key",
     "export_key",
+    "system_case_prefix",
+    "system_prefix",
     "validate_key",
 ]
 
@@ -87,19 +97,22 @@ def export_key(
     case_id: UUID | str, system: str, task_id: UUID | str, attempt: int, *, digest: str, part: int = 1,
     controller: str = "default",
 ) -> str:
-    """The key of a worker's export: ``cases/<case_id>/<system>/<task_id>-<attempt>-<digest16>.json``
-    (under ``controllers/<controller>/`` for a controller other than the default).
+    """The key of a worker's export:
+    ``[controllers/<controller>/]systems/<system>/cases/<case_id>/<task_id>-<attempt>-<digest16>.json``.
 
-    A handler that exports more than one file gets ``-<part>`` before the digest for parts after
-    the first. The key ends with the first 16 hex digits of the content's sha256, so exports
-    are written once and never replaced: a redelivered task that exports the same bytes lands on
-    the same key, and one that sees changed data writes a new file, while the export a receipt
-    already named stays as its checksum says.
+    Every system writes under its own prefix (:func:`system_prefix`), which a deployment gives to
+    that system's worker alone (a volume's sub-path, an object store's prefix policy) and to the
+    coordinator, which reads it to build access bundles. A handler that exports more than one file
+    gets ``-<part>`` before the digest for parts after the first. The key ends with the first 16
+    hex digits of the content's sha256, so exports are written once and never replaced: a
+    redelivered task that exports the same bytes lands on the same key, and one that sees changed
+    data writes a new file, while the export a receipt already named stays as its checksum says.
     """
     if len(digest) < 16:
         raise ValueError("digest must be a hex sha256")
     suffix = "" if part == 1 else f"-{part}"
-    return validate_key(f"{case_prefix(case_id, controller)}{system}/{task_id}-{attempt}{suffix}-{digest[:16]}.json")
+    return validate_key(f"{system_case_prefix(system, case_id, controller)}{task_id}-{attempt}{suffix}-"
+                        f"{digest[:16]}.json")
 
 
 def controller_prefix(controller: str = "default") -> str:
@@ -109,9 +122,15 @@ def controller_prefix(controller: str = "default") -> str:
     return "" if controller == "default" else f"controllers/{controller}/"
 
 
-def case_prefix(case_id: UUID | str, controller: str = "default") -> str:
-    """The prefix of a case's exports: ``[controllers/<controller>/]cases/<case_id>/``."""
-    return f"{controller_prefix(controller)}cases/{case_id}/"
+def system_prefix(system: str, controller: str = "default") -> str:
+    """The part of the export store that is one system's: ``[controllers/<c>/]systems/<system>/``.
+    Its worker writes there and nowhere else (:meth:`ExportStore.scoped`)."""
+    return f"{controller_prefix(controller)}systems/{system}/"
+
+
+def system_case_prefix(system: str, case_id: UUID | str, controller: str = "default") -> str:
+    """The prefix of one system's exports for one case."""
+    return f"{system_prefix(system, controller)}cases/{case_id}/"
 
 
 def bundle_key(case_id: UUID | str, controller: str = "default") -> str:
@@ -165,6 +184,12 @@ class ExportStore(ABC):
             raise InvalidKey("a prefix ends with '/'")
         validate_key(prefix.rstrip("/"))
         return sum(self._delete(key) for key in self._keys(prefix))
+
+    def scoped(self, prefix: str) -> ExportStore:
+        """A view of this store that reads and writes only keys under ``prefix`` (a ``a/b/`` path):
+        what a worker's handlers get, so that a handler cannot write, read or delete another
+        system's exports even by mistake. Keys stay whole (the view does not strip the prefix)."""
+        return ScopedExportStore(self, prefix)
 
     @abstractmethod
     def _keys(self, prefix: str) -> list[str]: ...
@@ -262,6 +287,44 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+class ScopedExportStore(ExportStore):
+    """One prefix of another store (see :meth:`ExportStore.scoped`): a key outside it is an
+    :class:`InvalidKey`."""
+
+    def __init__(self, inner: ExportStore, prefix: str) -> None:
+        if not prefix.endswith("/"):
+            raise InvalidKey("a prefix ends with '/'")
+        validate_key(prefix.rstrip("/"))
+        self.inner = inner
+        self.prefix = prefix
+
+    def __repr__(self) -> str:
+        return f"{self.inner!r}.scoped({self.prefix!r})"
+
+    def _inside(self, key: str) -> str:
+        if not validate_key(key).startswith(self.prefix):
+            raise InvalidKey(f"export key {key!r} is outside this system's part of the export store ({self.prefix})")
+        return key
+
+    def path(self, key: str) -> Path | None:
+        return self.inner.path(self._inside(key))
+
+    def _keys(self, prefix: str) -> list[str]:
+        return [k for k in self.inner._keys(prefix) if k.startswith(self.prefix)]
+
+    def _write(self, key: str, data: bytes) -> None:
+        self.inner._write(self._inside(key), data)
+
+    def _read(self, key: str) -> bytes:
+        return self.inner._read(self._inside(key))
+
+    def _exists(self, key: str) -> bool:
+        return self.inner._exists(self._inside(key))
+
+    def _delete(self, key: str) -> bool:
+        return self.inner._delete(self._inside(key))
 
 
 class MemoryExportStore(ExportStore):

@@ -213,7 +213,7 @@ async def test_access_case_gets_a_bundle_from_the_export_store(coordinator: Coor
     await coordinator.handle_requests([request("access", request_id="acc-1")])
     tasks = await tasks_of(pool, "acc-1")
     case_id = tasks["crm"]["case_id"]
-    art: Artifact = coordinator.exports.put(f"cases/{case_id}/crm/1.json", b'{"contacts": []}', records=1)
+    art: Artifact = coordinator.exports.put(f"systems/crm/cases/{case_id}/1.json", b'{"contacts": []}', records=1)
     await coordinator.handle_receipts([
         receipt(tasks["crm"], "succeeded", artifacts=[art.model_dump()]),
         receipt(tasks["billing"], "not_found"),
@@ -230,12 +230,25 @@ async def test_access_case_gets_a_bundle_from_the_export_store(coordinator: Coor
 async def test_tampered_export_fails_the_case_not_the_coordinator(coordinator: Coordinator, pool: asyncpg.Pool) -> None:
     await coordinator.handle_requests([request("access", request_id="acc-2")])
     tasks = await tasks_of(pool, "acc-2")
-    art = coordinator.exports.put(f"cases/{tasks['crm']['case_id']}/crm/1.json", b"{}", records=0)
+    art = coordinator.exports.put(f"systems/crm/cases/{tasks['crm']['case_id']}/1.json", b"{}", records=0)
     forged = art.model_copy(update={"sha256": "0" * 64})
     await coordinator.handle_receipts([receipt(tasks["crm"], "succeeded", artifacts=[forged.model_dump()]),
                                        receipt(tasks["billing"], "not_found")])
     case = await pool.fetchrow("SELECT * FROM cases")
-    assert case["status"] == "failed" and "bundle_error" in orjson.loads(case["outcome"])
+    assert case["status"] == "failed" and "does not match" in orjson.loads(case["outcome"])["bundle_error"]
+
+
+async def test_a_receipt_cannot_bring_another_systems_export_into_the_bundle(
+        coordinator: Coordinator, pool: asyncpg.Pool) -> None:
+    await coordinator.handle_requests([request("access", request_id="acc-3")])
+    tasks = await tasks_of(pool, "acc-3")
+    # billing's real export of this case, named by crm's receipt
+    theirs = coordinator.exports.put(f"systems/billing/cases/{tasks['crm']['case_id']}/1.json", b"{}", records=0)
+    await coordinator.handle_receipts([receipt(tasks["crm"], "succeeded", artifacts=[theirs.model_dump()]),
+                                       receipt(tasks["billing"], "not_found")])
+    case = await pool.fetchrow("SELECT * FROM cases WHERE request_id = 'acc-3'")
+    assert case["status"] == "failed"
+    assert "export of system 'crm' is not one of this case's" in orjson.loads(case["outcome"])["bundle_error"]
 
 
 async def test_outbox_relay_publishes_to_kafka_and_marks_sent(

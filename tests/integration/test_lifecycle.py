@@ -605,7 +605,7 @@ async def test_a_controllers_exports_and_bundle_live_under_its_own_prefix(
     task = make_task("beta-crm", "export", {"email": "an@beta.vn"}, case_id=t["beta-crm"]["case_id"],
                      task_id=t["beta-crm"]["task_id"], controller="beta")
     done = await run_task(worker, task, store=coordinator.exports)
-    assert done.artifacts[0].ref.startswith(f"controllers/beta/cases/{t['beta-crm']['case_id']}/beta-crm/")
+    assert done.artifacts[0].ref.startswith(f"controllers/beta/systems/beta-crm/cases/{t['beta-crm']['case_id']}/")
     value, headers = codec.encode(done, source="worker/beta-crm")
     await coordinator.handle_receipts([record(topics.RECEIPTS, value, headers)])
     case = await case_of(pool, rid)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import io
+import tempfile
 import uuid
 import zipfile
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -25,6 +27,7 @@ from dsrflow.exports import (
     bundle_key,
     export_key,
     read_bundle,
+    system_prefix,
 )
 
 CASE = uuid.UUID("0b7c6f0e-3a56-4e0b-9d59-2f0f8f1c2a10")
@@ -83,9 +86,27 @@ def test_keys_that_escape_or_are_malformed_are_refused(store: ExportStore, key: 
 def test_key_convention() -> None:
     task = uuid.UUID("5f1d3c1e-0000-4000-8000-000000000001")
     digest = hashlib.sha256(b"{}").hexdigest()
-    assert export_key(CASE, "crm", task, 2, digest=digest) == f"cases/{CASE}/crm/{task}-2-{digest[:16]}.json"
-    assert export_key(CASE, "crm", task, 2, digest=digest, part=3) == f"cases/{CASE}/crm/{task}-2-3-{digest[:16]}.json"
+    assert export_key(CASE, "crm", task, 2, digest=digest) == f"systems/crm/cases/{CASE}/{task}-2-{digest[:16]}.json"
+    assert (export_key(CASE, "crm", task, 2, digest=digest, part=3)
+            == f"systems/crm/cases/{CASE}/{task}-2-3-{digest[:16]}.json")
+    assert (export_key(CASE, "crm", task, 2, digest=digest, controller="acme")
+            == f"controllers/acme/systems/crm/cases/{CASE}/{task}-2-{digest[:16]}.json")
     assert bundle_key(CASE) == f"bundles/{CASE}.zip"
+
+
+@pytest.mark.parametrize("make", [MemoryExportStore, lambda: LocalExportStore(tempfile.mkdtemp())])
+def test_a_systems_view_of_the_store_reaches_its_own_part_only(make: Any) -> None:
+    store = make()
+    theirs = store.put(f"{system_prefix('billing')}cases/c/t-1.json", b"[1]", records=1)
+    crm = store.scoped(system_prefix("crm"))
+    mine = crm.put(f"{system_prefix('crm')}cases/c/t-1.json", b"[2]", records=1)
+    assert store.get(mine.ref) == b"[2]" and crm.get(mine.ref) == b"[2]"
+    for attempt in (lambda: crm.get(theirs.ref), lambda: crm.put(theirs.ref, b"x", records=0),
+                    lambda: crm.delete(theirs.ref), lambda: crm.exists(theirs.ref), lambda: crm.path(theirs.ref)):
+        with pytest.raises(InvalidKey, match="outside this system's part"):
+            attempt()
+    assert crm.delete_prefix("systems/") == 1  # its own only
+    assert store.get(theirs.ref) == b"[1]" and not store.exists(mine.ref)
 
 
 def test_local_store_writes_atomically_and_privately(tmp_path: Path) -> None:

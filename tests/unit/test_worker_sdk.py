@@ -71,7 +71,7 @@ async def test_export_writes_claim_check_and_succeeds() -> None:
     assert (receipt.task_id, receipt.case_id, receipt.attempt) == (task.task_id, task.case_id, 1)
     assert receipt.counts == {"located": 1}
     [art] = receipt.artifacts
-    assert art.ref == f"cases/{task.case_id}/shop/{task.task_id}-1-{art.sha256[:16]}.json"
+    assert art.ref == f"systems/shop/cases/{task.case_id}/{task.task_id}-1-{art.sha256[:16]}.json"
     data = store.get(art.ref)
     assert art.sha256 == hashlib.sha256(data).hexdigest() and art.size == len(data) and art.records == 1
     assert orjson.loads(data) == [PEOPLE["lan.nguyen@example.vn"]]
@@ -311,8 +311,8 @@ async def test_two_exports_in_one_attempt_get_distinct_keys() -> None:
     refs = [a.ref for a in receipt.artifacts]
     digests = [a.sha256[:16] for a in receipt.artifacts]
     assert refs == [
-        f"cases/{task.case_id}/shop/{task.task_id}-2-{digests[0]}.json",
-        f"cases/{task.case_id}/shop/{task.task_id}-2-2-{digests[1]}.json",
+        f"systems/shop/cases/{task.case_id}/{task.task_id}-2-{digests[0]}.json",
+        f"systems/shop/cases/{task.case_id}/{task.task_id}-2-2-{digests[1]}.json",
     ]
     assert orjson.loads(store.get(refs[0]))["when"] == "2024-01-02T00:00:00+00:00"
     assert store.get(refs[1]) == b"raw,csv\n"
@@ -727,3 +727,515 @@ async def test_a_dead_letter_too_large_to_copy_goes_without_the_original_and_the
     assert (letter.original_topic, letter.original_offset) == (topic, 5)
     assert "not copied: MessageSizeTooLargeError" in letter.error
     assert consumer.commits == [{tp: 6}]  # nothing stuck behind it
+
+
+# -- errors told apart, progress, rate and concurrency, shutdown, review fixes (issue 8) ---------------
+
+
+async def test_permanent_error_is_failed_and_not_retryable() -> None:
+    from dsrflow.worker import PermanentError
+
+    receipt = await run_task(failing_worker(PermanentError("table orders_2019 is read-only")),
+                             make_task("shop", "erase", {"email": EMAIL}))
+    assert receipt.status == ReceiptStatus.failed and not receipt.retryable
+    assert receipt.error == "PermanentError: table orders_2019 is read-only"
+    assert issubclass(PermanentError, TaskError) and not PermanentError.retryable and RetryableError.retryable
+
+
+def progressing_worker(steps: Any, **options: Any) -> Worker:
+    """Its erase handler runs ``await steps(ctx)`` and succeeds."""
+    w = Worker(declaration(Action.erase), **options)
+
+    @w.handler(Action.erase)
+    async def erase(ctx: TaskContext) -> Result:
+        await steps(ctx)
+        return Result.succeeded(counts={"erased": 3})
+
+    return w
+
+
+async def test_progress_is_throttled_numbered_redacted_and_never_sent_after_the_handler_returned() -> None:
+    from dsrflow.events import TaskProgress
+
+    async def steps(ctx: TaskContext) -> None:
+        await ctx.progress(0, 3, note=f"looking up {EMAIL.lower()}")  # sent at once
+        await ctx.progress(1, 3)  # within the interval: only changes the next report...
+        await ctx.progress(2, 3, note="orders")  # ...which says this, at the end of the interval
+        await asyncio.sleep(0.5)
+        await ctx.progress(3, 3, note="invoices")  # the interval is over: sent at once
+        await ctx.progress(3, 3, note="done")  # within it again: the handler returns before it ends
+
+    reports: list[TaskProgress] = []
+    task = make_task("shop", "erase", {"email": EMAIL})
+    receipt = await run_task(progressing_worker(steps, progress_interval=timedelta(milliseconds=200)), task,
+                             progress=reports)
+    await asyncio.sleep(0.4)  # long enough for a report that was still due to show up
+    assert receipt.status == ReceiptStatus.succeeded
+    assert [(p.seq, p.done, p.total, p.note) for p in reports] == [
+        (1, 0, 3, "looking up [redacted]"), (2, 2, 3, "orders"), (3, 3, 3, "invoices")]
+    assert {(p.task_id, p.case_id, p.system, p.attempt) for p in reports} == {
+        (task.task_id, task.case_id, "shop", 1)}
+
+
+async def test_progress_that_cannot_be_sent_never_fails_the_task(caplog: pytest.LogCaptureFixture) -> None:
+    from dsrflow.events import TaskProgress
+
+    async def steps(ctx: TaskContext) -> None:
+        await ctx.progress(1, 3, note=f"erasing {EMAIL}")
+        await ctx.progress(-1)  # out of range: dropped, not raised
+
+    async def broken(report: TaskProgress) -> None:
+        raise ConnectionError(f"broker gone while sending {report.note}")
+
+    task = make_task("shop", "erase", {"email": EMAIL})
+    w = progressing_worker(steps, progress_interval=timedelta(0))
+    with caplog.at_level("WARNING", logger="dsrflow.worker"):
+        receipt = await w.handle(task, store=MemoryExportStore(), progress=broken)
+    assert receipt.status == ReceiptStatus.succeeded and receipt.counts == {"erased": 3}
+    lines = [r.getMessage() for r in caplog.records if "progress" in r.getMessage()]
+    assert len(lines) == 2 and "(ConnectionError)" in lines[0] and "(ValidationError)" in lines[1]
+    assert not any("broker gone" in line or "lan.nguyen" in line.lower() for line in lines)
+
+
+class ProgressRefusingProducer(FakeProducer):
+    """Takes receipts; every progress report fails at the broker."""
+
+    async def send(
+        self, topic: str, value: bytes | None, *, key: bytes | None, headers: list[tuple[str, bytes]]
+    ) -> asyncio.Future[None]:
+        if dict(headers).get("ce_type") != b"dsrflow.task.progress.v1":
+            return await super().send(topic, value, key=key, headers=headers)
+        from aiokafka.errors import KafkaTimeoutError
+
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        fut.set_exception(KafkaTimeoutError())
+        self.events.append("progress refused")
+        return fut
+
+
+async def test_the_runner_sends_progress_before_the_receipt_and_a_refused_one_fails_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from aiokafka import TopicPartition
+
+    from dsrflow import codec, topics
+    from dsrflow.codec import header_map
+    from dsrflow.events import TaskProgress
+
+    async def steps(ctx: TaskContext) -> None:
+        await ctx.progress(1, 2)
+        await ctx.progress(2, 2)
+
+    topic = topics.tasks_topic("shop")
+    tp = TopicPartition(topic, 0)
+    task = make_task("shop", "erase", {"email": EMAIL})
+    batch = {tp: [record(topic, 3, *codec.encode(task, source="test"))]}
+    producer = FakeProducer()
+    runner, consumer, _ = runner_with(progressing_worker(steps, progress_interval=timedelta(0)), [batch], producer)
+    await runner._loop()
+    assert producer.events == ["delivered dsr.receipts.v1"] * 3 + ["commit"]
+    progress = [codec.decode(v, h, TaskProgress) for _, _, v, h in producer.sent[:2]]
+    assert [p.data.seq for p in progress] == [1, 2]
+    assert {k for _, k, _, _ in producer.sent} == {str(task.case_id).encode()}
+    ids = [header_map(h)["ce_id"] for _, _, _, h in producer.sent]
+    assert len(set(ids)) == 3  # each report an event of its own, and not the receipt's id
+    assert {p.source for p in progress} == {"dsrflow/worker/shop"}
+
+    refusing = ProgressRefusingProducer()
+    runner, consumer, _ = runner_with(progressing_worker(steps, progress_interval=timedelta(0)), [batch], refusing)
+    with caplog.at_level("WARNING", logger="dsrflow.worker"):
+        await runner._loop()
+    assert refusing.events == ["progress refused", "progress refused", "delivered dsr.receipts.v1", "commit"]
+    assert sent_receipts(refusing)[0].status == ReceiptStatus.succeeded and consumer.commits == [{tp: 4}]
+    assert sum("not delivered (KafkaTimeoutError)" in r.getMessage() for r in caplog.records) == 2
+
+
+def many_tasks(n: int) -> tuple[Any, dict[Any, list[Any]], list[Any]]:
+    """n erasures of n cases in one batch of partition 0."""
+    from aiokafka import TopicPartition
+
+    from dsrflow import codec, topics
+
+    topic = topics.tasks_topic("shop")
+    tp = TopicPartition(topic, 0)
+    tasks = [make_task("shop", "erase", {"email": f"s{i}@example.vn"}) for i in range(n)]
+    return tp, {tp: [record(topic, i, *codec.encode(t, source="test")) for i, t in enumerate(tasks)]}, tasks
+
+
+def busiest_second(times: list[float]) -> int:
+    return max(sum(t <= u < t + 1.0 for u in times) for t in times)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+async def test_the_rate_limit_holds_for_handler_calls_and_batch_calls(batched: bool) -> None:
+    """10 tasks a second: the first 10 at once (the limiter's burst), then 10 a second: 30 tasks
+    take about two seconds. Without the limit all 30 start in the same instant."""
+    loop = asyncio.get_running_loop()
+    started: list[float] = []
+    w = Worker(declaration(Action.erase), rate_limit=10, max_batch=5)
+    if batched:
+        @w.batch_handler(Action.erase)
+        async def erase_all(ctxs: list[TaskContext]) -> list[Result]:
+            started.extend(loop.time() for _ in ctxs)
+            return [Result.succeeded() for _ in ctxs]
+    else:
+        @w.handler(Action.erase)
+        async def erase(ctx: TaskContext) -> Result:
+            started.append(loop.time())
+            return Result.succeeded()
+
+    tp, batch, tasks = many_tasks(30)
+    producer = FakeProducer()
+    runner, consumer, _ = runner_with(w, [batch], producer)
+    await asyncio.wait_for(runner._loop(), 30)
+    assert len(started) == 30 and len(sent_receipts(producer)) == 30 and consumer.commits == [{tp: 30}]
+    assert max(started) - min(started) >= 1.2  # ideally 2.0
+    assert busiest_second(started) <= 22  # ideally 20: the burst of 10 and 10 more
+
+
+async def test_concurrency_bounds_the_handler_calls_running_at_once() -> None:
+    running, most = 0, 0
+    w = Worker(declaration(Action.erase), concurrency=3)
+
+    @w.handler(Action.erase)
+    async def erase(ctx: TaskContext) -> Result:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        await asyncio.sleep(0.02)
+        running -= 1
+        return Result.succeeded()
+
+    _, batch, _ = many_tasks(12)
+    producer = FakeProducer()
+    runner, _, _ = runner_with(w, [batch], producer)
+    await runner._loop()
+    assert most == 3 and len(sent_receipts(producer)) == 12
+
+
+async def test_the_receipt_of_a_record_no_longer_in_hand_is_forgotten(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A batch ran, its ledger was unreachable, and before it came round again its partition went
+    to another instance: the next batch holds other records. The receipt settled for the first
+    is dropped then (with a warning: the ledger never recorded it), not kept for good."""
+    from aiokafka import TopicPartition
+
+    from dsrflow import codec, topics
+    from dsrflow.worker import MemoryTaskLedger, _runner
+
+    monkeypatch.setattr(_runner, "BACKOFF_MAX_S", 0.0)
+
+    class Unreachable(MemoryTaskLedger):
+        async def finish(self, task: Any, receipt: TaskReceipt, *, owner: str) -> TaskReceipt:
+            if task.task_id == moved.task_id:
+                raise ConnectionRefusedError()
+            return await super().finish(task, receipt, owner=owner)
+
+    topic = topics.tasks_topic("shop")
+    moved, kept = make_task("shop", "erase", {"email": EMAIL}), make_task("shop", "erase", {"email": "an@x.vn"})
+    seen: list[bool] = []
+    w = Worker(declaration(Action.erase), ledger=Unreachable())
+
+    @w.handler(Action.erase)
+    async def erase(ctx: TaskContext) -> Result:
+        seen.append((moved.task_id, 1) in runner._settled)
+        return Result.succeeded()
+
+    from aiokafka.structs import ConsumerRecord
+
+    value, headers = codec.encode(kept, source="test")
+    other = ConsumerRecord(topic, 1, 0, 0, 0, b"k", value, None, 1, len(value), headers)
+    runner, consumer, _ = runner_with(w, [{TopicPartition(topic, 0): [record(topic, 0, *codec.encode(
+        moved, source="test"))]}, {TopicPartition(topic, 1): [other]}], FakeProducer())
+    with caplog.at_level("WARNING", logger="dsrflow.worker"):
+        await runner._loop()
+    assert seen == [False, False]  # the first run; then the second batch's, without the stale entry
+    assert runner._settled == {} and runner._unrecorded == set()
+    assert consumer.commits == [{TopicPartition(topic, 1): 1}]
+    assert any(f"task {moved.task_id} attempt 1: its receipt was never recorded" in r.getMessage()
+               for r in caplog.records)
+
+
+class RefusingLedger:
+    """A memory ledger whose finish raises ``exc`` the first ``times`` times."""
+
+    def __new__(cls, exc: type[Exception], times: int) -> Any:
+        from dsrflow.worker import MemoryTaskLedger
+
+        class Refusing(MemoryTaskLedger):
+            refused = 0
+
+            async def finish(self, task: Any, receipt: TaskReceipt, *, owner: str) -> TaskReceipt:
+                if self.refused < times:
+                    self.refused += 1
+                    raise exc("value too long for type character varying(10)")
+                return await super().finish(task, receipt, owner=owner)
+
+        return Refusing()
+
+
+async def test_a_receipt_the_ledger_refuses_for_good_is_sent_after_five_refusals(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    from aiokafka import TopicPartition
+
+    from dsrflow import codec, topics
+    from dsrflow.worker import _runner
+
+    monkeypatch.setattr(_runner, "BACKOFF_MAX_S", 0.0)
+    calls: list[str] = []
+    topic = topics.tasks_topic("shop")
+    tp = TopicPartition(topic, 0)
+    task = make_task("shop", "erase", {"email": EMAIL})
+    batch = {tp: [record(topic, 5, *codec.encode(task, source="test"))]}
+    ledger = RefusingLedger(ValueError, times=1000)
+    producer = FakeProducer()
+    # Exactly five rounds: the fifth refusal sends the receipt and the batch is committed.
+    runner, consumer, _ = runner_with(erase_counting(calls, ledger=ledger), [batch] * 5, producer)
+    with caplog.at_level("ERROR", logger="dsrflow.worker"):
+        await asyncio.wait_for(runner._loop(), 10)
+    assert calls == [str(task.task_id)] and ledger.refused == 5
+    [receipt] = sent_receipts(producer)
+    assert receipt.status == ReceiptStatus.succeeded and receipt.counts == {"erased": 1}
+    assert consumer.commits == [{tp: 6}] and len(consumer.seeks) == 4
+    assert any("ledger did not record it" in r.getMessage() and "(ValueError)" in r.getMessage()
+               for r in caplog.records)
+    assert not any("varying" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_ledger_that_is_only_unreachable_is_waited_for_however_long(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    from aiokafka import TopicPartition
+
+    from dsrflow import codec, topics
+    from dsrflow.worker import _runner
+
+    monkeypatch.setattr(_runner, "BACKOFF_MAX_S", 0.0)
+    calls: list[str] = []
+    topic = topics.tasks_topic("shop")
+    tp = TopicPartition(topic, 0)
+    task = make_task("shop", "erase", {"email": EMAIL})
+    batch = {tp: [record(topic, 5, *codec.encode(task, source="test"))]}
+    ledger = RefusingLedger(ConnectionRefusedError, times=7)  # transient: no count towards the five
+    producer = FakeProducer()
+    runner, consumer, _ = runner_with(erase_counting(calls, ledger=ledger), [batch] * 8, producer)
+    with caplog.at_level("ERROR", logger="dsrflow.worker"):
+        await asyncio.wait_for(runner._loop(), 10)
+    assert calls == [str(task.task_id)] and consumer.commits == [{tp: 6}] and len(consumer.seeks) == 7
+    assert len(sent_receipts(producer)) == 1
+    assert (await ledger.claim(task, owner="other", lease=timedelta(minutes=1))).state == "done"
+    assert not any("did not record" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_dead_letter_the_broker_refuses_as_too_large_goes_again_without_the_original() -> None:
+    from aiokafka import TopicPartition
+    from aiokafka.errors import RecordTooLargeError
+
+    from dsrflow import topics
+    from dsrflow.codec import read_dead_letter
+
+    class BrokerRefusesBigLetters(FakeProducer):
+        async def send(self, topic: str, value: bytes | None, *, key: bytes | None,
+                       headers: list[tuple[str, bytes]]) -> asyncio.Future[None]:
+            if topic == topics.DEADLETTER and value:  # taken by the client, refused by the broker
+                fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                fut.set_exception(RecordTooLargeError())
+                self.events.append("refused dsr.deadletter.v1")
+                return fut
+            return await super().send(topic, value, key=key, headers=headers)
+
+    topic = topics.tasks_topic("shop")
+    tp = TopicPartition(topic, 0)
+    producer = BrokerRefusesBigLetters()
+    runner, consumer, _ = runner_with(make_worker(), [{tp: [record(topic, 5, b"{not json" * 1000, [])]}], producer)
+    await asyncio.wait_for(runner._loop(), 10)
+    assert producer.events == ["refused dsr.deadletter.v1", "delivered dsr.deadletter.v1", "commit"]
+    [(_, key, value, headers)] = [s for s in producer.sent if s[0] == topics.DEADLETTER]
+    assert key == b"k" and not value
+    letter = read_dead_letter(headers)
+    assert (letter.original_topic, letter.original_offset, letter.error_type) == (topic, 5, "missing_header")
+    assert "the original (9000 bytes) is not copied: RecordTooLargeError" in letter.error
+    assert consumer.commits == [{tp: 6}] and consumer.seeks == []
+
+
+def stoppable(release: asyncio.Event, started: list[str], cancelled: list[str], **options: Any) -> Worker:
+    """Erases once ``release`` is set; a subject named ``quick...`` at once."""
+    w = Worker(declaration(Action.erase), **options)
+
+    @w.handler(Action.erase)
+    async def erase(ctx: TaskContext) -> Result:
+        started.append(ctx.identifiers[IdentifierType.email])
+        try:
+            if not ctx.identifiers[IdentifierType.email].startswith("quick"):
+                await release.wait()
+        except asyncio.CancelledError:
+            cancelled.append(ctx.identifiers[IdentifierType.email])
+            raise
+        return Result.succeeded(counts={"erased": 1})
+
+    return w
+
+
+async def stop_when(stop: asyncio.Event, started: list[str], n: int) -> None:
+    while len(started) < n:
+        await asyncio.sleep(0.01)
+    stop.set()
+
+
+async def test_on_stop_a_running_handler_within_the_grace_finishes_reports_and_is_committed() -> None:
+    from aiokafka import TopicPartition
+
+    from dsrflow import codec, topics
+
+    topic = topics.tasks_topic("shop")
+    tp = TopicPartition(topic, 0)
+    slow, never = make_task("shop", "erase", {"email": EMAIL}), make_task("shop", "erase", {"email": "an@x.vn"})
+    never = never.model_copy(update={"case_id": slow.case_id})  # the same case: it would run after the first
+    release, started, cancelled = asyncio.Event(), [], []
+    w = stoppable(release, started, cancelled, shutdown_grace=timedelta(seconds=10))
+    batch = {tp: [record(topic, 7, *codec.encode(slow, source="test")),
+                  record(topic, 8, *codec.encode(never, source="test"))]}
+    producer = FakeProducer()
+    runner, consumer, stop = runner_with(w, [batch], producer)
+    loop = asyncio.create_task(runner._loop())
+    await stop_when(stop, started, 1)
+    await asyncio.sleep(0.1)
+    release.set()  # well within the grace
+    await asyncio.wait_for(loop, 10)
+    assert started == [EMAIL.lower()] and cancelled == []  # the second was not started after the stop
+    assert [r.task_id for r in sent_receipts(producer)] == [slow.task_id]
+    assert consumer.commits == [{tp: 8}]  # up to the task not started: the next instance runs it
+
+
+async def test_on_stop_a_handler_still_running_after_the_grace_is_cancelled_released_and_left_uncommitted() -> None:
+    from aiokafka import TopicPartition
+
+    from dsrflow import codec, topics
+    from dsrflow.worker import MemoryTaskLedger
+
+    topic = topics.tasks_topic("shop")
+    tp = TopicPartition(topic, 0)
+    quick = make_task("shop", "erase", {"email": "quick@example.vn"})
+    slow = make_task("shop", "erase", {"email": EMAIL})
+    release, started, cancelled = asyncio.Event(), [], []
+    ledger = MemoryTaskLedger()
+    w = stoppable(release, started, cancelled, shutdown_grace=timedelta(milliseconds=200), ledger=ledger)
+    batch = {tp: [record(topic, 7, *codec.encode(quick, source="test")),
+                  record(topic, 8, *codec.encode(slow, source="test"))]}
+    producer = FakeProducer()
+    runner, consumer, stop = runner_with(w, [batch], producer)
+    loop = asyncio.create_task(runner._loop())
+    await stop_when(stop, started, 2)
+    await asyncio.wait_for(loop, 10)
+    assert cancelled == [EMAIL.lower()]
+    assert [r.task_id for r in sent_receipts(producer)] == [quick.task_id]  # it finished: its receipt goes
+    assert consumer.commits == [{tp: 8}]  # the cancelled one's record is not committed
+    assert (await ledger.claim(slow, owner="next instance", lease=timedelta(minutes=1))).state == "owned"
+
+
+# -- batch handlers in the runner (broker faked; tests/unit/test_worker_batch.py has them without it) -------
+
+
+def batch_erasing(calls: list[list[str]], release: asyncio.Event | None = None, **options: Any) -> Worker:
+    """Erases in one call per batch; ``calls`` gets the emails of each call."""
+    w = Worker(SystemDeclaration(name="shop", identifier_types=(IdentifierType.email,), actions=(Action.erase,)),
+               **options)
+
+    @w.batch_handler(Action.erase)
+    async def erase(ctxs: list[TaskContext]) -> list[Result]:
+        calls.append([ctx.identifiers[IdentifierType.email] for ctx in ctxs])
+        if release is not None:
+            await release.wait()
+        return [Result.succeeded(counts={"erased": 1}) for _ in ctxs]
+
+    return w
+
+
+async def test_the_runner_claims_each_task_of_a_batch_call_and_keeps_a_case_s_tasks_in_order() -> None:
+    from aiokafka import TopicPartition
+
+    from dsrflow import codec, topics
+    from dsrflow.worker import MemoryTaskLedger
+
+    ledger = MemoryTaskLedger()
+    topic = topics.tasks_topic("shop")
+    tp = TopicPartition(topic, 0)
+    emails = [f"s{i}@example.vn" for i in range(4)]
+    tasks = [make_task("shop", "erase", {"email": e}) for e in emails]
+    retry = tasks[0].model_copy(update={"attempt": 2})  # the same case as tasks[0]: a following call
+    other = make_task("shop", "erase", {"email": "x@example.vn"}, controller="acme")  # refused before any call
+    # tasks[1] ran already (another instance, before a crash): its stored receipt is sent, it is not called
+    done = TaskReceipt(task_id=tasks[1].task_id, case_id=tasks[1].case_id, system="shop", attempt=1,
+                       status=ReceiptStatus.not_found, completed_at=datetime.now(UTC))
+    assert (await ledger.claim(tasks[1], owner="gone", lease=timedelta(minutes=1))).state == "owned"
+    await ledger.finish(tasks[1], done, owner="gone")
+    records = [record(topic, i, *codec.encode(t, source="test")) for i, t in enumerate([*tasks, retry, other])]
+    calls: list[list[str]] = []
+    producer = FakeProducer()
+    runner, consumer, _ = runner_with(batch_erasing(calls, ledger=ledger), [{tp: records}], producer)
+    await runner._loop()
+
+    assert calls == [[emails[0], emails[2], emails[3]], [emails[0]]]
+    receipts = {(r.task_id, r.attempt): r for r in sent_receipts(producer)}
+    assert len(receipts) == 6 and consumer.commits == [{tp: 6}]
+    assert receipts[(tasks[1].task_id, 1)] == done
+    assert receipts[(retry.task_id, 2)].counts == {"erased": 1}
+    assert receipts[(other.task_id, 1)].status == ReceiptStatus.refused
+    for t in (tasks[0], tasks[2], tasks[3], retry):  # each recorded in the ledger on its own
+        assert (await ledger.claim(t, owner="x", lease=timedelta(minutes=1))).state == "done"
+
+
+async def test_a_batch_task_held_by_another_instance_waits_for_its_receipt() -> None:
+    from aiokafka import TopicPartition
+
+    from dsrflow import codec, topics
+    from dsrflow.worker import MemoryTaskLedger
+
+    ledger = MemoryTaskLedger()
+    topic = topics.tasks_topic("shop")
+    tp = TopicPartition(topic, 0)
+    held, free = make_task("shop", "erase", {"email": EMAIL}), make_task("shop", "erase", {"email": "an@x.vn"})
+    assert (await ledger.claim(held, owner="other", lease=timedelta(minutes=1))).state == "owned"
+    theirs = TaskReceipt(task_id=held.task_id, case_id=held.case_id, system="shop", attempt=1,
+                         status=ReceiptStatus.succeeded, counts={"erased": 7}, completed_at=datetime.now(UTC))
+    calls: list[list[str]] = []
+    producer = FakeProducer()
+    batch = {tp: [record(topic, 0, *codec.encode(held, source="test")),
+                  record(topic, 1, *codec.encode(free, source="test"))]}
+    runner, consumer, _ = runner_with(batch_erasing(calls, ledger=ledger), [batch], producer)
+    loop = asyncio.create_task(runner._loop())
+    while not calls:
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.2)
+    await ledger.finish(held, theirs, owner="other")  # the other instance finishes
+    await asyncio.wait_for(loop, 10)
+    assert calls == [["an@x.vn"]]
+    assert {r.task_id: r for r in sent_receipts(producer)}[held.task_id] == theirs
+    assert consumer.commits == [{tp: 2}]
+
+
+async def test_a_batch_call_still_running_after_the_shutdown_grace_gives_up_every_claim() -> None:
+    from aiokafka import TopicPartition
+
+    from dsrflow import codec, topics
+    from dsrflow.worker import MemoryTaskLedger
+
+    ledger = MemoryTaskLedger()
+    topic = topics.tasks_topic("shop")
+    tp = TopicPartition(topic, 0)
+    tasks = [make_task("shop", "erase", {"email": f"s{i}@example.vn"}) for i in range(3)]
+    calls: list[list[str]] = []
+    producer = FakeProducer()
+    w = batch_erasing(calls, asyncio.Event(), ledger=ledger, shutdown_grace=timedelta(milliseconds=100))
+    batch = {tp: [record(topic, i, *codec.encode(t, source="test")) for i, t in enumerate(tasks)]}
+    runner, consumer, stop = runner_with(w, [batch], producer)
+    loop = asyncio.create_task(runner._loop())
+    while not calls:
+        await asyncio.sleep(0.01)
+    stop.set()
+    await asyncio.wait_for(loop, 10)
+    assert len(calls) == 1 and sent_receipts(producer) == [] and consumer.commits == []
+    for t in tasks:
+        assert (await ledger.claim(t, owner="next instance", lease=timedelta(minutes=1))).state == "owned"
