@@ -163,15 +163,16 @@ class Coordinator:
         async with self.pool.acquire() as conn, conn.transaction():
             await outbox.add(conn, work.dead)
 
-    async def _handle(self, records: Sequence[Record], model: type[Any], consumer: str,
-                      apply: Callable[..., Awaitable[None]],
+    async def _handle(self, records: Sequence[Record],
+                      decode: Callable[[Sequence[Record], _Work], list[tuple[Record, codec.Envelope[Any]]]],
+                      consumer: str, apply: Callable[..., Awaitable[None]],
                       admit: Callable[..., Awaitable[list[Any]]] | None = None,
                       key: Callable[[codec.Envelope[Any]], tuple[str, str]] = _event_key) -> None:
         """Decode (bad records are dead-lettered), let ``admit`` refuse some (dead-lettered before
         the inbox sees them, so a forgery cannot take a real event's id), drop events the inbox has
         seen, apply the rest: all in one transaction."""
         work = _Work()
-        decoded = _decode_all(records, model, consumer, work)
+        decoded = decode(records, work)
         now = datetime.now(UTC)
         async with self.pool.acquire() as conn, conn.transaction():
             if admit is not None and decoded:
@@ -187,7 +188,8 @@ class Coordinator:
     # -- intake ------------------------------------------------------------
     async def handle_requests(self, records: Sequence[Record]) -> None:
         """Open a case per new request (one transaction for the batch)."""
-        await self._handle(records, RightsRequested, INTAKE, self._open_cases)
+        await self._handle(records, lambda recs, work: _decode_all(recs, RightsRequested, INTAKE, work), INTAKE,
+                           self._open_cases)
 
     async def _open_cases(self, conn: asyncpg.Connection,
                           decoded: list[tuple[Record, codec.Envelope[RightsRequested]]], work: _Work,
@@ -581,19 +583,8 @@ class Coordinator:
         ``ce_type``): decoded (bad records, and other types, are dead-lettered), admitted by their
         system's signature, claimed in the inbox and applied in their order, in one transaction
         for the batch."""
-        work = _Work()
-        decoded = _decode_on_receipts(records, work)
-        now = datetime.now(UTC)
-        async with self.pool.acquire() as conn, conn.transaction():
-            if decoded:
-                decoded = await self._signed(conn, decoded, work)
-            # after admission: a forgery that came first in the batch cannot shadow the real event
-            decoded = _first_of_each(decoded, _receipt_key)
-            fresh = await outbox.claim_inbox(conn, AGGREGATOR, [_receipt_key(env) for _, env in decoded])
-            decoded = [(rec, env) for rec, env in decoded if _receipt_key(env) in fresh]
-            if decoded:
-                await self._apply_receipts(conn, decoded, work, now)
-            await repo.record(conn, work.effects, extra=work.dead)
+        await self._handle(records, _decode_on_receipts, AGGREGATOR, self._apply_receipts, admit=self._signed,
+                           key=_receipt_key)
 
     async def _signed(self, conn: asyncpg.Connection, decoded: list[tuple[Record, codec.Envelope[Any]]],
                       work: _Work) -> list[tuple[Record, codec.Envelope[Any]]]:
