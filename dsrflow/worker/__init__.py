@@ -27,24 +27,47 @@ claims each task attempt in a task ledger first and sends its first receipt agai
 (:class:`PostgresTaskLedger` in the case store by default; ``Worker(..., ledger=...)`` for the
 system's own database).
 
-Test handlers without Kafka with :func:`dsrflow.testing.worker.run_task`.
+Also:
+
+- **Progress of long tasks.** ``await ctx.progress(done=120, total=4000, note="orders")`` sends a
+  ``TaskProgress`` beside the receipts, at most one per ``Worker(progress_interval=...)`` (10 s);
+  the coordinator then waits longer before it sends the task again. It never fails the task.
+- **Batch handlers.** ``@crm.batch_handler(Action.erase)`` registers
+  ``async def erase(ctxs: list[TaskContext]) -> list[Result]``: up to ``max_batch`` tasks of one
+  Kafka batch in one call, one result per task in the same order, never two tasks of one case.
+- **Concurrency and rate.** ``Worker(concurrency=16, rate_limit=None)``: handler calls at once,
+  and tasks started per second (an :class:`aiolimiter.AsyncLimiter`; a batch call counts its tasks).
+- **Errors.** :class:`RetryableError` (and the worker's ``retry_on`` exceptions, and a timeout)
+  make a retryable ``failed`` receipt: the coordinator tries again. :class:`PermanentError` (or a
+  plain :class:`TaskError`) a final one. Any other exception is reported by class and location
+  only. See :mod:`dsrflow.worker._result` for the tree.
+- **Graceful shutdown.** On SIGTERM (or the ``stop`` event) no task starts any more; running
+  handlers get ``Worker(shutdown_grace=...)`` (30 s) to finish and report, then are cancelled
+  and their tasks left, uncommitted, to the next instance.
+
+Test handlers without Kafka with :func:`dsrflow.testing.worker.run_task` (one task; progress
+reports are collected in ``progress=[]``) and :func:`dsrflow.testing.worker.run_tasks` (many, in
+batch handler calls as the runner makes them).
 """
 
 from ..identity import SubjectMatch, match_subject
-from ._context import TaskContext
+from ._context import ProgressSink, TaskContext
 from ._ledger import LedgerClaim, LedgerFactory, MemoryTaskLedger, PostgresTaskLedger, TaskLedger
-from ._result import Result, RetryableError, TaskError
-from ._worker import DEFAULT_MAX_RECEIPT_BYTES, DEFAULT_RETRY_ON, Handler, Hook, Worker
+from ._result import PermanentError, Result, RetryableError, TaskError
+from ._worker import DEFAULT_MAX_RECEIPT_BYTES, DEFAULT_RETRY_ON, BatchHandler, Handler, Hook, Worker
 
 __all__ = [
     "DEFAULT_MAX_RECEIPT_BYTES",
     "DEFAULT_RETRY_ON",
+    "BatchHandler",
     "Handler",
     "Hook",
     "LedgerClaim",
     "LedgerFactory",
     "MemoryTaskLedger",
+    "PermanentError",
     "PostgresTaskLedger",
+    "ProgressSink",
     "Result",
     "RetryableError",
     "SubjectMatch",

@@ -1,24 +1,35 @@
-"""What a handler gets: the task, its system, and a way to export."""
+"""What a handler gets: the task, its system, a way to export, and a way to report progress."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import logging
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, TypeVar
 
 import orjson
 
-from ..events import Artifact, TaskAssigned
+from ..events import Artifact, TaskAssigned, TaskProgress
 from ..exports.store import ExportStore, export_key
 from ..identity import DEFAULT_REGION, SubjectMatch, match_subject, region_of
 from ..registry import SystemDeclaration
 from ..rights import IdentifierType
 
 R = TypeVar("R")
+
+#: Where a task's progress reports go: the Kafka runner sends them beside the receipts;
+#: :func:`dsrflow.testing.worker.run_task` keeps them for the test.
+ProgressSink = Callable[[TaskProgress], Awaitable[None]]
+#: How long one progress report may take to hand over before it is given up (the handler waits).
+PROGRESS_SEND_TIMEOUT_S = 5.0
+_NOTE_MAX = 200  # TaskProgress.note's limit
+
+log = logging.getLogger("dsrflow.worker")
 
 
 def _json_default(obj: Any) -> Any:
@@ -36,6 +47,70 @@ def to_json(data: Any) -> bytes:
     return orjson.dumps(data, default=_json_default, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS)
 
 
+class _Progress:
+    """One task attempt's progress reports, at most one per ``interval`` seconds: the first goes
+    at once; later calls within the interval only change what the next report says, which goes
+    when the interval ends. :meth:`close`, when the handler has returned, cancels what is still to
+    go: a report must never come after its task's receipt. Reports are numbered 1, 2, 3... (seq).
+
+    Sending never raises into the handler: progress is a courtesy to the coordinator, and a report
+    that cannot be sent (broker down, a value out of range) is logged by class name and dropped."""
+
+    def __init__(self, task: TaskAssigned, *, interval: float, redact: Callable[[str], str],
+                 sink: ProgressSink | None) -> None:
+        self.task = task
+        self.interval = interval
+        self.redact = redact
+        self.sink = sink
+        self.seq = 0
+        self._latest: tuple[int | None, int | None, str | None] | None = None
+        self._last_sent: float | None = None
+        self._timer: asyncio.Task[None] | None = None
+        self._closed = False
+
+    async def report(self, done: int | None, total: int | None, note: str | None) -> None:
+        if self._closed:
+            return
+        self._latest = (done, total, note)
+        if self._timer is not None:  # a report is due at the end of the interval: it says this
+            return
+        wait = 0.0 if self._last_sent is None else self._last_sent + self.interval - time.monotonic()
+        if wait <= 0:
+            await self._send()
+        else:
+            self._timer = asyncio.create_task(self._send_later(wait))
+
+    def close(self) -> None:
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    async def _send_later(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        self._timer = None
+        await self._send()
+
+    async def _send(self) -> None:
+        latest, self._latest = self._latest, None
+        if latest is None:
+            return
+        done, total, note = latest
+        self._last_sent = time.monotonic()
+        task, seq = self.task, self.seq + 1
+        try:
+            event = TaskProgress(task_id=task.task_id, case_id=task.case_id, system=task.system,
+                                 attempt=task.attempt, seq=seq, done=done, total=total,
+                                 note=self.redact(note)[:_NOTE_MAX] if note else None, at=datetime.now(UTC))
+            self.seq = seq
+            if self.sink is not None:
+                async with asyncio.timeout(PROGRESS_SEND_TIMEOUT_S):
+                    await self.sink(event)
+        except Exception as exc:  # noqa: BLE001 - progress never fails the task
+            log.warning("system %s task %s attempt %d: progress report %d not sent (%s)", task.system,
+                        task.task_id, task.attempt, seq, type(exc).__name__)
+
+
 @dataclass(slots=True)
 class TaskContext:
     """One task attempt as a handler sees it.
@@ -49,6 +124,7 @@ class TaskContext:
     store: ExportStore
     log: logging.LoggerAdapter[logging.Logger]
     _parts: int = field(default=0, repr=False)
+    _progress: _Progress | None = field(default=None, repr=False)
 
     @property
     def identifiers(self) -> dict[IdentifierType, str]:
@@ -79,3 +155,18 @@ class TaskContext:
                          controller=self.task.controller)
         # File I/O off the event loop: other tasks of the batch keep running.
         return await asyncio.to_thread(self.store.put, key, body, records=records, media_type=media_type)
+
+    async def progress(self, done: int | None = None, total: int | None = None, note: str | None = None) -> None:
+        """Tell the coordinator that this long task is still at work and how far it got: ``done``
+        of ``total`` units (records, tables, files...) and a short ``note`` (up to 200 characters;
+        no personal data: the task's identifiers and corrected values are redacted anyway). The
+        coordinator waits longer before it sends a task that reports progress again.
+
+        At most one report per ``Worker(progress_interval=...)`` (10 s by default) is sent: a call
+        within the interval changes what the report at its end says. Nothing is sent after the
+        handler returned. Never raises: a report that cannot be sent is logged and the task goes
+        on. Outside Kafka, :func:`dsrflow.testing.worker.run_task` collects the reports in the list
+        it is given as ``progress=``.
+        """
+        if self._progress is not None:
+            await self._progress.report(done, total, note)

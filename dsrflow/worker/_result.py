@@ -4,10 +4,18 @@ What can go wrong in a handler::
 
     Exception
     ├── TaskError             the handler's own failure; its message goes into the receipt
-    │   └── RetryableError    transient (database down, lock timeout); the coordinator retries
-    └── anything else         a bug or an unexpected library error: reported as failed, not
-                              retryable, by class name and location only, because its message
-                              may hold personal data
+    │   ├── RetryableError    transient (database down, lock timeout): failed, retryable;
+    │   │                     the coordinator sends the task again later
+    │   └── PermanentError    will fail the same way every time (the record is malformed, the
+    │                         action is not possible here): failed, not retryable
+    └── anything else         a bug or an unexpected library error: reported as failed by class
+                              name and location only, because its message may hold personal
+                              data; retryable if it is one of the worker's ``retry_on``
+                              (connection errors, timeouts, deadlocks... by default), else not
+
+A plain ``TaskError`` is permanent too; ``PermanentError`` says so where it is raised. A message
+is redacted before it is sent (the task's identifiers and corrected values are replaced), but it
+should hold no personal data to begin with.
 """
 
 from __future__ import annotations
@@ -32,6 +40,14 @@ class RetryableError(TaskError):
     coordinator schedules another attempt."""
 
     retryable = True
+
+
+class PermanentError(TaskError):
+    """A failure that trying again would repeat: the receipt says ``failed`` with
+    ``retryable=False``; the coordinator does not try again, and the DPO sees the task failed
+    with this message."""
+
+    retryable = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,6 +2,9 @@
 the middle of a batch, a crash before the commit) is not run again and its first receipt is the
 one reported; a receipt too large to send becomes a ``failed`` receipt and the partition goes on.
 
+Also: a receipt the ledger refuses for good is sent after five refusals; tasks of a batch
+handler are claimed each, and a redelivery sends their stored receipts.
+
 Each worker here erases from a small database of its own (``subjects``) and writes every handler
 call to it (``calls``), so "the handler ran once per task" is counted where the erasure happens.
 Without the ledger, the rebalance and the crash tests see handlers called twice and ``not_found``
@@ -32,6 +35,7 @@ from dsrflow.rights import Action, IdentifierType, ReceiptStatus
 from dsrflow.settings import Settings
 from dsrflow.testing.worker import make_task
 from dsrflow.worker import MemoryTaskLedger, PostgresTaskLedger, Result, TaskContext, TaskLedger, Worker, _runner
+from dsrflow.worker._ledger import TABLE
 
 pytestmark = [pytest.mark.kafka, pytest.mark.pg]
 
@@ -456,3 +460,126 @@ async def test_a_receipt_whose_error_holds_a_nul_is_stored(ledger: TaskLedger) -
                           status=ReceiptStatus.failed, error="driver said: bad\x00byte", completed_at=task.due_at)
     stored = await ledger.finish(task, receipt, owner="a")
     assert stored.error == "driver said: badbyte"
+
+
+async def test_a_receipt_the_ledger_refuses_for_good_is_sent_unrecorded_after_five_refusals(
+    broker: str, broker_kind: str, case_store: str, make_database: MakeDatabase, tmp_path: Path,
+    receipts: Receipts, worker_log: LogLines, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The ledger's table refuses every result (a constraint a migration got wrong, say): not a
+    transient error, so after five refusals the receipt goes out all the same, with an error
+    logged, and the partition is committed instead of going round for ever."""
+    monkeypatch.setattr(_runner, "BACKOFF_MAX_S", 0.2)
+    system = f"led{uuid.uuid4().hex[:10]}"
+    dsn = await system_database(make_database, ["lan.nguyen@example.vn"])
+    ledger = PostgresTaskLedger(dsn)
+    await ledger.open()  # creates the table
+    await ledger.close()
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(f"ALTER TABLE {TABLE} ADD CONSTRAINT never_done CHECK (state <> 'done')")
+    finally:
+        await conn.close()
+    settings = settings_for(broker, broker_kind, case_store, tmp_path)
+    task = make_task(system, Action.erase, {"email": "lan.nguyen@example.vn"})
+    await produce(settings, system, [task])
+    runs: list[tuple[asyncio.Event, asyncio.Task[None]]] = []
+    try:
+        async with asyncio.timeout(TEST_TIMEOUT):
+            runs.append(started(erasing_worker(system, dsn), settings))
+            await receipts.wait_for([task.task_id])
+
+            async def committed_now() -> bool:
+                return any((await committed(broker, system)).values())
+
+            await until(committed_now, "the commit", runs)
+            await stop_all(runs)
+    finally:
+        for stop, t in runs:
+            stop.set()
+            if not t.done():
+                t.cancel()
+
+    [(_, receipt)] = receipts.of(task.task_id)
+    assert receipt.status == ReceiptStatus.succeeded and receipt.counts == {"erased": 1}
+    assert await calls_per_task(dsn) == {task.task_id: 1}
+    assert worker_log.count("not delivered (CheckViolationError)") == 4
+    assert worker_log.count("refused its receipt 5 times in a row (CheckViolationError)") == 1
+    assert worker_log.count("the ledger did not record it") == 1
+
+
+def batch_erasing_worker(system: str, dsn: str, calls: list[list[uuid.UUID]]) -> Worker:
+    """Erases ``subjects`` rows in its own database in one statement per call; its ledger is there
+    too. ``calls`` gets the case ids of each call; ``calls`` in the database, each task run."""
+    w = Worker(SystemDeclaration(name=system, identifier_types=(IdentifierType.email,), actions=(Action.erase,)),
+               ledger=lambda settings: PostgresTaskLedger(dsn))
+    pool: list[asyncpg.Pool] = []
+
+    @w.on_startup
+    async def open_pool(settings: Settings) -> None:
+        pool.append(await asyncpg.create_pool(dsn, min_size=1, max_size=2))
+
+    @w.on_shutdown
+    async def close_pool(settings: Settings) -> None:
+        await pool.pop().close()
+
+    @w.batch_handler(Action.erase)
+    async def erase(ctxs: list[TaskContext]) -> list[Result]:
+        calls.append([ctx.task.case_id for ctx in ctxs])
+        await pool[0].executemany("INSERT INTO calls (task_id, attempt) VALUES ($1, $2)",
+                                  [(ctx.task.task_id, ctx.task.attempt) for ctx in ctxs])
+        erased = {r["email"] for r in await pool[0].fetch("DELETE FROM subjects WHERE email = any($1) RETURNING email",
+                                                          [ctx.identifiers[IdentifierType.email] for ctx in ctxs])}
+        return [Result.succeeded(counts={"erased": 1}) if ctx.identifiers[IdentifierType.email] in erased
+                else Result.not_found() for ctx in ctxs]
+
+    return w
+
+
+async def test_batch_handled_tasks_are_claimed_each_and_a_redelivery_sends_the_stored_receipts(
+    broker: str, broker_kind: str, case_store: str, make_database: MakeDatabase, tmp_path: Path,
+    receipts: Receipts, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A batch handler erases eight subjects (two tasks of one case among them: never in one call,
+    the first before the second); the instance 'crashes' before its commit, and the restarted one
+    sends every stored receipt again without calling the batch handler."""
+    system = f"led{uuid.uuid4().hex[:10]}"
+    emails = [f"subject{i}@example.vn" for i in range(8)]
+    dsn = await system_database(make_database, emails)
+    settings = settings_for(broker, broker_kind, case_store, tmp_path)
+    tasks = [make_task(system, Action.erase, {"email": e}) for e in emails[:7]]
+    again = make_task(system, Action.erase, {"email": emails[7]}, case_id=tasks[0].case_id)
+    await produce(settings, system, [*tasks, again])
+    everything = [*tasks, again]
+
+    async def no_commit(self: Any, batch: Any) -> None:
+        return None
+
+    calls: list[list[uuid.UUID]] = []
+    runs: list[tuple[asyncio.Event, asyncio.Task[None]]] = []
+    try:
+        async with asyncio.timeout(TEST_TIMEOUT):
+            with monkeypatch.context() as m:
+                m.setattr(_runner._Runner, "_commit", no_commit)
+                runs.append(started(batch_erasing_worker(system, dsn, calls), settings))
+                await receipts.wait_for([t.task_id for t in everything])
+                await stop_all(runs)
+            first_calls = list(calls)
+            runs.append(started(batch_erasing_worker(system, dsn, calls), settings))  # the restart
+            await receipts.wait_for([t.task_id for t in everything], copies=2)
+            await stop_all(runs)
+    finally:
+        for stop, t in runs:
+            stop.set()
+            if not t.done():
+                t.cancel()
+
+    assert calls == first_calls  # the restarted instance called nothing
+    assert all(len(call) == len(set(call)) for call in calls)  # never two tasks of one case in a call
+    first = next(i for i, call in enumerate(calls) if tasks[0].case_id in call)
+    assert tasks[0].case_id in calls[first] and any(tasks[0].case_id in call for call in calls[first + 1:])
+    assert await calls_per_task(dsn) == {t.task_id: 1 for t in everything}
+    for t in everything:
+        (r1, one), (r2, two) = receipts.of(t.task_id)
+        assert one.status == ReceiptStatus.succeeded and one.counts == {"erased": 1}
+        assert r2.value == r1.value  # the stored receipt, byte for byte

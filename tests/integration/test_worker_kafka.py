@@ -189,13 +189,14 @@ async def test_worker_round_trip(
         stop.set()
         await asyncio.wait_for(running, TIMEOUT)  # graceful: returns, does not raise
 
-    # Registered in the case store.
+    # Not registered by the worker: it announced itself (tests/integration/test_announcements.py),
+    # and only an administrator's approval puts a declaration in force.
     conn = await asyncpg.connect(case_store)
     try:
         row = await conn.fetchrow("SELECT actions, identifier_types FROM systems WHERE name = $1", system)
     finally:
         await conn.close()
-    assert row is not None and set(row["actions"]) == {"export", "erase"} and row["identifier_types"] == ["email"]
+    assert row is None
 
     # Every record consumed was committed (receipts and dead letters were delivered first).
     produced: dict[int, int] = {}
@@ -271,3 +272,58 @@ async def test_a_worker_acts_only_on_tasks_the_coordinator_signed_and_signs_its_
         stop.set()
         await producer.stop()
         await asyncio.wait_for(running, TIMEOUT)
+
+
+async def test_a_dead_letter_the_broker_refuses_as_too_large_goes_without_the_original_and_the_worker_goes_on(
+    broker: str, broker_kind: str, case_store: str, tmp_path: Path, collectors: tuple[Collector, Collector]
+) -> None:
+    """The dead-letter topic takes smaller records than the task topic (an operator's setting): an
+    undecodable 300 kB record's dead letter (the record and the dlq_* headers) is refused by the
+    broker, though the producer took it. The letter goes again without the original's bytes and
+    headers, and the partition goes on to the next task."""
+    import os
+
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+    if broker_kind != "apache":
+        pytest.skip("the broker's own size limit is tested against Apache Kafka")
+    receipts, dead = collectors
+    system = f"kd{uuid.uuid4().hex[:10]}"
+    task_topic = topics.tasks_topic(system)
+    settings = Settings(kafka_bootstrap=broker, pg_dsn=SecretStr(case_store), export_dir=tmp_path / "exports",
+                        kafka_idempotent_producer=True)
+    await topics.apply(settings.kafka_client_options(), topics.specs_for([system]))
+    declared = topics.declared()[topics.DEADLETTER].config()
+    admin = AIOKafkaAdminClient(bootstrap_servers=broker)
+    await admin.start()
+    producer = AIOKafkaProducer(**settings.producer_options())
+    await producer.start()
+    stop = asyncio.Event()
+    running: asyncio.Task[None] | None = None
+    try:
+        # Not incremental: the topic's declared settings, with a record limit of 200 kB.
+        await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, topics.DEADLETTER,
+                                                  configs={**declared, "max.message.bytes": "200000"})])
+        running = asyncio.create_task(tiny_worker(system).run(settings, stop=stop))
+        big = os.urandom(300_000)  # under the codec's cut (512 KiB): copied whole, and random: not compressible
+        sent = await producer.send_and_wait(task_topic, big, key=b"k-big")
+        after = make_task(system, Action.erase, {"email": "an.nguyen@example.vn"})
+        value, headers = codec.encode(after, source="test")
+        await producer.send_and_wait(task_topic, value, key=b"k-big", headers=headers)  # the same partition
+        [got] = await receipts.wait_for(lambda r: receipt_of(r).task_id == after.task_id)
+        assert receipt_of(got).status == ReceiptStatus.succeeded
+        [letter_record] = await dead.wait_for(lambda r: r.key == b"k-big"
+                                              and header_map(r.headers).get("dlq_original_topic") == task_topic)
+    finally:
+        await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, topics.DEADLETTER, configs=declared)])
+        await admin.close()
+        await producer.stop()
+        stop.set()
+        if running is not None:
+            await asyncio.wait_for(running, TIMEOUT)
+    assert not letter_record.value
+    letter = read_dead_letter(letter_record.headers)
+    assert (letter.original_partition, letter.original_offset, letter.error_type) == (
+        sent.partition, sent.offset, "missing_header")
+    assert "the original (300000 bytes) is not copied: " in letter.error and "TooLarge" in letter.error
