@@ -310,7 +310,8 @@ class TaskProgress(Event):
     case_id: UUID
     system: SystemName
     attempt: int = Field(ge=1)
-    seq: int = Field(ge=1, description="1, 2, 3... per attempt: a later one supersedes an earlier one")
+    seq: int = Field(ge=1, description="1, 2, 3... per run of an attempt (a worker that takes the task over after "
+                     "a restart counts from 1 again); the coordinator keeps the latest report it got")
     done: int | None = Field(default=None, ge=0, description="units of work done so far (records, tables...)")
     total: int | None = Field(default=None, ge=0, description="units of work in all, when known")
     note: str | None = Field(default=None, max_length=200, description="what it is doing; no personal data")

@@ -78,7 +78,9 @@ class SystemDeclaration(BaseModel):
 def declaration_digest(system: SystemDeclaration) -> str:
     """The sha256 of a declaration's canonical JSON: what an administrator approves, and how an
     announcement is told to be the declaration in force or a change."""
-    canonical = orjson.dumps(system.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)
+    # Fields left at their defaults are left out: a later dsrflow that adds an optional field
+    # computes the same digest for an older worker's declaration.
+    canonical = orjson.dumps(system.model_dump(mode="json", exclude_defaults=True), option=orjson.OPT_SORT_KEYS)
     return hashlib.sha256(canonical).hexdigest()
 
 
@@ -171,7 +173,14 @@ async def record_announcement(conn: asyncpg.Connection, ann: SystemAnnounced, *,
     administrator approves it. A repeated announcement (a heartbeat) only moves ``last_seen_at``
     forward and records the versions and instance. Nothing in force changes here."""
     decl = ann.declaration
+    # Locked first: a heartbeat and an administrator's decision on the same system never interleave.
+    before = await conn.fetchrow("SELECT digest, state, reason, controller FROM system_announcements "
+                                 "WHERE system = $1 FOR UPDATE", decl.name)
     current = await conn.fetchrow("SELECT controller, digest, declaration FROM systems WHERE name = $1", decl.name)
+    if (before is not None and before["controller"] != decl.controller and current is None
+            and signed_by is None):
+        raise SystemDecisionError(f"system {decl.name!r} was announced for another controller; an unsigned "
+                                  f"announcement cannot move it to controller {decl.controller!r}")
     reason: str | None = None
     if current is not None and current["controller"] != decl.controller:
         state: AnnouncementState = "refused"
@@ -180,10 +189,11 @@ async def record_announcement(conn: asyncpg.Connection, ann: SystemAnnounced, *,
         state = "approved"
     else:
         state = "pending"
-    before = await conn.fetchrow("SELECT digest, state, reason FROM system_announcements WHERE system = $1",
-                                 decl.name)
-    if state == "pending" and before is not None and before["digest"] == ann.digest and before["state"] == "refused":
-        state, reason = "refused", before["reason"]  # an administrator refused this very declaration
+        # an administrator refused this very declaration, whatever was announced in between
+        last = await conn.fetchrow("SELECT decision, actor, reason FROM system_decisions WHERE system = $1 "
+                                   "AND digest = $2 ORDER BY id DESC LIMIT 1", decl.name, ann.digest)
+        if last is not None and last["decision"] == "refused":
+            state, reason = "refused", f"refused by {last['actor']}: {last['reason']}"
     await conn.execute(
         """
         INSERT INTO system_announcements (system, controller, declaration, digest, state, reason, sdk_version,
@@ -236,6 +246,10 @@ async def approve(conn: asyncpg.Connection, system: str, digest: str, *, by: str
                                   f"look at it again (dsrflow systems pending)")
     if row["state"] == "refused":
         raise SystemDecisionError(f"system {system!r} cannot be approved: {row['reason']}")
+    if row["signed_by"] is None and tenant != DEFAULT_CONTROLLER:
+        raise SystemDecisionError(f"the announcement of system {system!r} is not signed (anyone who may write "
+                                  f"dsr.systems.v1 could have sent it): an administrator of the default controller "
+                                  f"approves it, or give the system a key (dsrflow systems key {system})")
     await register(conn, decl, by=by, decision="approved")
     return decl
 

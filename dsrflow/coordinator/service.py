@@ -691,7 +691,8 @@ class Coordinator:
                  for a in (t.result or {}).get("artifacts", [])]
         for system, artifact in parts:
             # A receipt may only bring its own system's exports for this case into the bundle.
-            if not artifact.ref.startswith(system_case_prefix(system, case.case_id, case.controller)):
+            legacy = f"{controller_prefix(case.controller)}cases/{case.case_id}/{system}/"  # before per-system parts
+            if not artifact.ref.startswith((system_case_prefix(system, case.case_id, case.controller), legacy)):
                 raise BundleError(f"export of system {system!r} is not one of this case's: {artifact.ref}")
         return await asyncio.to_thread(
             build_bundle, self.exports, case_id=case.case_id, request_id=case.request_id, parts=parts,

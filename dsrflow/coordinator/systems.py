@@ -8,9 +8,10 @@ It is checked before anything is recorded:
   always when ``require_signed_receipts`` is set: the same rule as for receipts;
 
 then recorded (:func:`~dsrflow.registry.record_announcement`): a heartbeat of the declaration in
-force, or a new declaration waiting for an administrator. A record that fails a check is
-dead-lettered with the reason. Nothing a worker announces changes what is in force: that takes an
-administrator's ``approve_system``.
+force, or a new declaration waiting for an administrator. An unsigned announcement that would
+move a system announced for one controller to another is refused (``controller_conflict``). A
+record that fails a check is dead-lettered with the reason. Nothing a worker announces changes
+what is in force: that takes an administrator's ``approve_system``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from collections.abc import Sequence
 import asyncpg
 
 from .. import codec, signing
-from ..registry import SystemAnnounced, record_announcement
+from ..registry import SystemAnnounced, SystemDecisionError, record_announcement
 from ..settings import Settings
 from ..store import outbox
 from .service import Record, _Work
@@ -61,7 +62,11 @@ async def handle_announcements(pool: asyncpg.Pool, settings: Settings, records: 
                 except signing.SignatureError as exc:
                     work.dead_letter(rec, ANNOUNCEMENTS, "unauthenticated_announcement", f"system {name}: {exc}")
                     continue
-            state, news = await record_announcement(conn, ann, signed_by=signed_by)
+            try:
+                state, news = await record_announcement(conn, ann, signed_by=signed_by)
+            except SystemDecisionError as exc:
+                work.dead_letter(rec, ANNOUNCEMENTS, "controller_conflict", str(exc))
+                continue
             if news:
                 if state == "pending":
                     log.warning("system %s announced a declaration that is not in force (%s): an administrator "

@@ -804,8 +804,8 @@ class Case:
 
     def apply_progress(self, progress: TaskProgress, *, now: datetime) -> str | None:
         """A worker's word that a task of this case is still running: recorded on the task (its
-        latest progress, and ``now`` as when it came) if the task is its system's, dispatched, at
-        that attempt, and the progress is later (a higher ``seq``) than the one recorded. No
+        latest progress, and ``now`` as when it came) if the task is its system's, dispatched, and at
+        that attempt. No
         timeline entry and no event: the sweep only waits longer. Returns None when recorded, else
         why it changed nothing (ids only)."""
         task = self.task(progress.task_id)
@@ -817,10 +817,9 @@ class Case:
             return f"task {progress.task_id} is {task.status}, no longer dispatched"
         if progress.attempt != task.attempt:
             return f"attempt {progress.attempt} of task {progress.task_id}, which is at attempt {task.attempt}"
-        seen = task.progress or {}
-        last = seen.get("seq", 0) if seen.get("attempt") == task.attempt else 0
-        if progress.seq <= last:
-            return f"progress {progress.seq} of task {progress.task_id} is not after {last}"
+        # The latest report wins: a case's reports share a partition, so they come in order, and
+        # the inbox drops a redelivered one. A lower seq than the one recorded is a new run of the
+        # same attempt (another instance took the task over after a restart): it is alive too.
         task.progress = {"attempt": progress.attempt, "seq": progress.seq, "done": progress.done,
                          "total": progress.total, "note": progress.note}
         task.progress_at, task.progressed = now, True

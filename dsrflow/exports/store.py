@@ -291,17 +291,18 @@ def _fsync_dir(directory: Path) -> None:
 
 class ScopedExportStore(ExportStore):
     """One prefix of another store (see :meth:`ExportStore.scoped`): a key outside it is an
-    :class:`InvalidKey`."""
+    :class:`InvalidKey`. It keeps a handler from reaching another system's exports by mistake;
+    what keeps a worker out of them is the deployment, which gives it only its own part."""
 
     def __init__(self, inner: ExportStore, prefix: str) -> None:
         if not prefix.endswith("/"):
             raise InvalidKey("a prefix ends with '/'")
         validate_key(prefix.rstrip("/"))
-        self.inner = inner
+        self._inner = inner
         self.prefix = prefix
 
     def __repr__(self) -> str:
-        return f"{self.inner!r}.scoped({self.prefix!r})"
+        return f"{self._inner!r}.scoped({self.prefix!r})"
 
     def _inside(self, key: str) -> str:
         if not validate_key(key).startswith(self.prefix):
@@ -309,22 +310,22 @@ class ScopedExportStore(ExportStore):
         return key
 
     def path(self, key: str) -> Path | None:
-        return self.inner.path(self._inside(key))
+        return self._inner.path(self._inside(key))
 
     def _keys(self, prefix: str) -> list[str]:
-        return [k for k in self.inner._keys(prefix) if k.startswith(self.prefix)]
+        return [k for k in self._inner._keys(prefix) if k.startswith(self.prefix)]
 
     def _write(self, key: str, data: bytes) -> None:
-        self.inner._write(self._inside(key), data)
+        self._inner._write(self._inside(key), data)
 
     def _read(self, key: str) -> bytes:
-        return self.inner._read(self._inside(key))
+        return self._inner._read(self._inside(key))
 
     def _exists(self, key: str) -> bool:
-        return self.inner._exists(self._inside(key))
+        return self._inner._exists(self._inside(key))
 
     def _delete(self, key: str) -> bool:
-        return self.inner._delete(self._inside(key))
+        return self._inner._delete(self._inside(key))
 
 
 class MemoryExportStore(ExportStore):

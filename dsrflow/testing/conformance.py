@@ -1,7 +1,8 @@
-"""The worker contract as a test kit: run it against your own worker, in-process, no Kafka.
+"""The worker contract as a test kit: run it against your own worker, in-process or over Kafka.
 
-Every dsrflow worker keeps the same promises, whatever system it fronts. This suite checks the ones
-that can be checked from outside, through the worker's own handlers (:func:`dsrflow.testing.worker.run_task`)::
+Every dsrflow worker keeps the same promises, whatever system it fronts and whatever language it is
+written in. This suite checks the ones that can be checked from outside. In-process, through a
+Python worker's own handlers (:func:`dsrflow.testing.worker.run_task`), no Kafka::
 
     import pytest
     from dsrflow.testing.conformance import CHECKS, Conformance
@@ -45,37 +46,97 @@ other person (status and artifact checksums: so an export's content must depend 
 the task) and, when given, ``snapshot()``: any comparable picture of the system's data (its rows,
 say), which also sees changes an export does not show.
 
-The worker runs inside its :meth:`~dsrflow.worker.Worker.lifespan` (with ``settings``) for each
-check, and ``seed`` runs in it, first. ``dsrflow.testing.broken`` has workers that break each
-promise, to see what the suite catches.
+How a task is run is the suite's *transport*; the checks are the same over each:
+
+- in-process (``Conformance(worker, ...)``, :class:`InProcessTransport`): the worker runs inside
+  its :meth:`~dsrflow.worker.Worker.lifespan` (with ``settings``) for each check, ``seed`` runs in
+  it, first, and each task goes straight to its handler;
+- over Kafka (``Conformance.over_kafka(declaration, ...)``, :class:`KafkaTransport`): against a
+  worker that runs on its own, in any language, consuming its task topic. The suite needs only the
+  system's :class:`~dsrflow.registry.SystemDeclaration`, it sends each task as the coordinator
+  does (``dsr.tasks.<system>.v1``, key the case id, CloudEvents with source
+  ``dsrflow/coordinator``, signed with the coordinator's credential when given) and waits, up to
+  ``timeout`` seconds a task, for the receipt that names the task and its attempt on
+  ``dsr.receipts.v1`` (read from its end as it was before the task was sent, by an assigned
+  consumer that commits nothing; other event types there, such as task progress, are ignored).
+  Artifacts are read from ``store`` (default ``LocalExportStore(settings.exports)``: the worker's
+  export store, as the suite can reach it). A redelivery is the very same record (same bytes, same
+  CloudEvents id) sent twice, so the worker's task ledger is tested too. No receipt in time fails
+  the check ("no receipt for export within 30s: is the worker running and consuming
+  dsr.tasks.crm.v1?"), as does a receipt of the task that does not decode or is not keyed by its
+  case id::
+
+    conformance = Conformance.over_kafka(
+        SystemDeclaration.model_validate_json(Path("loyalty.json").read_text()),
+        settings=Settings(kafka_bootstrap="localhost:9092", export_dir=Path("/srv/exports")),
+        subject=..., other=..., seed=reset_test_data,
+        credential=load_credential("coordinator.json"),   # when the worker checks task signatures
+        timeout=30,
+    )
+    await conformance.assert_conformant()
+
+A worker in another language runs the suite from the command line (settings from the ``DSRFLOW_*``
+environment: ``DSRFLOW_KAFKA_BOOTSTRAP``, ``DSRFLOW_EXPORT_DIR``, the SASL/TLS ones)::
+
+    python -m dsrflow.testing.conformance --declaration loyalty.toml \
+        --subject email=lan@example.com --subject phone=+84901234567 \
+        --other email=hung@example.com --other phone=+84912345678 \
+        --seed-cmd "./reset-test-data.sh" [--snapshot-cmd "./dump-rows.sh"] \
+        [--credential coordinator.json] [--check export_finds_subject ...] [--timeout 30]
+
+It prints one line per check (``<check>: passed|failed|skipped: <why>``) and exits 0 when none
+failed, 1 when one did, 2 on bad arguments (see :mod:`dsrflow.testing.conformance_cli`).
+``--seed-cmd`` is a shell command run before every check that (re)creates the test data;
+``--snapshot-cmd`` one whose output is the snapshot.
+
+``dsrflow.testing.broken`` has workers that break each promise, to see what the suite catches.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import json
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+import orjson
+
+from .. import codec, topics
 from ..events import TaskAssigned, TaskReceipt
-from ..exports.store import ExportStore, MemoryExportStore
+from ..exports.store import ExportStore, LocalExportStore, MemoryExportStore, system_case_prefix
+from ..registry import SystemDeclaration
 from ..rights import Action, IdentifierType, ReceiptStatus
 from ..settings import Settings
+from ..signing import sign_headers
 from ..worker import Worker
 from .worker import make_task, run_task
+
+if TYPE_CHECKING:
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+    from ..auth import Credential
 
 __all__ = [
     "CHECKS",
     "CONFLICT",
+    "COORDINATOR_SOURCE",
+    "DEFAULT_TIMEOUT",
     "ERASE_TWICE",
     "EXPORT",
     "LEGAL_BASIS",
     "REDELIVERY",
+    "CheckError",
     "Conformance",
     "ConformanceError",
     "Finding",
+    "InProcessTransport",
+    "KafkaTransport",
+    "Transport",
     "assert_conformant",
 ]
 
@@ -139,8 +200,226 @@ class ConformanceError(AssertionError):
                          + "\n".join(f"- {f}" for f in failed))
 
 
-class _WorkerRaised(Exception):
+class CheckError(Exception):
+    """Raised while a check runs (by a transport, a seed or a snapshot) to end that check as failed
+    with this message: no receipt in time, a broker that cannot be reached, a seed command that
+    failed. The other checks still run. Its message holds no personal data."""
+
+
+class _WorkerRaised(CheckError):
     """run_task raised (the receipt could not be built or sent, say): the check fails."""
+
+
+#: The CloudEvents source of the tasks the suite sends over Kafka: the coordinator's.
+COORDINATOR_SOURCE = "dsrflow/coordinator"
+#: How long the suite waits for a task's receipt over Kafka, by default (seconds).
+DEFAULT_TIMEOUT = 30.0
+
+
+class Transport(Protocol):
+    """How the suite runs a task: ``session()`` is entered around each check (the seed runs inside
+    it), ``run(task)`` returns the task's receipt or raises :class:`CheckError`. ``system`` is the
+    worker's declaration, ``store`` the export store its artifacts are read from."""
+
+    @property
+    def system(self) -> SystemDeclaration: ...
+
+    @property
+    def store(self) -> ExportStore: ...
+
+    def session(self) -> AbstractAsyncContextManager[object]: ...
+
+    async def run(self, task: TaskAssigned) -> TaskReceipt: ...
+
+
+class InProcessTransport:
+    """Tasks straight to a Python worker's handlers (:func:`~dsrflow.testing.worker.run_task`),
+    inside its :meth:`~dsrflow.worker.Worker.lifespan`; exports to ``store`` (default a
+    :class:`~dsrflow.exports.MemoryExportStore`)."""
+
+    def __init__(self, worker: Worker, *, store: ExportStore | None = None, settings: Settings | None = None) -> None:
+        self.worker = worker
+        self.store: ExportStore = store if store is not None else MemoryExportStore()
+        self.settings = settings
+
+    def __repr__(self) -> str:
+        return repr(self.worker)
+
+    @property
+    def system(self) -> SystemDeclaration:
+        return self.worker.system
+
+    def session(self) -> AbstractAsyncContextManager[object]:
+        return self.worker.lifespan(self.settings if self.settings is not None else Settings())
+
+    async def run(self, task: TaskAssigned) -> TaskReceipt:
+        try:
+            return await run_task(self.worker, task, store=self.store, settings=self.settings)
+        except Exception as exc:  # noqa: BLE001 - the check fails, the others still run
+            raise _WorkerRaised(f"{task.action} raised {type(exc).__name__} instead of giving a receipt: "
+                                f"{str(exc)[:300]}") from exc
+
+
+class KafkaTransport:
+    """Tasks over Kafka to a running worker, as the coordinator sends them, and its receipts back.
+
+    ``declaration``: the worker's system. ``settings``: the broker (``kafka_bootstrap`` and the
+    SASL/TLS settings) and, by default, the export store (``settings.exports``). ``store``: where
+    the worker's artifacts are read from. ``credential``: the coordinator's signing key
+    (:func:`dsrflow.auth.load_credential`), for a worker that acts only on signed tasks.
+    ``timeout``: how long to wait for each receipt, in seconds.
+
+    Each check opens a producer and a consumer of ``dsr.receipts.v1`` that is assigned every
+    partition and commits nothing; before each task is sent it moves to the end of every
+    partition, so only receipts sent after the task are read. A task run twice in one check (a
+    redelivery) is sent as the very same record, byte for byte.
+    """
+
+    def __init__(
+        self,
+        declaration: SystemDeclaration,
+        *,
+        settings: Settings,
+        store: ExportStore | None = None,
+        credential: Credential | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
+        if timeout <= 0:
+            raise ValueError("timeout must be positive")
+        self._system = declaration
+        self.settings = settings
+        self._store: ExportStore = store if store is not None else LocalExportStore(settings.exports)
+        self.credential = credential
+        self.timeout = timeout
+        self.topic = topics.tasks_topic(declaration.name)
+        self._producer: AIOKafkaProducer | None = None
+        self._consumer: AIOKafkaConsumer | None = None
+        self._partitions: list[TopicPartition] = []
+        #: the records sent in this session, by (task id, attempt): a task run again goes as the same bytes
+        self._records: dict[tuple[object, int], tuple[bytes, bytes, list[tuple[str, bytes]]]] = {}
+
+    def __repr__(self) -> str:
+        return f"KafkaTransport({self._system.name!r}, {self.topic})"
+
+    @property
+    def system(self) -> SystemDeclaration:
+        return self._system
+
+    @property
+    def store(self) -> ExportStore:
+        return self._store
+
+    @asynccontextmanager
+    async def session(self) -> AsyncIterator[KafkaTransport]:
+        from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+        from aiokafka.errors import KafkaError
+
+        try:
+            producer_options = self.settings.producer_options()
+            consumer_options = self.settings.kafka_client_options()
+        except Exception as exc:  # noqa: BLE001 - a setting missing or invalid (it names the variable)
+            raise CheckError(f"no broker to send tasks to: {exc}") from None
+        where = producer_options.get("bootstrap_servers")
+        producer = AIOKafkaProducer(client_id="dsrflow-conformance", linger_ms=0, **producer_options)
+        consumer = AIOKafkaConsumer(client_id="dsrflow-conformance", group_id=None, enable_auto_commit=False,
+                                    **consumer_options)
+        try:
+            try:
+                await producer.start()
+                await consumer.start()
+                present = await consumer.topics()
+            except KafkaError as exc:
+                raise CheckError(f"cannot reach the broker at {where} ({type(exc).__name__})") from None
+            for topic, hint in ((topics.RECEIPTS, "`dsrflow topics apply` creates it"),
+                                (self.topic, f"is the worker for {self._system.name} running? it creates its "
+                                             "task topic; `dsrflow topics apply` does too")):
+                if topic not in present:
+                    raise CheckError(f"no topic {topic} on the broker at {where}: {hint}")
+            try:
+                partitions = await producer.partitions_for(topics.RECEIPTS)
+            except KafkaError as exc:
+                raise CheckError(f"the partitions of {topics.RECEIPTS} are not known ({type(exc).__name__})") from None
+            self._partitions = [TopicPartition(topics.RECEIPTS, p) for p in sorted(partitions)]
+            consumer.assign(self._partitions)
+            self._producer, self._consumer = producer, consumer
+            yield self
+        finally:
+            self._producer = self._consumer = None
+            self._partitions = []
+            self._records.clear()
+            for client in (consumer, producer):
+                with contextlib.suppress(Exception):
+                    await client.stop()
+
+    def _record(self, task: TaskAssigned) -> tuple[bytes, bytes, list[tuple[str, bytes]]]:
+        """The task's record as the coordinator's relay sends it: the same one each time it is run."""
+        key = (task.task_id, task.attempt)
+        if key not in self._records:
+            value, headers = codec.encode(task, source=COORDINATOR_SOURCE, subject=str(task.case_id))
+            if self.credential is not None:
+                ce = codec.header_map(headers)
+                headers = [*headers, *sign_headers(self.credential, ce_id=ce["ce_id"], ce_source=COORDINATOR_SOURCE,
+                                                   value=value, kind="task")]
+            self._records[key] = (str(task.case_id).encode(), value, headers)
+        return self._records[key]
+
+    async def run(self, task: TaskAssigned) -> TaskReceipt:
+        from aiokafka.errors import KafkaError
+
+        producer, consumer = self._producer, self._consumer
+        if producer is None or consumer is None:
+            raise RuntimeError("KafkaTransport.run outside its session()")
+        key, value, headers = self._record(task)
+        try:
+            for tp, end in (await consumer.end_offsets(self._partitions)).items():
+                consumer.seek(tp, end)
+            await (await producer.send(self.topic, value, key=key, headers=headers))
+        except KafkaError as exc:
+            raise CheckError(f"{task.action} could not be sent to {self.topic} ({type(exc).__name__})") from None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        while (left := deadline - loop.time()) > 0:
+            try:
+                batch = await consumer.getmany(timeout_ms=max(1, int(min(left, 0.5) * 1000)))
+            except KafkaError as exc:
+                raise CheckError(f"receipts could not be read ({type(exc).__name__})") from None
+            for records in batch.values():
+                for record in records:
+                    receipt = self._receipt_of(task, record)
+                    if receipt is not None:
+                        return receipt
+        signed = "" if self.credential is not None else (
+            " (the task was not signed: a worker given the coordinator's public keys refuses unsigned tasks)")
+        raise CheckError(f"no receipt for {task.action} within {self.timeout:g}s: is the worker running and "
+                         f"consuming {self.topic}?{signed}")
+
+    @staticmethod
+    def _receipt_of(task: TaskAssigned, record: Any) -> TaskReceipt | None:
+        """The record's receipt if it is the task's (its id and attempt), else None."""
+        try:
+            if codec.header_map(record.headers).get("ce_type") != TaskReceipt.ce_type:
+                return None  # task progress, or anything else that shares the topic
+            receipt = codec.decode(record.value, record.headers, TaskReceipt).data
+        except codec.DecodeError as exc:
+            if _names_task(record.value, task):
+                raise CheckError(f"the receipt of {task.action} does not decode: {exc}") from None
+            return None
+        if receipt.task_id != task.task_id or receipt.attempt != task.attempt:
+            return None
+        if record.key != str(task.case_id).encode():
+            raise CheckError(f"the receipt of {task.action} is not keyed by the task's case_id: a receipt's key is "
+                             "its case_id, so that a case's receipts stay in order")
+        return receipt
+
+
+def _names_task(value: bytes | None, task: TaskAssigned) -> bool:
+    """Whether a record that is not a valid receipt still names the task (and its attempt)."""
+    try:
+        raw = orjson.loads(value or b"")
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(raw, dict) and raw.get("task_id") == str(task.task_id) and raw.get("attempt") in (
+        task.attempt, None)
 
 
 def _status(receipt: TaskReceipt) -> str:
@@ -156,6 +435,8 @@ def _mentions(body: bytes, value: str) -> bool:
 class Conformance:
     """The worker contract's checks, bound to one worker and its test data.
 
+    ``worker``: a :class:`~dsrflow.worker.Worker`, run in-process (:class:`InProcessTransport`),
+    or a :class:`Transport` (see :meth:`over_kafka` for a worker that runs on its own).
     ``subject`` and ``other`` are two different people the seeded data holds, each as identifiers
     (``{"email": ..., "phone": ...}``; only the types the worker declares are sent, in dsrflow's
     normal form, as the coordinator sends them). ``seed`` (async, no arguments) recreates the test
@@ -164,12 +445,13 @@ class Conformance:
     (email, say) with the other person's next (phone). ``snapshot`` (async, no arguments): a
     comparable picture of the system's data, for the "nothing changed" parts. ``store``: where
     exports go (default a :class:`~dsrflow.exports.MemoryExportStore`). ``settings``: for the
-    worker's startup hooks (default ``Settings()``).
+    worker's startup hooks (default ``Settings()``). (With a transport, ``store`` and ``settings``
+    are the transport's.)
     """
 
     def __init__(
         self,
-        worker: Worker,
+        worker: Worker | Transport,
         *,
         subject: Mapping[str, str],
         other: Mapping[str, str],
@@ -179,12 +461,19 @@ class Conformance:
         store: ExportStore | None = None,
         settings: Settings | None = None,
     ) -> None:
-        self.worker = worker
+        if isinstance(worker, Worker):
+            self.transport: Transport = InProcessTransport(worker, store=store, settings=settings)
+            self.worker: Worker | None = worker
+        elif store is not None or settings is not None:
+            raise TypeError("store and settings are the transport's: give them to it")
+        else:
+            self.transport, self.worker = worker, None
+        self.system = self.transport.system
+        self.store: ExportStore = self.transport.store
+        self.settings = settings
         self.seed = seed
         self.snapshot = snapshot
-        self.store: ExportStore = store if store is not None else MemoryExportStore()
-        self.settings = settings
-        self.declared = tuple(worker.system.identifier_types)
+        self.declared = tuple(self.system.identifier_types)
         self.subject = self._declared(subject, "subject")
         self.other = self._declared(other, "other")
         # Values in normal form, as tasks carry them (and as an export shows them).
@@ -196,8 +485,31 @@ class Conformance:
             raise ValueError(f"subject and other share their {', '.join(same)}: give two different people")
         self.conflict = self._declared(conflict, "conflict") if conflict is not None else self._default_conflict()
 
+    @classmethod
+    def over_kafka(
+        cls,
+        declaration: SystemDeclaration,
+        *,
+        settings: Settings,
+        subject: Mapping[str, str],
+        other: Mapping[str, str],
+        seed: Seed,
+        conflict: Mapping[str, str] | None = None,
+        snapshot: Snapshot | None = None,
+        store: ExportStore | None = None,
+        credential: Credential | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> Conformance:
+        """The suite against a worker that runs on its own (any language) and consumes the task
+        topic of ``declaration``'s system, over the broker of ``settings``: see
+        :class:`KafkaTransport` for ``store``, ``credential`` and ``timeout``. ``seed`` and
+        ``snapshot`` reach the system's data however the test can (a database, a shell command)."""
+        transport = KafkaTransport(declaration, settings=settings, store=store, credential=credential,
+                                   timeout=timeout)
+        return cls(transport, subject=subject, other=other, seed=seed, conflict=conflict, snapshot=snapshot)
+
     def __repr__(self) -> str:
-        return f"Conformance({self.worker!r})"
+        return f"Conformance({self.worker if self.worker is not None else self.transport!r})"
 
     # -- running ---------------------------------------------------------------------------------
     async def run(self, checks: Iterable[str] = CHECKS) -> list[Finding]:
@@ -208,7 +520,7 @@ class Conformance:
         """Run ``checks``; raise :class:`ConformanceError` if any failed, else return the findings."""
         findings = await self.run(checks)
         if any(f.failed for f in findings):
-            raise ConformanceError(self.worker.name, findings)
+            raise ConformanceError(self.system.name, findings)
         return findings
 
     async def check(self, name: str) -> Finding:
@@ -223,20 +535,24 @@ class Conformance:
         if name not in bodies:
             raise ValueError(f"no conformance check {name!r}; the checks are {', '.join(CHECKS)}")
         how, actions = _NEEDS[name]
-        have = [a for a in actions if self.worker.system.supports(a)]
+        have = [a for a in actions if self.system.supports(a)]
         if (how == "all" and len(have) < len(actions)) or not have:
             return Finding(name, "skipped", f"the worker declares no {' or '.join(map(str, actions))} action")
         if name == CONFLICT and self.conflict is None:
             return Finding(name, "skipped", "needs two identifier types the worker declares, both given for the "
-                                            "subject and the other person (or pass conflict=)")
+                                            "subject and the other person (or pass conflict=, or --conflict on the "
+                                            "command line)")
         problems: list[str] = []
-        async with self.worker.lifespan(self.settings if self.settings is not None else Settings()):
-            await self.seed()
-            try:
-                summary = await bodies[name](problems)
-            except _WorkerRaised as exc:
-                problems.append(str(exc))
-                summary = ""
+        summary = ""
+        try:
+            async with self.transport.session():
+                await self.seed()
+                try:
+                    summary = await bodies[name](problems)
+                except CheckError as exc:
+                    problems.append(str(exc))
+        except CheckError as exc:  # the session could not start, or the seed failed
+            problems.append(str(exc))
         if problems:
             return Finding(name, "failed", "; ".join(problems), tuple(problems))
         return Finding(name, "passed", summary)
@@ -382,12 +698,12 @@ class Conformance:
 
     # -- helpers ---------------------------------------------------------------------------------
     def _can(self, action: Action) -> bool:
-        return self.worker.system.supports(action)
+        return self.system.supports(action)
 
     def _declared(self, identifiers: Mapping[str, str], label: str) -> dict[IdentifierType, str]:
         out = {IdentifierType(k): v for k, v in identifiers.items() if IdentifierType(k) in self.declared}
         if not out:
-            raise ValueError(f"{label}: no identifier of a type worker {self.worker.name!r} declares "
+            raise ValueError(f"{label}: no identifier of a type worker {self.system.name!r} declares "
                              f"({', '.join(self.declared)})")
         return out
 
@@ -415,14 +731,11 @@ class Conformance:
     def _task(self, action: Action, identifiers: Mapping[IdentifierType, str]) -> TaskAssigned:
         """A new task, as the coordinator would send it: new task and case ids, attempt 1."""
         ids: dict[IdentifierType | str, str] = {k: v for k, v in identifiers.items()}
-        return make_task(self.worker.name, action, ids, controller=self.worker.system.controller)
+        return make_task(self.system.name, action, ids, controller=self.system.controller)
 
     async def _run(self, task: TaskAssigned) -> TaskReceipt:
-        try:
-            return await run_task(self.worker, task, store=self.store, settings=self.settings)
-        except Exception as exc:  # noqa: BLE001 - the check fails, the others still run
-            raise _WorkerRaised(f"{task.action} raised {type(exc).__name__} instead of giving a receipt: "
-                                f"{str(exc)[:300]}") from exc
+        """The task's receipt, through the transport; raises :class:`CheckError` when there is none."""
+        return await self.transport.run(task)
 
     def _artifact_bodies(self, receipt: TaskReceipt, problems: list[str]) -> list[bytes]:
         bodies = []
@@ -438,10 +751,12 @@ class Conformance:
         return bodies
 
     def _stored_for(self, task: TaskAssigned) -> bool:
-        """Whether the store holds an export of ``task`` (a MemoryExportStore can tell)."""
-        if not isinstance(self.store, MemoryExportStore):
-            return False
-        return any(str(task.task_id) in key for key in self.store.keys())
+        """Whether the store holds an export of ``task`` (a MemoryExportStore can tell, and a store
+        of local files: anything under the prefix of the task's case, new for each task)."""
+        if isinstance(self.store, MemoryExportStore):
+            return any(str(task.task_id) in key for key in self.store.keys())
+        folder = self.store.path(system_case_prefix(task.system, task.case_id, task.controller).rstrip("/"))
+        return folder is not None and folder.is_dir() and any(f.is_file() for f in folder.rglob("*"))
 
     async def _export_state(self, identifiers: Mapping[IdentifierType, str]) -> tuple[str, tuple[str, ...]]:
         """What an export of these identifiers finds: its status and artifact checksums."""
@@ -487,3 +802,11 @@ async def assert_conformant(
     conformance = Conformance(worker, subject=subject, other=other, seed=seed, conflict=conflict,
                               snapshot=snapshot, store=store, settings=settings)
     return await conformance.assert_conformant(checks)
+
+
+if __name__ == "__main__":  # python -m dsrflow.testing.conformance: the command line for any worker
+    import sys
+
+    from dsrflow.testing.conformance_cli import main
+
+    sys.exit(main())

@@ -24,8 +24,14 @@ retention rules), supplies one handler per action, and runs::
 
 A task delivered again (after a crash, a rebalance or a restart) is not run again: the worker
 claims each task attempt in a task ledger first and sends its first receipt again
-(:class:`PostgresTaskLedger` in the case store by default; ``Worker(..., ledger=...)`` for the
-system's own database).
+(``Worker(..., ledger=...)`` for the system's own database; else a :class:`PostgresTaskLedger` in
+``DSRFLOW_WORKER_LEDGER_DSN``, else in the case store, as on the embedded stack).
+
+A worker needs no case-store credentials: on start, and every minute after, it announces its
+system's declaration on ``dsr.systems.v1`` (signed with ``DSRFLOW_WORKER_CREDENTIAL`` when set);
+a new or changed declaration takes effect once an administrator approves it (``dsrflow systems
+pending`` / ``approve``). Its handlers' exports go to its own part of the export store,
+``[controllers/<c>/]systems/<name>/`` (``ctx.store`` reaches no other).
 
 Also:
 

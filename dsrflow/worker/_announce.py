@@ -17,7 +17,6 @@ from importlib import metadata
 from typing import TYPE_CHECKING
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
 
 from .. import codec, signing, topics
 from ..auth import Credential
@@ -60,7 +59,7 @@ class Announcer:
     def record(self) -> tuple[bytes, bytes, list[tuple[str, bytes]]]:
         """Key, value and headers of an announcement made now."""
         ann = SystemAnnounced(declaration=self.worker.system, digest=self.digest, sdk_version=sdk_version(),
-                              version=getattr(self.worker, "version", None), instance=self.instance,
+                              version=self.worker.version, instance=self.instance,
                               started_at=self.started_at, at=datetime.now(UTC))
         event_id = str(uuid.uuid4())
         value, headers = codec.encode(ann, source=self.source, subject=self.worker.name, event_id=event_id)
@@ -76,13 +75,16 @@ class Announcer:
         await self._producer.send_and_wait(topics.SYSTEMS, value, key=key, headers=headers)
 
     async def start(self) -> None:
+        """Send the first announcement (raises if the broker does not take it: the caller retries),
+        then start the heartbeat."""
         self._producer = AIOKafkaProducer(client_id=f"dsrflow-worker-{self.worker.name}-announce",
                                           **self.settings.producer_options())
-        await self._producer.start()
         try:
+            await self._producer.start()
             await self.send()
         except BaseException:
-            await self._producer.stop()
+            producer, self._producer = self._producer, None
+            await producer.stop()
             raise
         log.info("worker %s announced declaration %s on %s (an administrator approves a new or changed one)",
                  self.worker.name, self.digest[:12], topics.SYSTEMS)
@@ -93,17 +95,16 @@ class Announcer:
             await asyncio.sleep(self.interval.total_seconds())
             try:
                 await self.send()
-            except KafkaError as exc:  # the next beat tries again; consuming goes on meanwhile
+            except Exception as exc:  # noqa: BLE001 - the next beat tries again; consuming goes on meanwhile
                 log.warning("worker %s: announcement not sent (%s)", self.worker.name, type(exc).__name__)
 
     async def stop(self) -> None:
-        if self._beat is not None:
-            self._beat.cancel()
-            try:
-                await self._beat
-            except asyncio.CancelledError:
-                pass
-            self._beat = None
-        if self._producer is not None:
-            await self._producer.stop()
-            self._producer = None
+        try:
+            if self._beat is not None:
+                beat, self._beat = self._beat, None
+                beat.cancel()
+                await asyncio.gather(beat, return_exceptions=True)
+        finally:
+            if self._producer is not None:
+                producer, self._producer = self._producer, None
+                await producer.stop()

@@ -105,8 +105,8 @@ class Worker:
         await crm.run(settings)
 
     ``concurrency`` bounds the handler calls running at once (a batch handler's call is one),
-    ``rate_limit`` the handler calls per second, counted in tasks (a batch call of n tasks counts
-    n, up to the limiter's capacity: ``max(1, rate_limit)``), ``max_batch`` the records taken from
+    ``rate_limit`` the handler calls per second, counted in tasks (a batch call of n tasks waits
+    until n tasks' worth of the rate is free), ``max_batch`` the records taken from
     Kafka per batch and the tasks given to one batch handler call, ``task_timeout`` one handler
     call, a batch handler's included (a timeout is reported as retryable). ``retry_on`` lists
     exceptions that are transient even when the handler raises them unwrapped.
@@ -114,8 +114,9 @@ class Worker:
     ``ledger`` is the task ledger that keeps a task redelivered to the group (after a crash, a
     rebalance, a restart) from running twice: a :class:`~dsrflow.worker.TaskLedger`, or a function
     of the settings that returns one, e.g. ``lambda s: PostgresTaskLedger(my_dsn(s))`` for the
-    system's own database. By default it is a :class:`~dsrflow.worker.PostgresTaskLedger` in the
-    case store (``settings.dsn``). It is opened after the startup hooks. ``ledger_lease`` is how
+    system's own database. By default it is a :class:`~dsrflow.worker.PostgresTaskLedger` in
+    ``DSRFLOW_WORKER_LEDGER_DSN``, else in the case store (``settings.dsn``, the embedded stack's
+    way). It is opened after the startup hooks. ``ledger_lease`` is how
     long a claim holds without a receipt before another instance may take it over (default
     ``task_timeout`` plus a minute; it must be longer than ``task_timeout``).
     ``max_receipt_bytes`` bounds a receipt's record: a larger one is sent as ``failed``.
@@ -124,6 +125,7 @@ class Worker:
     (:meth:`TaskContext.progress`). ``shutdown_grace`` is how long handlers still running when
     the worker is told to stop may take to finish (their receipts are sent and their records
     committed); those running longer are cancelled and their tasks left to the next instance.
+    ``version`` is the worker's own version, announced with its declaration (``dsr.systems.v1``).
     """
 
     def __init__(
@@ -140,6 +142,7 @@ class Worker:
         max_receipt_bytes: int = DEFAULT_MAX_RECEIPT_BYTES,
         progress_interval: timedelta = timedelta(seconds=10),
         shutdown_grace: timedelta = timedelta(seconds=30),
+        version: str | None = None,
     ) -> None:
         if concurrency < 1 or max_batch < 1:
             raise ValueError("concurrency and max_batch must be >= 1")
@@ -162,6 +165,9 @@ class Worker:
         self.max_receipt_bytes = max_receipt_bytes
         self.progress_interval = progress_interval
         self.shutdown_grace = shutdown_grace
+        if version is not None and not 0 < len(version) <= 64:
+            raise ValueError("version is 1 to 64 characters")
+        self.version = version
         self._handlers: dict[Action, Handler] = {}
         self._batch_handlers: dict[Action, BatchHandler] = {}
         self._startup: list[Hook] = []
@@ -279,7 +285,11 @@ class Worker:
             rate, period = (self.rate_limit, 1.0) if self.rate_limit >= 1 else (1.0, 1 / self.rate_limit)
             self._limiter = (loop, AsyncLimiter(rate, period))
         limiter = self._limiter[1]
-        await limiter.acquire(min(tasks, limiter.max_rate))
+        left: float = max(tasks, 1)
+        while left > 0:  # a batch call of many tasks waits for every one of them, a capacity at a time
+            chunk = min(left, limiter.max_rate)
+            await limiter.acquire(chunk)
+            left -= chunk
 
     # -- one task, or a batch of tasks ---------------------------------------
     def _admit(self, task: TaskAssigned, store: ExportStore, progress: ProgressSink | None) -> TaskContext | Result:

@@ -169,7 +169,7 @@ async def test_declared_by_an_administrator_then_announced_is_in_force_at_once(
 
 
 async def test_another_controllers_name_is_refused_and_tenants_approve_their_own_systems_only(
-        coordinator: Coordinator, pool: asyncpg.Pool) -> None:
+        coordinator: Coordinator, pool: asyncpg.Pool, tmp_path: Path) -> None:
     async with pool.acquire() as conn:
         await register(conn, declaration("crm", controller="acme"))
     await coordinator.handle_announcements([announcement(declaration("crm", controller="beta"))])
@@ -182,8 +182,41 @@ async def test_another_controllers_name_is_refused_and_tenants_approve_their_own
     await coordinator.handle_announcements([announcement(acme)])
     ok, error = await decide(coordinator, beta_admin, "approve_system", "acme-shop", declaration_digest(acme))
     assert not ok and "has announced itself" in (error or "")  # another tenant's system is not shown to exist
+    # anyone who may write dsr.systems.v1 could have sent an unsigned announcement: not for a tenant's admin
     acme_admin = await actor(pool, "acme-admin", "admin", "acme")
+    ok, error = await decide(coordinator, acme_admin, "approve_system", "acme-shop", declaration_digest(acme))
+    assert not ok and "not signed" in (error or "")
+    async with pool.acquire() as conn:
+        key = await signing.new_system_key(conn, "acme-shop", tmp_path / "acme-shop.json")
+    await coordinator.handle_announcements([announcement(acme, credential=key)])
     assert (await decide(coordinator, acme_admin, "approve_system", "acme-shop", declaration_digest(acme)))[0]
+
+
+async def test_an_unsigned_announcement_cannot_move_a_system_to_another_controller(
+        coordinator: Coordinator, pool: asyncpg.Pool) -> None:
+    await coordinator.handle_announcements([announcement(declaration("payroll", controller="acme"))])
+    await coordinator.handle_announcements([announcement(declaration("payroll", controller="evil"))])
+    row = await state(pool, "payroll")
+    assert row["controller"] == "acme" and row["state"] == "pending"
+    assert await dead_letters(pool) == ["controller_conflict"]
+
+
+async def test_a_refusal_holds_while_two_instances_announce_two_declarations(
+        coordinator: Coordinator, pool: asyncpg.Pool) -> None:
+    old, new = declaration("orders"), declaration("orders", categories=[])
+    async with pool.acquire() as conn:
+        await register(conn, old)
+    admin = await actor(pool, "root", "admin")
+    await coordinator.handle_announcements([announcement(new)])  # a rolling deploy: the new instance
+    assert (await decide(coordinator, admin, "refuse_system", "orders", declaration_digest(new),
+                         reason="drops the email category"))[0]
+    # the old instance's heartbeat, then the new one's: the refusal of the new declaration stands
+    await coordinator.handle_announcements([announcement(old)])
+    assert (await state(pool, "orders"))["state"] == "approved"
+    await coordinator.handle_announcements([announcement(new)])
+    row = await state(pool, "orders")
+    assert row["state"] == "refused" and "drops the email category" in row["reason"]
+    assert await in_force(pool, "orders") == old
 
 
 async def test_an_announcement_is_checked_before_it_is_recorded(
