@@ -657,7 +657,7 @@ class _Runner:
         async with self._semaphore:  # claimed only when it can run at once: the lease starts now
             await self._pace(1)
             self._startable(tp)
-            claim = await self.ledger.claim(task, owner=self.instance, lease=self.worker.ledger_lease)
+            claim = await self._claim(task)
             if claim.state == "owned":
                 self._owned(task, claim)
                 [receipt] = await self._run_claimed([task])
@@ -665,6 +665,20 @@ class _Runner:
         if claim.state == "done":
             return self._from_ledger(task, claim)
         return claim
+
+    async def _claim(self, task: TaskAssigned) -> LedgerClaim:
+        """Claim ``task`` in the ledger. Cancelled meanwhile (the shutdown grace ran out), the claim
+        may have been taken all the same: it is given up, so the next instance need not wait out
+        its lease (a release by an instance that does not hold the claim changes nothing)."""
+        try:
+            return await self.ledger.claim(task, owner=self.instance, lease=self.worker.ledger_lease)
+        except asyncio.CancelledError:
+            try:
+                await asyncio.shield(self.ledger.release(task, owner=self.instance))
+            except BaseException as exc:  # noqa: BLE001 - its lease runs out instead
+                log.warning("worker %s task %s attempt %d: claim not released (%s)", self.worker.name,
+                            task.task_id, task.attempt, type(exc).__name__)
+            raise
 
     def _startable(self, tp: TopicPartition) -> None:
         if tp in self._handed_back:
@@ -868,9 +882,8 @@ class _BatchCalls:
                         _settle(outcome, _HandedBack())
                     else:
                         startable.append(entry)
-                claims = await asyncio.gather(*(runner.ledger.claim(task, owner=runner.instance,
-                                                                    lease=runner.worker.ledger_lease)
-                                                for _, task, _ in startable), return_exceptions=True)
+                claims = await asyncio.gather(*(runner._claim(task) for _, task, _ in startable),
+                                              return_exceptions=True)
                 owned: list[_Waiting] = []
                 for entry, claim in zip(startable, claims, strict=True):
                     _, task, outcome = entry

@@ -8,7 +8,7 @@ import logging
 import re
 import time
 import traceback
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, TypeVar
@@ -292,8 +292,11 @@ class Worker:
             left -= chunk
 
     # -- one task, or a batch of tasks ---------------------------------------
-    def _admit(self, task: TaskAssigned, store: ExportStore, progress: ProgressSink | None) -> TaskContext | Result:
-        """The task's context, or the refusal it gets without reaching a handler."""
+    def _admit(self, task: TaskAssigned, store: ExportStore, progress: ProgressSink | None,
+               call: Sequence[TaskAssigned] = ()) -> TaskContext | Result:
+        """The task's context, or the refusal it gets without reaching a handler. ``call``: every
+        task of a batch handler's call, whose identifiers its progress notes are redacted of too."""
+        everyone = (task, *call)
         if task.system != self.name:
             raise ValueError(f"task for system {task.system!r} given to worker {self.name!r}")
         action = task.action
@@ -307,7 +310,7 @@ class Worker:
                 log, {"task_id": str(task.task_id), "case_id": str(task.case_id), "system": self.name}
             ),
             _progress=_Progress(task, interval=self.progress_interval.total_seconds(),
-                                redact=lambda text: _redact(text, task), sink=progress),
+                                redact=lambda text: _redact(text, *everyone), sink=progress),
         )
         if task.controller != self.system.controller:
             return Result.refused(f"task of controller {task.controller!r}; system {self.name!r} holds the data of "
@@ -417,7 +420,7 @@ class Worker:
         refused: dict[int, Result] = {}
         admitted: list[TaskContext] = []
         for i, task in enumerate(tasks):
-            outcome = self._admit(task, store, progress)
+            outcome = self._admit(task, store, progress, tasks)
             if isinstance(outcome, Result):
                 refused[i] = outcome
             else:

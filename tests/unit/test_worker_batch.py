@@ -195,3 +195,25 @@ async def test_handle_batch_takes_tasks_of_one_batch_handled_action() -> None:
     with pytest.raises(ValueError):
         await w.handle_batch([export], store=MemoryExportStore())
     assert await w.handle_batch([], store=MemoryExportStore()) == []
+
+
+async def test_a_progress_note_in_a_batch_call_is_redacted_of_every_subject_of_the_call() -> None:
+    from dsrflow.events import TaskProgress
+
+    w = Worker(declaration(), progress_interval=timedelta(0))
+
+    @w.batch_handler(Action.erase)
+    async def erase(ctxs: list[TaskContext]) -> list[Result]:
+        # a careless note about the second subject, sent through the first task's context
+        await ctxs[0].progress(done=1, total=2, note=f"now at {ctxs[1].identifiers[IdentifierType.email]}")
+        return [Result.succeeded() for _ in ctxs]
+
+    @w.handler(Action.export)
+    async def export(ctx: TaskContext) -> Result:
+        return Result.not_found()
+
+    reports: list[TaskProgress] = []
+    tasks = [make_task("crm", Action.erase, {"email": e}) for e in EMAILS[:2]]
+    await run_tasks(w, tasks, progress=reports)
+    assert [r.note for r in reports] == ["now at [redacted]"]
+    assert reports[0].task_id == tasks[0].task_id
