@@ -17,7 +17,7 @@ import orjson
 import pytest
 from pydantic import SecretStr
 
-from dsrflow.events import TaskReceipt
+from dsrflow.events import TaskProgress, TaskReceipt
 from dsrflow.exports import MemoryExportStore
 from dsrflow.rights import ACTION_PURPOSES, Action, IdentifierType, ReceiptStatus, Right
 from dsrflow.settings import Settings
@@ -439,8 +439,11 @@ async def test_the_client_company_leaving_gets_everything_handed_over_then_delet
     store = MemoryExportStore()
     before = {t: await conn.fetchval(f"SELECT count(*) FROM {t}") for t in crm._ALL_TABLES}
     assert before["contacts"] > 20 and before["addresses"] > 0
-    handed = await run_task(crm.worker, make_task("crm", Action.export_all, {}), store=store)
+    reports: list[TaskProgress] = []
+    handed = await run_task(crm.worker, make_task("crm", Action.export_all, {}), store=store, progress=reports)
     assert handed.status == ReceiptStatus.succeeded
+    # a long task: it said how far it got (the first report at once; later ones at most every 10 s)
+    assert reports and reports[0].note == f"table {crm._ALL_TABLES[0]}" and reports[0].total == len(crm._ALL_TABLES)
     assert {t: handed.counts[t] for t in crm._ALL_TABLES} == before
     package = orjson.loads(store.get(handed.artifacts[0].ref))
     assert len(package["tables"]["contacts"]) == before["contacts"]
