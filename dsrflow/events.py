@@ -288,6 +288,10 @@ class TaskReceipt(Event):
     artifacts: list[Artifact] = Field(default_factory=list)
     error: str | None = Field(default=None, max_length=2000, description="no personal data")
     completed_at: datetime
+    receipt_id: UUID | None = Field(
+        default=None, description="random, made when the attempt finished, kept with the receipt in the worker's task "
+        "ledger: the CloudEvents id the receipt is sent with, every time (so a re-sent receipt is the same event and "
+        "no one can guess the id of one not yet sent)")
 
     @field_validator("error", mode="before")
     @classmethod

@@ -109,7 +109,11 @@ Key = tuple[uuid.UUID, int]  # (task_id, attempt)
 
 
 def receipt_event_id(receipt: TaskReceipt) -> str:
-    """One CloudEvents id per (task, attempt): a receipt sent twice is the same event."""
+    """The receipt's CloudEvents id: its ``receipt_id`` (random, kept with it in the task ledger, so
+    a receipt sent again is the same event and the id of one not yet sent cannot be guessed), or
+    for a receipt made without one (an older SDK's, in a ledger), one per (task, attempt)."""
+    if receipt.receipt_id is not None:
+        return str(receipt.receipt_id)
     return str(uuid.uuid5(_RECEIPT_NS, f"{receipt.task_id}:{receipt.attempt}"))
 
 

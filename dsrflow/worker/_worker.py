@@ -8,6 +8,7 @@ import logging
 import re
 import time
 import traceback
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -491,4 +492,5 @@ def _receipt(task: TaskAssigned, result: Result) -> TaskReceipt:
         artifacts=list(result.artifacts),
         error=error,
         completed_at=datetime.now(UTC),
+        receipt_id=uuid.uuid4(),
     )

@@ -485,15 +485,24 @@ async def test_undelivered_batch_is_not_committed_but_processed_again(monkeypatc
     assert consumer.commits == [{tp: 6}]
 
 
-async def test_same_task_attempt_gives_the_same_receipt_event_id() -> None:
+async def test_a_receipt_keeps_its_event_id_and_the_id_of_one_not_yet_made_cannot_be_guessed() -> None:
     from dsrflow.worker._runner import receipt_event_id
 
     task = make_task("shop", "export", {"email": EMAIL})
     first = await run_task(make_worker(), task)
+    # the ledger keeps the receipt whole: sent again, it is the same event
+    kept = TaskReceipt.model_validate_json(first.model_dump_json())
+    assert receipt_event_id(kept) == receipt_event_id(first) == str(first.receipt_id)
+    # another run of the same attempt (which the ledger prevents) would be another event: the id
+    # owes nothing to the task's id and attempt, which anyone who saw the task knows
     second = await run_task(make_worker(), task)
-    assert receipt_event_id(first) == receipt_event_id(second)
-    retry = await run_task(make_worker(), task.model_copy(update={"attempt": 2}))
-    assert receipt_event_id(retry) != receipt_event_id(first)
+    assert first.receipt_id is not None and second.receipt_id is not None
+    assert receipt_event_id(second) != receipt_event_id(first)
+    assert first.receipt_id.version == 4
+    # a receipt an older SDK put in a ledger, without one: one id per (task, attempt), as it was
+    legacy = first.model_copy(update={"receipt_id": None})
+    later = legacy.model_copy(update={"completed_at": datetime(2030, 1, 1, tzinfo=UTC)})
+    assert receipt_event_id(legacy) == receipt_event_id(later)
 
 
 async def test_tasks_of_one_case_run_in_order_others_concurrently() -> None:
