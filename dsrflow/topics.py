@@ -192,3 +192,71 @@ async def apply(admin_options: dict[str, Any], specs: list[TopicSpec], *, replic
         return ApplyReport(created=created, unchanged=unchanged, drift=drift)
     finally:
         await admin.close()
+
+
+# -- who may do what: the ACLs of the README's table ------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AclRule:
+    """One row of the README's ACL table ("Who may do what"): allow ``principal`` the
+    ``operations`` (named as ``kafka-acls.sh --operation`` names them) on ``names``, topics or
+    groups, literal or (``prefixed``) every name that starts so."""
+
+    principal: str
+    operations: tuple[str, ...]
+    resource: str  # "topic" or "group"
+    names: tuple[str, ...]
+    prefixed: bool = False
+
+    def on(self) -> str:
+        """The table's "on" cell: ``topics `a`, `b```, ``group `g```, ``prefixed topics `p```."""
+        kind = self.resource + ("s" if len(self.names) > 1 or self.prefixed else "")
+        return ("prefixed " if self.prefixed else "") + kind + " " + ", ".join(f"`{n}`" for n in self.names)
+
+    def kafka_acls_args(self) -> str:
+        """The arguments of ``kafka-acls.sh --add`` that grant this row."""
+        ops = " ".join(f"--operation {op}" for op in self.operations)
+        pattern = " --resource-pattern-type prefixed" if self.prefixed else ""
+        names = " ".join(f"--{self.resource} {n}" for n in self.names)
+        return f"--allow-principal {self.principal} {ops}{pattern} {names}"
+
+
+TASKS_PREFIX = "dsr.tasks."
+COORDINATOR_GROUP = "dsrflow-coordinator"
+
+
+def acl_rules(systems: list[str] | tuple[str, ...] = ("crm",), *, dpo_tool_group: str = "dpo-tool",
+              notifier_group: str = "notifier") -> list[AclRule]:
+    """The ACLs each principal needs, and no more: the README's table is ``acl_rules(["crm"])``
+    (tests/unit/test_acl_table.py compares them; tests/integration/test_acls.py grants them on a
+    broker with an authorizer and shows each principal doing its part and refused the rest).
+    One worker principal ``User:worker-<system>`` per system; the DPO's tool and the notifier
+    consume as the groups named here (their own)."""
+    read, write = ("Read", "Describe", "DescribeConfigs"), ("Write", "Describe", "DescribeConfigs")
+    shared = tuple(n for n in declared() if "{system}" not in n)  # the prefix covers the task topics
+    rules = [
+        AclRule("User:coordinator", read, "topic", (REQUESTS, RECEIPTS, COMMANDS, SYSTEMS)),
+        AclRule("User:coordinator", ("Read",), "group", (COORDINATOR_GROUP,)),
+        AclRule("User:coordinator", write, "topic", (CASES, NOTICES, ALERTS, COMMAND_RESULTS, DEADLETTER)),
+        AclRule("User:coordinator", write, "topic", (TASKS_PREFIX,), prefixed=True),
+    ]
+    for system in systems:
+        worker = f"User:worker-{system}"
+        rules += [
+            AclRule(worker, read, "topic", (tasks_topic(system),)),
+            AclRule(worker, ("Read",), "group", (f"dsrflow-worker-{system}",)),
+            AclRule(worker, write, "topic", (RECEIPTS, SYSTEMS, DEADLETTER)),
+        ]
+    admin = ("Create", "Alter", "AlterConfigs", "Describe", "DescribeConfigs")
+    rules += [
+        AclRule("User:intake", ("Write", "Describe"), "topic", (REQUESTS,)),
+        AclRule("User:dpo-tool", ("Write", "Describe"), "topic", (COMMANDS,)),
+        AclRule("User:dpo-tool", ("Read", "Describe"), "topic", (COMMAND_RESULTS, ALERTS)),
+        AclRule("User:dpo-tool", ("Read",), "group", (dpo_tool_group,)),
+        AclRule("User:notifier", ("Read", "Describe"), "topic", (NOTICES,)),
+        AclRule("User:notifier", ("Read",), "group", (notifier_group,)),
+        AclRule("User:admin", admin, "topic", shared),
+        AclRule("User:admin", admin, "topic", (TASKS_PREFIX,), prefixed=True),
+    ]
+    return rules

@@ -58,6 +58,7 @@ from ._proc import (
     preexec_for,
     processes_with_arg,
     rotate_log,
+    run_sync,
     stop_group,
     strip_ansi,
     wait_until,
@@ -366,6 +367,24 @@ def random_cluster_id() -> str:
     return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
 
 
+_SASL_USER = re.compile(r"[A-Za-z0-9_-]+")
+
+
+async def _list_topics(options: dict[str, object], timeout: float) -> list[str]:
+    import asyncio
+    import contextlib
+
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(request_timeout_ms=int(timeout * 1000), **options)
+    try:
+        await asyncio.wait_for(admin.start(), timeout)
+        return await asyncio.wait_for(admin.list_topics(), timeout)
+    finally:
+        with contextlib.suppress(Exception):
+            await admin.close()
+
+
 class ApacheKafka(LocalService):
     """A single-node KRaft Kafka on loopback ports.
 
@@ -384,6 +403,15 @@ class ApacheKafka(LocalService):
     While the JVM runs, ``<workdir>/kafka.pid`` names it (pid, start time, ports), so a broker
     whose starter died is still found (:func:`broker_processes`); ``start()`` refuses a log dir
     that another live JVM uses.
+
+    Secured (opt-in, for tests of ACLs; without these the broker is PLAINTEXT and open):
+    ``sasl_users={"admin": "pw", "worker-crm": "pw"}`` makes the client listener (``port``) and the
+    controller listener take SASL_PLAINTEXT with PLAIN and these users (an inline JAAS config);
+    the broker talks to its controller and to itself as :attr:`broker_user`, the first of
+    ``super_users`` (default ``("admin",)``) that has a password there. ``authorizer=True`` adds
+    the StandardAuthorizer with ``super.users`` and ``allow.everyone.if.no.acl.found=false``: a
+    principal other than a super user may do only what an ACL allows. :meth:`client_options`
+    gives aiokafka's connection options as one of the users.
     """
 
     def __init__(
@@ -399,9 +427,16 @@ class ApacheKafka(LocalService):
         keep_data: bool = False,
         detached: bool = False,
         ports_preferred: bool = False,
+        sasl_users: dict[str, str] | None = None,
+        authorizer: bool = False,
+        super_users: tuple[str, ...] = ("admin",),
     ) -> None:
         if keep_data and workdir is None:
             raise ValueError("keep_data needs a workdir")
+        self.sasl_users = dict(sasl_users or {})
+        self.authorizer = authorizer
+        self.super_users = tuple(super_users)
+        self._check_security()
         self._own_workdir = workdir is None
         self.keep_data = keep_data
         self.detached = detached
@@ -446,6 +481,92 @@ class ApacheKafka(LocalService):
     def properties_path(self) -> Path:
         return self.workdir / "server.properties"
 
+    # -- SASL/PLAIN and the authorizer (opt-in; the default broker is PLAINTEXT and open) --------
+    def _check_security(self) -> None:
+        for user, password in self.sasl_users.items():
+            # JAAS option names take letters, digits, "_" and "-"; a value is a quoted string
+            if not _SASL_USER.fullmatch(user):
+                raise ValueError(f"SASL user name {user!r}: letters, digits, '_' and '-' only")
+            if not password or any(c in password for c in '"\\\n\r'):
+                raise ValueError(f"SASL user {user!r}: the password must be non-empty, without quotes, "
+                                 "backslashes or line breaks")
+        for user in self.super_users:
+            if not _SASL_USER.fullmatch(user):
+                raise ValueError(f"super user {user!r}: letters, digits, '_' and '-' only")
+        if self.authorizer and not self.sasl_users:
+            raise ValueError("authorizer=True needs sasl_users: on a PLAINTEXT listener everyone is User:ANONYMOUS")
+        if self.sasl_users and self.broker_user is None:
+            raise ValueError("sasl_users must include one of the super users, "
+                             f"{', '.join(self.super_users) or '(none given)'}: the broker's own principal")
+
+    @property
+    def secured(self) -> bool:
+        """The listeners take SASL/PLAIN (``sasl_users`` given)."""
+        return bool(self.sasl_users)
+
+    @property
+    def broker_user(self) -> str | None:
+        """The user the broker itself (inter-broker and controller connections) and the readiness
+        check authenticate as: the first super user with a password in ``sasl_users``."""
+        return next((u for u in self.super_users if u in self.sasl_users), None)
+
+    def client_options(self, user: str | None = None) -> dict[str, object]:
+        """aiokafka connection options for this broker, as ``user`` (one of ``sasl_users``) when
+        it takes SASL/PLAIN; ``Settings(kafka_security_protocol=..., ...)`` says the same."""
+        if not self.secured:
+            return {"bootstrap_servers": self.bootstrap}
+        user = user or self.broker_user
+        if user not in self.sasl_users:
+            raise KeyError(f"no SASL user {user!r} on this broker")
+        return {"bootstrap_servers": self.bootstrap, "security_protocol": "SASL_PLAINTEXT",
+                "sasl_mechanism": "PLAIN", "sasl_plain_username": user,
+                "sasl_plain_password": self.sasl_users[user]}
+
+    def _jaas(self) -> str:
+        me = self.broker_user
+        assert me is not None
+        users = " ".join(f'user_{u}="{p}"' for u, p in self.sasl_users.items())
+        return (f'org.apache.kafka.common.security.plain.PlainLoginModule required '
+                f'username="{me}" password="{self.sasl_users[me]}" {users};')
+
+    def _security_properties(self) -> dict[str, str]:
+        """What ``sasl_users`` and ``authorizer`` change: both listeners (clients' and the
+        controller's) take SASL/PLAIN with the users of an inline JAAS config, the broker talks to
+        itself as :attr:`broker_user`; the StandardAuthorizer with ``super.users`` and nothing allowed
+        without an ACL."""
+        props: dict[str, str] = {}
+        if self.secured:
+            jaas = self._jaas()
+            props.update({
+                "listeners": f"SASL_PLAINTEXT://{self.host}:{self.port},CONTROLLER://{self.host}:{self.controller_port}",
+                "advertised.listeners": f"SASL_PLAINTEXT://{self.host}:{self.port}",
+                "inter.broker.listener.name": "SASL_PLAINTEXT",
+                "listener.security.protocol.map": "SASL_PLAINTEXT:SASL_PLAINTEXT,CONTROLLER:SASL_PLAINTEXT",
+                "sasl.enabled.mechanisms": "PLAIN",
+                "sasl.mechanism.inter.broker.protocol": "PLAIN",
+                "sasl.mechanism.controller.protocol": "PLAIN",
+                "listener.name.sasl_plaintext.plain.sasl.jaas.config": jaas,
+                "listener.name.controller.plain.sasl.jaas.config": jaas,
+            })
+        if self.authorizer:
+            props.update({
+                "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+                "super.users": ";".join(f"User:{u}" for u in self.super_users),
+                "allow.everyone.if.no.acl.found": "false",
+            })
+        return props
+
+    def _ready(self) -> bool:
+        """The broker answers metadata (as :attr:`broker_user` when secured)."""
+        if not self.secured:
+            return kafka_ready_sync(self.bootstrap, timeout=5.0)
+        options = self.client_options()
+        try:
+            run_sync(lambda: _list_topics(options, timeout=5.0), 7.0)
+            return True
+        except Exception:  # noqa: BLE001 - any failure means "not ready yet"
+            return False
+
     def server_properties(self) -> dict[str, str]:
         props = {
             "process.roles": "broker,controller",
@@ -478,6 +599,7 @@ class ApacheKafka(LocalService):
             "log.cleaner.dedupe.buffer.size": str(16 * 1024 * 1024),
             "log.cleaner.backoff.ms": "1000",
         }
+        props.update(self._security_properties())
         props.update(self.extra_config)
         return props
 
@@ -568,7 +690,7 @@ class ApacheKafka(LocalService):
                 log=self.log_path,
             )
             wait_until(
-                lambda: kafka_ready_sync(self.bootstrap, timeout=5.0),
+                self._ready,
                 max(1.0, deadline - time.monotonic()),
                 what=what,
                 proc_alive=self._running,
