@@ -132,8 +132,21 @@ def _decode_on_receipts(records: Sequence[Record], work: _Work) -> list[tuple[Re
         except codec.DecodeError as exc:
             work.dead_letter(rec, AGGREGATOR, exc.kind, str(exc))
             continue
+        if not from_system(env.source, env.data.system):
+            work.dead_letter(rec, AGGREGATOR, "wrong_source", f"ce_source {env.source[:200]!r} is not system "
+                             f"{env.data.system}'s (it ends in /{env.data.system}; the SDK's is "
+                             f"dsrflow/worker/{env.data.system})")
+            continue
         out.append((rec, env))
     return out
+
+
+def from_system(source: str, system: str) -> bool:
+    """Whether a CloudEvents source is a system's own: its last path segment is the system's name
+    (``dsrflow/worker/crm``, ``acme/workers/crm``). Checked for receipts, progress and
+    announcements, before their signature: a worker's producer that mixes up its systems is caught
+    even where nothing is signed."""
+    return source.rsplit("/", 1)[-1] == system
 
 
 def _first_of_each(decoded: list[tuple[Record, codec.Envelope[Any]]],

@@ -3,7 +3,8 @@
 Each record is a worker's :class:`~dsrflow.registry.SystemAnnounced`, keyed by the system's name.
 It is checked before anything is recorded:
 
-- it decodes, and its key is the name of the system it declares;
+- it decodes, its key is the name of the system it declares, and its CloudEvents source is that
+  system's (it ends in ``/<name>``);
 - it is signed by one of the system's keys when the system has any (``dsrflow systems key``), and
   always when ``require_signed_receipts`` is set: the same rule as for receipts;
 
@@ -25,7 +26,7 @@ from .. import codec, signing
 from ..registry import SystemAnnounced, SystemDecisionError, record_announcement
 from ..settings import Settings
 from ..store import outbox
-from .service import Record, _Work
+from .service import Record, _Work, from_system
 
 log = logging.getLogger("dsrflow.coordinator")
 
@@ -46,6 +47,10 @@ async def handle_announcements(pool: asyncpg.Pool, settings: Settings, records: 
         if (rec.key or b"").decode(errors="replace") != name:
             work.dead_letter(rec, ANNOUNCEMENTS, "wrong_key", f"an announcement of system {name} must be keyed by "
                              f"its name (the topic is compacted by key)")
+            continue
+        if not from_system(env.source, name):
+            work.dead_letter(rec, ANNOUNCEMENTS, "wrong_source", f"ce_source {env.source[:200]!r} is not system "
+                             f"{name}'s (it ends in /{name})")
             continue
         checked.append((rec, env))
     async with pool.acquire() as conn, conn.transaction():

@@ -52,6 +52,11 @@ def announcement(decl: SystemDeclaration, *, credential: auth.Credential | None 
     return Record(topics.SYSTEMS, 0, next(_offsets), key if key is not None else k, value, headers)
 
 
+def wrong_source(rec: Record) -> Record:
+    headers = [(k, b"dsrflow/worker/billing" if k == "ce_source" else v) for k, v in rec.headers]  # type: ignore[misc]
+    return Record(rec.topic, rec.partition, rec.offset, rec.key, rec.value, headers)
+
+
 @pytest.fixture
 async def pool(case_store: str) -> AsyncIterator[asyncpg.Pool]:
     p = await asyncpg.create_pool(case_store, min_size=1, max_size=2)
@@ -230,10 +235,11 @@ async def test_an_announcement_is_checked_before_it_is_recorded(
         announcement(decl, credential=stranger),  # signed by a key that is not the system's
         announcement(decl, credential=own, key=b"other"),  # keyed by another name on a compacted topic
         Record(topics.SYSTEMS, 0, next(_offsets), b"ledger", b"{not json", []),
+        wrong_source(announcement(decl, credential=own)),  # another system's source
     ])
     assert await state(pool, "ledger") is None
     assert sorted(await dead_letters(pool)) == ["missing_header", "unauthenticated_announcement",
-                                                "unauthenticated_announcement", "wrong_key"]
+                                                "unauthenticated_announcement", "wrong_key", "wrong_source"]
     await coordinator.handle_announcements([announcement(decl, credential=own)])
     row = await state(pool, "ledger")
     assert row["state"] == "pending" and row["signed_by"] == own.key_id

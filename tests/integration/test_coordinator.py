@@ -161,7 +161,7 @@ async def test_invalid_and_unknown_records_are_dead_lettered_with_their_bytes(
     # a receipt for a task nobody assigned
     ghost = TaskReceipt(task_id=uuid.uuid4(), case_id=uuid.uuid4(), system="crm", attempt=1, status="succeeded",
                         completed_at=datetime.now(UTC))
-    value, headers = codec.encode(ghost, source="t")
+    value, headers = codec.encode(ghost, source="worker/crm")
     await coordinator.handle_receipts([record(topics.RECEIPTS, value, headers)])
     last = await pool.fetchrow("SELECT headers FROM outbox WHERE topic = 'dsr.deadletter.v1' ORDER BY id DESC LIMIT 1")
     assert codec.read_dead_letter(headers_from_json(last["headers"])).error_type == "unknown_task"

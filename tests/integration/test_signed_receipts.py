@@ -216,4 +216,22 @@ async def test_a_receipt_naming_another_system_cannot_take_the_real_ones_id(
                                             source=crm_source, counts={"erased": 1})])
     crm = await pool.fetchrow("SELECT status FROM tasks WHERE task_id = $1", t["crm"]["task_id"])
     assert crm["status"] == "succeeded"
-    assert await dead_letters(pool) == ["unknown_task"]
+    assert await dead_letters(pool) == ["wrong_source"]  # crm's source for a receipt of "ghost"
+
+
+async def test_a_receipt_from_another_systems_source_is_dead_lettered_even_unsigned(
+    pool: asyncpg.Pool, case_store: str, tmp_path: Path
+) -> None:
+    c = coordinator(pool, case_store, tmp_path)
+    t = await erasure(c, pool)
+    # billing's worker, mixing its systems up, reports crm's task (nothing is signed here)
+    await c.handle_receipts([receipt_record(t["crm"], "succeeded", source="dsrflow/worker/billing",
+                                            counts={"erased": 1})])
+    crm = await pool.fetchrow("SELECT status FROM tasks WHERE task_id = $1", t["crm"]["task_id"])
+    assert crm["status"] == "dispatched"
+    assert await dead_letters(pool) == ["wrong_source"]
+    # its own source is accepted: a source whose last segment is the system's name
+    await c.handle_receipts([receipt_record(t["crm"], "succeeded", source="acme/workers/crm", event_id="r-2",
+                                            counts={"erased": 1})])
+    crm = await pool.fetchrow("SELECT status FROM tasks WHERE task_id = $1", t["crm"]["task_id"])
+    assert crm["status"] == "succeeded"
