@@ -43,9 +43,10 @@ class Receipts:
     def of(self, task_id: uuid.UUID) -> list[TaskReceipt]:
         found = []
         for r in self.records:
-            if dict(r.headers).get("ce_type") != TaskReceipt.ce_type.encode():
-                continue
-            receipt = codec.decode(r.value, r.headers, TaskReceipt).data
+            try:
+                receipt = codec.decode(r.value, r.headers, TaskReceipt).data
+            except codec.DecodeError:
+                continue  # the topic is shared: progress reports, other tests' invalid receipts
             if receipt.task_id == task_id:
                 found.append(receipt)
         return found
