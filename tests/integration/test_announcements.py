@@ -300,3 +300,45 @@ async def _announcements_of(broker: str, name: str, *, timeout: float) -> list[R
                 raise TimeoutError(f"no announcement of {name}")
     finally:
         await consumer.stop()
+
+
+async def test_the_administrator_approves_from_the_command_line(
+        coordinator: Coordinator, pool: asyncpg.Pool, case_store: str, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    import orjson
+
+    decl = declaration("loyalty", description="the loyalty programme")
+    await coordinator.handle_announcements([announcement(decl)])
+    admin = await actor(pool, "root", "admin")
+    cred = admin.save(tmp_path / "root.json")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DSRFLOW_")}
+    env.update(DSRFLOW_PG_DSN=case_store, DSRFLOW_STATE_DIR=str(tmp_path / "state"))
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "dsrflow.cli", "systems", *args], env=env, capture_output=True,
+                              text=True, timeout=60, stdin=subprocess.DEVNULL)
+
+    shown = cli("pending")
+    assert shown.returncode == 0, shown.stderr
+    assert "loyalty" in shown.stdout and "a new system" in shown.stdout
+    assert f"dsrflow systems approve loyalty --digest {declaration_digest(decl)}" in shown.stdout
+    [doc] = orjson.loads(cli("pending", "--json").stdout)
+    assert (doc["system"], doc["state"], doc["digest"], doc["changed"]) == (
+        "loyalty", "pending", declaration_digest(decl), None)
+
+    no_digest = cli("approve", "loyalty", "--credential", str(cred))
+    assert no_digest.returncode != 0 and no_digest.stderr.count("\n") == 1 and "--digest" in no_digest.stderr
+    stale = cli("approve", "loyalty", "--digest", "0" * 64, "--credential", str(cred))
+    assert stale.returncode == 1 and "look at it again" in stale.stderr
+    assert await in_force(pool, "loyalty") is None
+
+    done = cli("approve", "loyalty", "--digest", declaration_digest(decl), "--credential", str(cred))
+    assert done.returncode == 0, done.stderr
+    assert "approved by root" in done.stdout
+    assert await in_force(pool, "loyalty") == decl
+    assert cli("pending").stdout.strip() == "nothing waits for approval"
+    everything = orjson.loads(cli("pending", "--all", "--json").stdout)
+    assert [(d["system"], d["state"], d["changed"]) for d in everything] == [("loyalty", "approved", [])]
