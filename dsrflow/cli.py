@@ -27,6 +27,8 @@
     dsrflow systems key NAME | revoke-key KEY_ID   the key a system's worker signs its receipts with
     dsrflow systems coordinator-key       the key the coordinator signs tasks with, and its public file
     dsrflow audit verify [ID]             timelines against their anchors (case rows, dsr.cases.v1)
+    dsrflow suppression key [--out FILE]  the key erased people's identifiers are hashed with (dsr.suppressions.v1)
+    dsrflow suppression check --email E | --phone P   is this person on the suppression list? (exit 0: yes, 1: no)
     dsrflow api                           serve the DPO HTTP API
     dsrflow demo [--broker B]             the end-to-end demo on the embedded stack
 
@@ -1224,6 +1226,42 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
                             tansu_hint="`dsrflow demo --broker tansu`") from exc
 
 
+def cmd_suppression(args: argparse.Namespace, settings: Settings) -> int:
+    """``suppression key``: a new key for the suppression list (a 0600 JSON file);
+    ``suppression check``: read ``dsr.suppressions.v1`` from its beginning (no group) and say
+    whether an identifier is on it: exit 0 when it is, 1 when it is not (an ingestion check)."""
+    from . import suppression
+
+    if args.action == "key":
+        out = Path(args.out) if args.out else settings.state_dir / "credentials" / "suppression-key.json"
+        made = suppression.new_key()
+        suppression.write_key(made, out)
+        print(f"suppression key {made.key_id} written to {out.resolve()} (mode 0600): give it to the coordinator "
+              "and to each ingestion pipeline that checks the list")
+        print(f"export DSRFLOW_SUPPRESSION_KEY={out.resolve()}")
+        return 0
+    given = [(t, v) for t, v in (("email", args.email), ("phone", args.phone)) if v]
+    if len(given) != 1:
+        raise InvalidInput("suppression check needs one of --email and --phone")
+    key = suppression.load_key(args.key) if args.key else suppression.configured_key(settings)
+    if key is None:
+        raise ConfigError("no suppression key: set DSRFLOW_SUPPRESSION_KEY or pass --key FILE")
+    kind, value = given[0]
+    from .identity import region_of
+
+    try:
+        region = region_of(args.jurisdiction or settings.jurisdiction)
+        digest = suppression.suppression_hash(key, kind, value, region=region)
+    except ValueError as exc:
+        raise InvalidInput(str(exc)) from None
+    entry = asyncio.run(suppression.read_suppressions(settings)).get(suppression.list_key(args.controller, digest))
+    if entry is None:
+        print("not suppressed")
+        return 1
+    print(f"suppressed (erased {entry.erased_at.date().isoformat()}, case {entry.case_id})")
+    return 0
+
+
 # -- parser, main --------------------------------------------------------------
 class _Parser(argparse.ArgumentParser):
     """Bad arguments are one line, ``error: ...``, like every other failure (exit code 2)."""
@@ -1377,6 +1415,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="list: print JSON (key ids, never keys)")
     s.set_defaults(func=cmd_actors)
 
+    s = sub.add_parser("suppression", help="the suppression list of erased people (dsr.suppressions.v1)")
+    s.add_argument("action", choices=["key", "check"])
+    s.add_argument("--out", metavar="FILE", help="key: where to write it (default <state dir>/credentials/"
+                   "suppression-key.json; never replaced)")
+    s.add_argument("--email", help="check: an email, however written")
+    s.add_argument("--phone", help="check: a phone number (a local one is read in --jurisdiction's country)")
+    s.add_argument("--jurisdiction", help="check: where a local phone number is from (default DSRFLOW_JURISDICTION)")
+    s.add_argument("--key", metavar="FILE", help="check: the key file (default DSRFLOW_SUPPRESSION_KEY)")
+    s.add_argument("--controller", default="default", help="check: whose list (each controller has its own)")
+    s.set_defaults(func=cmd_suppression)
+
     s = sub.add_parser("demo", help="end-to-end demo on the embedded stack")
     s.add_argument("--broker", choices=["apache", "tansu"], default="apache",
                    help="Apache Kafka (needs Java 17+; the default) or the memory-only Tansu broker")
@@ -1394,9 +1443,9 @@ SERVICE_SETTINGS: dict[str, tuple[str, ...]] = {
     "coordinator": ("state_dir", *_KAFKA_SETTINGS, "pg_dsn", "export_dir", "max_task_attempts", "task_timeout",
                     "task_backoff_max", "deadline_warning_share", "internal_target", "case_data_retention",
                     "pseudonym_key", "offboarding_period", "require_signed_receipts", "coordinator_credential",
-                    "outbox_retention",
+                    "outbox_retention", "suppression_key", "bundle_retention",
                     "inbox_retention", "startup_timeout", "log_level"),
-    "worker": ("state_dir", *_KAFKA_SETTINGS, "pg_dsn", "export_dir", "worker_credential",
+    "worker": ("state_dir", *_KAFKA_SETTINGS, "pg_dsn", "export_dir", "worker_credential", "worker_ledger_dsn",
                "coordinator_public_keys", "startup_timeout", "log_level"),
     "api": ("state_dir", "pg_dsn", "api_host", "api_port", "api_token", "startup_timeout", "log_level"),
 }

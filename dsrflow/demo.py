@@ -732,8 +732,15 @@ def main(base: Settings) -> int:
             for item in (r.outcome or {}).get("retained", []):
                 _print(f"      kept by {item['system']}: {item['records']} {item['category']} record(s) until "
                        f"{item.get('retain_until', '?')[:10]}; basis: {item['legal_basis']}")
-            if r.bundle_path:
+            if r.bundle_path and r.bundle_path.exists():
                 _print(f"      access bundle: {r.bundle_path}")
+            elif r.bundle_path:
+                _print("      access bundle: deleted with its exports by the same person's erasure, which finished "
+                       "after it")
+            copies = (r.outcome or {}).get("earlier_copies_deleted", {})
+            if copies.get("cases"):
+                _print(f"      dsrflow's own copies deleted: {copies.get('bundles', 0)} bundle(s), "
+                       f"{copies.get('exports', 0)} export(s) of {len(copies['cases'])} earlier access case(s)")
         _print("")
         for label, ok in checks:
             _print(f"{'ok ' if ok else 'BAD'} {label}")

@@ -502,7 +502,23 @@ class CommandResult(Event):
     at: datetime
 
 
+class SubjectSuppressed(Event):
+    """One identifier of a person whose erasure completed, as a keyed hash: the suppression list
+    ingestion pipelines check before they import someone (dsrflow.suppression). Topic
+    ``dsr.suppressions.v1`` (compacted), key: the hash. No readable identifier: the hash is
+    HMAC-SHA256 under a managed key of ``<identifier_type>:<identifier in normal form>``."""
+
+    ce_type: ClassVar[str] = "dsrflow.subject.suppressed.v1"
+
+    hash: Sha256 = Field(description="hex HMAC-SHA256 of '<identifier_type>:<normal form>' under the key key_id")
+    identifier_type: IdentifierType
+    key_id: Token = Field(description="the managed key the hash was made with")
+    controller: Controller = Field(default=DEFAULT_CONTROLLER, description="the erasure case's controller (tenant)")
+    case_id: UUID = Field(description="the erasure case")
+    erased_at: datetime = Field(description="when the erasure case completed")
+
+
 EVENT_TYPES: dict[str, type[Event]] = {
     m.ce_type: m for m in (RightsRequested, TaskAssigned, TaskReceipt, TaskProgress, CaseUpdated, DeadLetter,
-                           SubjectNotice, CaseAlert, DecisionCommand, CommandResult)
+                           SubjectNotice, CaseAlert, DecisionCommand, CommandResult, SubjectSuppressed)
 }

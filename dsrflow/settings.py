@@ -147,6 +147,14 @@ class Settings(BaseSettings):
     )
     pseudonym_key: SecretStr | None = Field(
         default=None, description="key of the keyed hash that replaces a pseudonymised case's identifiers")
+    suppression_key: Path | None = Field(
+        default=None, description="key file of the suppression list (dsrflow suppression key): completed erasures "
+        "publish their subjects' identifiers, hashed with it, to dsr.suppressions.v1. Unset: nothing is published")
+    bundle_retention: timedelta = Field(
+        default=timedelta(days=30),
+        description="how long an access case's bundle, and the systems' exports it was built from, are kept once "
+        "the case finished; then they are deleted (seconds or ISO 8601)",
+    )
     offboarding_period: timedelta = Field(
         default=timedelta(days=30),
         description="how long a processor takes to hand over or delete a leaving client's data, as its contract "
@@ -181,7 +189,7 @@ class Settings(BaseSettings):
         return None if v is not None and not str(v).strip() else v
 
     @field_validator("task_timeout", "outbox_retention", "inbox_retention", "startup_timeout", "task_backoff_max",
-                     "case_data_retention", "offboarding_period", mode="before")
+                     "case_data_retention", "offboarding_period", "bundle_retention", mode="before")
     @classmethod
     def _seconds(cls, v: Any) -> Any:
         """A plain number in the environment ("120", "2.5") is seconds, as it is in code;
@@ -191,6 +199,22 @@ class Settings(BaseSettings):
                 return float(v.strip())
             except ValueError:
                 return v
+        return v
+
+    @field_validator("suppression_key", mode="before")
+    @classmethod
+    def _suppression_key_file(cls, v: Any) -> Any:
+        """A key file that cannot be used is an invalid setting, found when a service starts
+        (:meth:`require`), not at the first completed erasure. Empty: no key."""
+        if isinstance(v, str) and not v.strip():
+            return None
+        if isinstance(v, str | Path):
+            from .suppression import load_key
+
+            try:
+                load_key(v)
+            except ConfigError as exc:  # one line naming the file, never its secret
+                raise ValueError(str(exc)) from None
         return v
 
     @field_validator("log_level", mode="before")
@@ -215,7 +239,7 @@ class Settings(BaseSettings):
                 raise ValueError(problem)
         return v
 
-    @field_validator("startup_timeout")
+    @field_validator("startup_timeout", "bundle_retention")
     @classmethod
     def _positive(cls, v: timedelta) -> timedelta:
         if v.total_seconds() <= 0:

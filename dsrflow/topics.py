@@ -24,6 +24,7 @@ ALERTS = "dsr.alerts.v1"
 COMMANDS = "dsr.commands.v1"
 COMMAND_RESULTS = "dsr.command-results.v1"
 SYSTEMS = "dsr.systems.v1"
+SUPPRESSIONS = "dsr.suppressions.v1"
 TASKS_TEMPLATE = "dsr.tasks.{system}.v1"
 
 SCHEMA_MODELS: dict[str, type[events.Event]] = {
@@ -38,6 +39,7 @@ SCHEMA_MODELS: dict[str, type[events.Event]] = {
     "DecisionCommand": events.DecisionCommand,
     "CommandResult": events.CommandResult,
     "SystemAnnounced": registry.SystemAnnounced,
+    "SubjectSuppressed": events.SubjectSuppressed,
 }
 
 
@@ -238,7 +240,8 @@ def acl_rules(systems: list[str] | tuple[str, ...] = ("crm",), *, dpo_tool_group
     rules = [
         AclRule("User:coordinator", read, "topic", (REQUESTS, RECEIPTS, COMMANDS, SYSTEMS)),
         AclRule("User:coordinator", ("Read",), "group", (COORDINATOR_GROUP,)),
-        AclRule("User:coordinator", write, "topic", (CASES, NOTICES, ALERTS, COMMAND_RESULTS, DEADLETTER)),
+        AclRule("User:coordinator", write, "topic", (CASES, NOTICES, ALERTS, COMMAND_RESULTS, DEADLETTER,
+                                                         SUPPRESSIONS)),
         AclRule("User:coordinator", write, "topic", (TASKS_PREFIX,), prefixed=True),
     ]
     for system in systems:

@@ -147,6 +147,9 @@ class CaseDetail(CaseSummary):
     purposes: list[str] | None = Field(description="objection / consent withdrawal: purposes")
     outcome: dict[str, Any] | None
     bundle: Artifact | None = Field(description="the access bundle in the export store")
+    exports_deleted_at: datetime | None = Field(
+        default=None, description="when the access bundle and the exports it was built from were deleted, "
+        "bundle_retention after the case finished; null while they are kept")
     created_at: datetime
     updated_at: datetime
     tasks: list[Task]
@@ -176,6 +179,7 @@ class CaseDetail(CaseSummary):
             purposes=case.purposes,
             outcome=case.outcome,
             bundle=Artifact.model_validate(case.bundle) if case.bundle is not None else None,
+            exports_deleted_at=case.exports_deleted_at,
             created_at=case.created_at,
             updated_at=case.updated_at,
             tasks=[Task.of(t) for t in tasks],

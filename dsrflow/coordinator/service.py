@@ -35,7 +35,7 @@ from ..events import (
     TaskProgress,
     TaskReceipt,
 )
-from ..exports import BundleError, ExportError, ExportStore, LocalExportStore, build_bundle
+from ..exports import BundleError, ExportError, ExportStore, LocalExportStore, Withheld, build_bundle
 from ..exports.store import controller_prefix, system_case_prefix
 from ..registry import SystemDeclaration, active_systems
 from ..rights import ACTION_FOR_RIGHT, LASTING, CaseStatus, Right, TaskStatus
@@ -669,7 +669,7 @@ class Coordinator:
         the DPO's tools about the others."""
         fx = Effects()
         finishing = [(c, s) for c in cases if (s := c.settle()) is not None]
-        bundles = await asyncio.gather(*(self._bundle(c, s) for c, s in finishing), return_exceptions=True)
+        bundles = await asyncio.gather(*(self._bundle(c, s, systems) for c, s in finishing), return_exceptions=True)
         for (case, status), bundle in zip(finishing, bundles, strict=True):
             if isinstance(bundle, BaseException) and not isinstance(bundle, ExportError):
                 raise bundle  # the export store is away, say: the batch is retried, the case not failed
@@ -684,6 +684,9 @@ class Coordinator:
                 prefix = controller_prefix(case.controller)
                 deleted = await asyncio.to_thread(self.exports.delete_prefix, prefix)
                 case.outcome["dsrflow_exports"] = {"prefix": prefix, "deleted": deleted}
+            from .erasure import after_erasure  # a person's erasure: suppression list, earlier copies deleted
+
+            fx.extend(await after_erasure(conn, case, systems, now, settings=self.settings, exports=self.exports))
             log.info("case %s %s", case.case_id, case.status)
         done = {c.case_id for c, _ in finishing}
         for case in cases:
@@ -696,7 +699,8 @@ class Coordinator:
                 fx.events.append(case.case_event(now))
         return fx
 
-    async def _bundle(self, case: Case, status: CaseStatus) -> Artifact | None:
+    async def _bundle(self, case: Case, status: CaseStatus,
+                      systems: Mapping[str, SystemDeclaration] | None = None) -> Artifact | None:
         """The access bundle of a finished access or portability case (None for other rights)."""
         if not case.needs_bundle or status == CaseStatus.failed:
             return None
@@ -709,12 +713,12 @@ class Coordinator:
                 raise BundleError(f"export of system {system!r} is not one of this case's: {artifact.ref}")
         return await asyncio.to_thread(
             build_bundle, self.exports, case_id=case.case_id, request_id=case.request_id, parts=parts,
-            controller=case.controller,
+            controller=case.controller, right=str(case.right), declarations=systems,
             systems_without_data=sorted(t.system for t in case.tasks if t.status == TaskStatus.not_found),
-            systems_not_exported={t.system: (f"{t.status}, by a person: {t.note}" if t.kind == TaskKind.manual
-                                             else str(t.status))
-                                  for t in case.tasks if t.status not in (TaskStatus.succeeded, TaskStatus.not_found)
-                                  or (t.kind == TaskKind.manual and t.status == TaskStatus.succeeded)},
+            withheld=[Withheld(t.system, "manual" if manual else str(t.status), t.note if manual else None,
+                               tuple((t.result or {}).get("retained", [])))
+                      for t in case.tasks if (manual := t.kind == TaskKind.manual and t.status == TaskStatus.succeeded)
+                      or t.status not in (TaskStatus.succeeded, TaskStatus.not_found)],
         )
 
     # -- timers --------------------------------------------------------------
@@ -828,6 +832,9 @@ class Coordinator:
         ``inbox_retention`` (which must outlast the topics' retention, or a replay could repeat an
         effect). Returns (outbox rows, inbox rows) deleted."""
         now = now or datetime.now(UTC)
+        from .retention import expire_exports  # and access bundles and their exports past bundle_retention
+
+        await expire_exports(self.pool, self.exports, self.settings.bundle_retention, now)
         async with self.pool.acquire() as conn:
             sent = await conn.execute("DELETE FROM outbox WHERE sent_at < $1", now - self.settings.outbox_retention)
             seen = await conn.execute("DELETE FROM inbox WHERE processed_at < $1", now - self.settings.inbox_retention)

@@ -990,8 +990,9 @@ class Case:
         outcome shows them, its status and deadline stay what they were."""
         if self.status not in TERMINAL_CASE or self.outcome is None:
             return Effects()
-        lasting_keys: dict[str, Any] = {k: self.outcome[k] for k in ("information", "bundle_error")
-                                        if k in self.outcome}
+        # what was recorded when it finished, and no later task changes
+        kept = ("information", "bundle_error", "dsrflow_exports", "suppression", "earlier_copies_deleted")
+        lasting_keys: dict[str, Any] = {k: self.outcome[k] for k in kept if k in self.outcome}
         self.outcome = {"status": str(self.status), **outcome_document(self, self.status, systems, now),
                         **lasting_keys}
         self.dirty = True

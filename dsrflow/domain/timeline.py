@@ -50,6 +50,7 @@ class TimelineKind(StrEnum):
     deadline_overdue = "deadline_overdue"
     task_reassigned = "task_reassigned"
     pseudonymised = "pseudonymised"  # a closed case's identifiers, corrections and notes were replaced
+    exports_expired = "exports_expired"  # the access bundle and its exports were deleted: bundle_retention
 
 
 @dataclass(frozen=True, slots=True)

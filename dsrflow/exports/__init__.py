@@ -1,6 +1,16 @@
 """Exports: the export store (claim check for exported records) and access bundles."""
 
-from .bundle import BUNDLE_FORMAT, BundleError, build_bundle, read_bundle
+from .bundle import (
+    BUNDLE_FORMAT,
+    INDEX,
+    MANIFEST,
+    BundleError,
+    Withheld,
+    build_bundle,
+    export_rows,
+    read_bundle,
+    render_csv,
+)
 from .store import (
     ArtifactNotFound,
     ExportError,
@@ -18,6 +28,8 @@ from .store import (
 
 __all__ = [
     "BUNDLE_FORMAT",
+    "INDEX",
+    "MANIFEST",
     "ArtifactNotFound",
     "BundleError",
     "ExportError",
@@ -26,10 +38,13 @@ __all__ = [
     "LocalExportStore",
     "MemoryExportStore",
     "ScopedExportStore",
+    "Withheld",
     "build_bundle",
     "bundle_key",
     "export_key",
+    "export_rows",
     "read_bundle",
+    "render_csv",
     "system_case_prefix",
     "system_prefix",
     "validate_key",

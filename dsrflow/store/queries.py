@@ -91,6 +91,8 @@ class CaseDetail:
     bundle: dict[str, Any] | None
     created_at: datetime
     updated_at: datetime
+    #: when the access bundle and the exports it was built from were deleted (bundle_retention)
+    exports_deleted_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,7 +203,7 @@ async def get_case(db: Executor, case_id: UUID, *, now: datetime) -> CaseDetail 
     """One case with its subject, outcome and bundle; None when there is no such case."""
     r = await db.fetchrow(
         f"""SELECT {_SUMMARY_COLUMNS}, c.subject, c.verified, c.channel, c.changes, c.purposes,
-                   c.outcome, c.bundle, c.created_at, c.updated_at
+                   c.outcome, c.bundle, c.created_at, c.updated_at, c.exports_deleted_at
             FROM cases c WHERE c.case_id = $3""",
         _TERMINAL, now, case_id,
     )
@@ -218,6 +220,7 @@ async def get_case(db: Executor, case_id: UUID, *, now: datetime) -> CaseDetail 
         bundle=_json(r["bundle"]),
         created_at=r["created_at"],
         updated_at=r["updated_at"],
+        exports_deleted_at=r["exports_deleted_at"],
     )
 
 

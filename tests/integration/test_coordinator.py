@@ -224,7 +224,9 @@ async def test_access_case_gets_a_bundle_from_the_export_store(coordinator: Coor
     from dsrflow.exports import read_bundle
 
     manifest, files = read_bundle(coordinator.exports.get(bundle.ref))
-    assert manifest["systems_without_data"] == ["billing"] and list(files) == ["crm.json"]
+    assert manifest["systems_without_data"] == ["billing"] and sorted(files) == ["crm.csv", "crm.json", "index.html"]
+    assert [(s["name"], s["records"], s["declared"]) for s in manifest["systems"]] == [
+        ("billing", 0, True), ("crm", 1, True)]
 
 
 async def test_tampered_export_fails_the_case_not_the_coordinator(coordinator: Coordinator, pool: asyncpg.Pool) -> None:

@@ -438,8 +438,11 @@ async def test_the_access_bundle_says_which_systems_are_not_in_it_and_why(
     assert case["status"] == "completed_with_exceptions"
     manifest, files = read_bundle(coordinator.exports.get(orjson.loads(case["bundle"])["ref"]))
     assert manifest["systems_not_in_bundle"] == {
-        "analytics": "succeeded, by a person: export e-mailed from the console", "crm": "conflict"}
-    assert manifest["files"] == []
+        "analytics": "manual, export e-mailed from the console", "crm": "conflict"}
+    assert manifest["withheld"] == [
+        {"system": "analytics", "reason": "manual", "detail": "export e-mailed from the console"},
+        {"system": "crm", "reason": "conflict"}]
+    assert [f["name"] for f in manifest["files"]] == ["index.html"] and list(files) == ["index.html"]
 
 
 async def test_an_opt_out_that_failed_somewhere_still_reaches_a_system_registered_later(

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import codecs
+import csv
 import hashlib
+import html
 import io
 import tempfile
 import uuid
 import zipfile
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -17,18 +20,23 @@ import pytest
 
 from dsrflow.events import Artifact
 from dsrflow.exports import (
+    BUNDLE_FORMAT,
     ArtifactNotFound,
     BundleError,
     ExportStore,
     InvalidKey,
     LocalExportStore,
     MemoryExportStore,
+    Withheld,
     build_bundle,
     bundle_key,
     export_key,
+    export_rows,
     read_bundle,
+    render_csv,
     system_prefix,
 )
+from dsrflow.registry import Retention, SystemDeclaration
 
 CASE = uuid.UUID("0b7c6f0e-3a56-4e0b-9d59-2f0f8f1c2a10")
 WHEN = datetime(2025, 7, 1, 9, 30, tzinfo=UTC)
@@ -145,6 +153,19 @@ def put_parts(store: ExportStore) -> list[tuple[str, Artifact]]:
     ]
 
 
+def declarations() -> dict[str, SystemDeclaration]:
+    return {
+        "crm": SystemDeclaration(
+            name="crm", identifier_types=("email",), actions=("export_all",), categories=("user.contact.email",),
+            purposes=("essential.service",), recipients=("Zalo OA",), processors=("Viettel IDC",),
+            storage_country="VN", description="Quản lý khách hàng",
+            retention=(Retention(category="user.contact", legal_basis="Luật Kế toán 88/2015 Art 41",
+                                 period=timedelta(days=3650)),)),
+        "billing": SystemDeclaration(name="billing", identifier_types=("email",), actions=("export_all",),
+                                     categories=("user.financial",), storage_country="SG"),
+    }
+
+
 def test_bundle_manifest_matches_files(store: ExportStore) -> None:
     parts = put_parts(store)
     art = build_bundle(
@@ -155,35 +176,94 @@ def test_bundle_manifest_matches_files(store: ExportStore) -> None:
     assert hashlib.sha256(data).hexdigest() == art.sha256 and len(data) == art.size
 
     with zipfile.ZipFile(io.BytesIO(data)) as zf:
-        assert zf.namelist() == ["manifest.json", "billing.json", "crm.json"]
+        assert zf.namelist() == ["manifest.json", "index.html", "billing.json", "billing.csv", "crm.json", "crm.csv"]
         manifest = orjson.loads(zf.read("manifest.json"))
-        for entry in manifest["files"]:
+        assert {e["name"] for e in manifest["files"]} == set(zf.namelist()) - {"manifest.json"}
+        for entry in manifest["files"]:  # every file but the manifest itself
             body = zf.read(entry["name"])
             assert entry["sha256"] == hashlib.sha256(body).hexdigest()
             assert entry["size"] == len(body)
         assert zf.read("crm.json") == store.get(parts[0][1].ref)
 
+    assert manifest["format"] == BUNDLE_FORMAT == "dsrflow.bundle.v2"
     assert manifest["case_id"] == str(CASE) and manifest["request_id"] == "req-42"
+    assert manifest["right"] == "access" and manifest["controller"] == "default"
     assert manifest["generated_at"] == WHEN.isoformat()
-    assert [(e["name"], e["system"], e["records"]) for e in manifest["files"]] == [
-        ("billing.json", "billing", 2),
-        ("crm.json", "crm", 1),
+    assert [(e["name"], e["system"], e["kind"], e["records"]) for e in manifest["files"]] == [
+        ("index.html", None, "index", 0),
+        ("billing.json", "billing", "export", 2),
+        ("billing.csv", "billing", "csv", 2),
+        ("crm.json", "crm", "export", 1),
+        ("crm.csv", "crm", "csv", 1),
     ]
+    assert [(s["name"], s["records"], s["exported"]) for s in manifest["systems"]] == [
+        ("billing", 2, True), ("crm", 1, True), ("marketing", 0, False)]
     assert manifest["systems_without_data"] == ["marketing"]
+    assert manifest["withheld"] == [{"system": "marketing", "reason": "not_found"}]
     assert read_bundle(data)[0] == manifest
+
+
+def test_manifest_says_what_each_system_declares_and_what_was_withheld(store: ExportStore) -> None:
+    withheld = [
+        Withheld("payroll", "retained", retained=({"category": "user.financial", "records": 3,
+                                                   "legal_basis": "Luật Kế toán 88/2015", "retain_until": None},)),
+        Withheld("support", "manual", "sent by post"),
+        Withheld("zalo", "conflict"),
+    ]
+    manifest, files = read_bundle(store.get(build_bundle(
+        store, case_id=CASE, request_id="r", parts=put_parts(store), right="portability", controller="acme",
+        declarations=declarations(), systems_without_data=["marketing"], withheld=withheld,
+        systems_not_exported={"auth": "failed", "zalo": "refused"}, generated_at=WHEN).ref))
+    assert manifest["right"] == "portability" and manifest["controller"] == "acme"
+    crm = next(s for s in manifest["systems"] if s["name"] == "crm")
+    assert crm == {
+        "name": "crm", "records": 1, "files": ["crm.json", "crm.csv"], "exported": True, "declared": True,
+        "description": "Quản lý khách hàng", "categories": ["user.contact.email"],
+        "purposes": ["essential.service"], "recipients": ["Zalo OA"], "processors": ["Viettel IDC"],
+        "storage_country": "VN",
+        "retention": [{"category": "user.contact", "legal_basis": "Luật Kế toán 88/2015 Art 41", "period": "P10Y"}],
+    }
+    billing = next(s for s in manifest["systems"] if s["name"] == "billing")
+    assert billing["storage_country"] == "SG" and billing["purposes"] == []
+    assert next(s for s in manifest["systems"] if s["name"] == "support") == {
+        "name": "support", "records": 0, "files": [], "exported": False, "withheld": "manual", "declared": False}
+    assert manifest["withheld"] == [
+        {"system": "auth", "reason": "failed"},
+        {"system": "marketing", "reason": "not_found"},
+        {"system": "payroll", "reason": "retained", "retained": [
+            {"category": "user.financial", "legal_basis": "Luật Kế toán 88/2015", "records": 3,
+             "retain_until": None}]},
+        {"system": "support", "reason": "manual", "detail": "sent by post"},
+        {"system": "zalo", "reason": "conflict"},  # the structured reason wins over the short one
+    ]
+    assert manifest["systems_not_in_bundle"] == {"auth": "failed", "payroll": "retained",
+                                                 "support": "manual, sent by post", "zalo": "conflict"}
+    page = files["index.html"].decode()
+    for text in ("Viettel IDC", "Luật Kế toán 88/2015", "sent by post", "Quyền nhận và chuyển dữ liệu cá nhân",
+                 "Right to data portability", "Các thông tin định danh trỏ tới những người khác nhau"):
+        assert text in page
 
 
 def test_bundle_is_deterministic(store: ExportStore) -> None:
     parts = put_parts(store)
-    a = store.get(build_bundle(store, case_id=CASE, request_id="r", parts=parts, generated_at=WHEN).ref)
-    b = store.get(build_bundle(store, case_id=CASE, request_id="r", parts=parts[::-1], generated_at=WHEN).ref)
+    a = store.get(build_bundle(store, case_id=CASE, request_id="r", parts=parts, generated_at=WHEN,
+                               declarations=declarations()).ref)
+    b = store.get(build_bundle(store, case_id=CASE, request_id="r", parts=parts[::-1], generated_at=WHEN,
+                               declarations=dict(reversed(declarations().items()))).ref)
     assert a == b
-    later = build_bundle(
-        store, case_id=CASE, request_id="r", parts=parts, generated_at=datetime(2025, 7, 2, tzinfo=UTC)
-    )
-    _, files_a = read_bundle(a)
-    _, files_later = read_bundle(store.get(later.ref))
-    assert files_a == files_later  # only generated_at differs
+    later_at = datetime(2025, 7, 2, tzinfo=UTC)
+    later = build_bundle(store, case_id=CASE, request_id="r", parts=parts, generated_at=later_at,
+                         declarations=declarations())
+    manifest_a, files_a = read_bundle(a)
+    manifest_later, files_later = read_bundle(store.get(later.ref))
+    # only generated_at differs: on the page (and so the page's checksum) and in the manifest
+    page_a, page_later = files_a.pop("index.html"), files_later.pop("index.html")
+    assert files_a == files_later
+    assert page_a.replace(WHEN.isoformat().encode(), later_at.isoformat().encode()) == page_later
+    for m in (manifest_a, manifest_later):
+        del m["generated_at"]
+        m["files"] = [f for f in m["files"] if f["name"] != "index.html"]
+    assert manifest_a == manifest_later
 
 
 def test_system_with_several_exports_and_empty_export(store: ExportStore) -> None:
@@ -197,10 +277,119 @@ def test_system_with_several_exports_and_empty_export(store: ExportStore) -> Non
             build_bundle(store, case_id="c", request_id="r", parts=parts, systems_without_data=["crm", "zalo"]).ref
         )
     )
-    assert sorted(files) == ["auth.json", "crm-1.json", "crm-2.json"]
+    assert sorted(files) == ["auth.csv", "auth.json", "crm-1.csv", "crm-1.json", "crm-2.csv", "crm-2.json",
+                             "index.html"]
     assert files["crm-1.json"] == b"[1]" and files["crm-2.json"] == b"[2]"
-    assert [e["records"] for e in manifest["files"]] == [0, 1, 1]
+    assert [e["records"] for e in manifest["files"] if e["kind"] == "export"] == [0, 1, 1]
     assert manifest["systems_without_data"] == ["zalo"]  # a system with data is never listed as without
+    assert files["crm-2.csv"].decode("utf-8-sig") == "value\r\n2\r\n"
+    assert files["auth.csv"].decode("utf-8-sig") == "\r\n"  # no records: a header without columns
+
+
+def test_an_export_that_is_not_json_goes_in_as_it_is(store: ExportStore) -> None:
+    parts = [("crm", store.put("cases/c/crm/t-1.csv", b"a,b\r\n1,2\r\n", records=1, media_type="text/csv")),
+             ("auth", store.put("cases/c/auth/t-1.json", b"{not json", records=1))]
+    manifest, files = read_bundle(store.get(build_bundle(store, case_id="c", request_id="r", parts=parts).ref))
+    assert sorted(files) == ["auth.json", "crm.csv", "index.html"]
+    assert files["crm.csv"] == b"a,b\r\n1,2\r\n"
+    assert "không phải JSON" in files["index.html"].decode()
+
+
+def read_csv(data: bytes) -> list[dict[str, str]]:
+    assert data.startswith(codecs.BOM_UTF8)  # Excel reads UTF-8 (Vietnamese) only with it
+    return list(csv.DictReader(io.StringIO(data.decode("utf-8-sig"), newline="")))
+
+
+def test_csv_keeps_every_value(store: ExportStore) -> None:
+    doc = {
+        "exported_by": "crm 2.1",
+        "contacts": [
+            {"id": 7, "full_name": "Trần Thị Ánh Tuyết", "vip": True, "note": None,
+             "address": {"street": "12 Lý Thường Kiệt", "city": "Hà Nội", "geo": {"lat": 21.02, "lng": 105.85}},
+             "phones": ["+84 912 345 678", "+84 24 3825 1234"], "tags": [], "meta": {},
+             "bio": 'dòng 1\ndòng 2, "trích dẫn"', "table": "kept", "address.city": "colliding key"},
+        ],
+        "orders": [{"id": 1, "total_vnd": 1_250_000.5, "items": [{"sku": "A", "qty": 2}]}, "stray value"],
+    }
+    art = store.put("cases/c/crm/t-1.json", orjson.dumps(doc), records=3)
+    _, files = read_bundle(store.get(build_bundle(store, case_id="c", request_id="r", parts=[("crm", art)]).ref))
+    rows = read_csv(files["crm.csv"])
+    assert list(rows[0]) == ["table", "exported_by", "id", "full_name", "vip", "note", "address.street",
+                             "address.city", "address.geo.lat", "address.geo.lng", "phones", "tags", "meta", "bio",
+                             "table_", "address.city_", "total_vnd", "items", "value"]
+    assert [r["table"] for r in rows] == ["", "contacts", "orders", "orders"]
+    assert rows[0]["exported_by"] == "crm 2.1"
+    lan = rows[1]
+    assert lan["full_name"] == "Trần Thị Ánh Tuyết" and lan["address.city"] == "Hà Nội"
+    assert lan["bio"] == 'dòng 1\ndòng 2, "trích dẫn"'
+    assert lan["table_"] == "kept" and lan["address.city_"] == "colliding key"
+    assert orjson.loads(lan["phones"]) == doc["contacts"][0]["phones"]  # type: ignore[index]
+    assert (orjson.loads(lan["tags"]), orjson.loads(lan["meta"]), lan["note"]) == ([], {}, "")
+    assert orjson.loads(lan["vip"]) is True and orjson.loads(lan["id"]) == 7
+    assert float(lan["address.geo.lat"]) == 21.02
+    assert orjson.loads(rows[2]["items"]) == [{"sku": "A", "qty": 2}] and float(rows[2]["total_vnd"]) == 1250000.5
+    assert rows[3]["value"] == "stray value"
+
+
+def test_export_rows_of_lists_and_scalars() -> None:
+    assert export_rows([{"a": 1}, {"b": {"c": "x"}}]) == (["a", "b.c"], [{"a": 1}, {"b.c": "x"}])
+    assert export_rows("just text") == (["value"], [{"value": "just text"}])
+    assert render_csv(["a"], [{"a": "Đ"}]) == codecs.BOM_UTF8 + "a\r\nĐ\r\n".encode()
+
+
+HOSTILE = '<script>alert("x")</script><img src=x onerror=alert(1)>'
+
+
+def test_index_page_escapes_exported_text(store: ExportStore) -> None:
+    doc = {"contacts": [{"full_name": HOSTILE, HOSTILE: "key", "note": "a & b"}]}
+    parts = [("crm", store.put(f"systems/crm/cases/{CASE}/t-1.json", orjson.dumps(doc), records=1))]
+    _, files = read_bundle(store.get(build_bundle(
+        store, case_id=CASE, request_id='r"><script>x</script>', parts=parts, generated_at=WHEN,
+        withheld=[Withheld("support", "manual", detail=HOSTILE)]).ref))
+    page = files["index.html"].decode()
+    assert "<script" not in page and "<img" not in page
+    assert html.escape(HOSTILE) in page and "a &amp; b" in page
+    assert page.count(html.escape(HOSTILE)) == 3  # the value, the column named by a key, the note
+    assert '<html lang="vi">' in page and "Content-Security-Policy" in page
+    assert "http://" not in page and "https://" not in page  # self-contained
+    vi, en = page.index("Dữ liệu cá nhân của bạn"), page.index("Your personal data</span>")
+    assert vi < en  # Vietnamese first
+    manifest, _ = read_bundle(store.get(bundle_key(CASE)))
+    for entry in manifest["files"]:
+        if entry["name"] != "index.html":
+            assert entry["sha256"] in page  # how to verify: every other file's checksum is on the page
+
+
+def test_read_bundle_detects_tampering(store: ExportStore) -> None:
+    art = build_bundle(store, case_id=CASE, request_id="r", parts=put_parts(store), generated_at=WHEN)
+    original = store.get(art.ref)
+
+    def rewrite(change: dict[str, bytes | None]) -> bytes:
+        buf = io.BytesIO()
+        with zipfile.ZipFile(io.BytesIO(original)) as src, zipfile.ZipFile(buf, "w") as dst:
+            for name in src.namelist():
+                body = change.get(name, src.read(name))
+                if body is not None:
+                    dst.writestr(name, body)
+            for name, body in change.items():
+                if name not in src.namelist() and body is not None:
+                    dst.writestr(name, body)
+        return buf.getvalue()
+
+    assert read_bundle(rewrite({}))[1] == read_bundle(original)[1]
+    for change, message in [
+        ({"crm.json": b"{}"}, "crm.json does not match"),
+        ({"crm.csv": b"\xef\xbb\xbffull_name\r\nsomeone else\r\n"}, "crm.csv does not match"),
+        ({"index.html": b"<p>nothing here</p>"}, "index.html does not match"),
+        ({"billing.json": None}, "differ from its manifest"),
+        ({"extra.json": b"[]"}, "differ from its manifest"),
+        ({"manifest.json": None}, "no manifest"),
+        ({"manifest.json": b"[1]"}, "not a manifest"),
+    ]:
+        with pytest.raises(BundleError, match=message):
+            read_bundle(rewrite(change))
+    with pytest.raises(BundleError):
+        read_bundle(b"not a zip")
 
 
 def test_tampered_export_is_refused(store: ExportStore) -> None:
@@ -216,18 +405,6 @@ def test_missing_export_is_refused(store: ExportStore) -> None:
     store.delete(parts[1][1].ref)
     with pytest.raises(BundleError, match="missing"):
         build_bundle(store, case_id=CASE, request_id="r", parts=parts)
-
-
-def test_read_bundle_detects_tampering(store: ExportStore) -> None:
-    art = build_bundle(store, case_id=CASE, request_id="r", parts=put_parts(store), generated_at=WHEN)
-    buf = io.BytesIO()
-    with zipfile.ZipFile(io.BytesIO(store.get(art.ref))) as src, zipfile.ZipFile(buf, "w") as dst:
-        for name in src.namelist():
-            dst.writestr(name, b"{}" if name == "crm.json" else src.read(name))
-    with pytest.raises(BundleError):
-        read_bundle(buf.getvalue())
-    with pytest.raises(BundleError):
-        read_bundle(b"not a zip")
 
 
 def test_local_store_read_errors_that_cannot_pass_are_export_errors(tmp_path: Path) -> None:
