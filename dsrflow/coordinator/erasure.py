@@ -114,6 +114,9 @@ async def after_erasure(conn: asyncpg.Connection, case: Case, systems: Mapping[s
     fx = _suppress(case, identifiers, settings, now)
     copies = await _earlier_copies(conn, case, identifiers, settings)
     deleted = await asyncio.to_thread(_delete, exports, case.controller, copies) if copies else []
+    gone = [uuid.UUID(d["case_id"]) for d in deleted if "error" not in d]
+    if gone:  # those cases' bundle and exports are no more: their records say so (the API shows it)
+        await conn.execute("UPDATE cases SET exports_deleted_at = $2 WHERE case_id = ANY($1::uuid[])", gone, now)
     case.outcome["earlier_copies_deleted"] = {
         "cases": deleted, "exports": sum(d["exports"] for d in deleted),
         "bundles": sum(d["bundles"] for d in deleted)}

@@ -232,6 +232,10 @@ async def test_a_later_erasure_deletes_the_earlier_access_copies_of_that_person_
     assert doc == {"cases": [{"case_id": str(lan["case_id"]), "right": "access", "exports": 2, "bundles": 1}],
                    "exports": 2, "bundles": 1}
     assert not exports.exists(bundle_key(lan["case_id"]))
+    gone = {r["case_id"]: r["exports_deleted_at"] for r in await pool.fetch("SELECT case_id, exports_deleted_at "
+                                                                            "FROM cases")}
+    assert gone[lan["case_id"]] is not None  # the access case's record says its copies are gone
+    assert [c for c, at in gone.items() if at is not None] == [lan["case_id"]]
     for system in ("crm", "billing"):
         assert not [p for p in (tmp_path / "exports").rglob("*")
                     if p.is_file() and str(lan["case_id"]) in str(p)], system
