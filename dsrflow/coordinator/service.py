@@ -704,8 +704,10 @@ class Coordinator:
         """The access bundle of a finished access or portability case (None for other rights)."""
         if not case.needs_bundle or status == CaseStatus.failed:
             return None
+        # only what a system exported in full: a conflict's, failure's or refusal's artifacts may hold
+        # another person's data, and the bundle lists those systems as withheld
         parts = [(t.system, Artifact.model_validate(a)) for t in sorted(case.tasks, key=lambda t: t.system)
-                 for a in (t.result or {}).get("artifacts", [])]
+                 if t.status == TaskStatus.succeeded for a in (t.result or {}).get("artifacts", [])]
         for system, artifact in parts:
             # A receipt may only bring its own system's exports for this case into the bundle.
             legacy = f"{controller_prefix(case.controller)}cases/{case.case_id}/{system}/"  # before per-system parts
@@ -831,10 +833,15 @@ class Coordinator:
         """Delete outbox rows sent longer ago than ``outbox_retention`` and inbox ids older than
         ``inbox_retention`` (which must outlast the topics' retention, or a replay could repeat an
         effect). Returns (outbox rows, inbox rows) deleted."""
-        now = now or datetime.now(UTC)
         from .retention import expire_exports  # and access bundles and their exports past bundle_retention
 
-        await expire_exports(self.pool, self.exports, self.settings.bundle_retention, now)
+        if now is None:
+            async with self.pool.acquire() as conn:
+                now = await db_now(conn)  # the database's clock, as every other timer's
+        try:
+            await expire_exports(self.pool, self.exports, self.settings.bundle_retention, now)
+        except Exception as exc:  # noqa: BLE001 - expiry must not stop the pruning below; the next sweep retries
+            log.warning("expiring bundles failed (%s); the next sweep retries", type(exc).__name__)
         async with self.pool.acquire() as conn:
             sent = await conn.execute("DELETE FROM outbox WHERE sent_at < $1", now - self.settings.outbox_retention)
             seen = await conn.execute("DELETE FROM inbox WHERE processed_at < $1", now - self.settings.inbox_retention)

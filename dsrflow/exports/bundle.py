@@ -30,6 +30,7 @@ import hashlib
 import html
 import io
 import zipfile
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -68,6 +69,8 @@ HTML_ROW_LIMIT = 2000
 
 _EXTENSIONS = {"application/json": ".json", "text/csv": ".csv", "application/zip": ".zip", "text/plain": ".txt"}
 _RESERVED = {MANIFEST, INDEX}
+#: the largest file read_bundle reads (a zip bomb's file says it is larger)
+_MAX_FILE = 2 * 1024**3
 _BOM = "\ufeff"
 TABLE_COLUMN = "table"
 
@@ -117,10 +120,19 @@ def _file_names(parts: Sequence[tuple[str, Artifact]]) -> list[tuple[str, str, A
         per_system[system] = per_system.get(system, 0) + 1
     out: list[tuple[str, str, Artifact]] = []
     seen: dict[str, int] = {}
+    # never twice the same name, nor the manifest's or the page's: a system named "manifest", or a
+    # system "crm-1" beside crm's first of two exports, must not replace another file
+    taken = set(_RESERVED) | {_csv_name(r) for r in _RESERVED}
     for system, artifact in ordered:
         seen[system] = seen.get(system, 0) + 1
         stem = system if per_system[system] == 1 else f"{system}-{seen[system]}"
-        out.append((stem + _extension(artifact), system, artifact))
+        ext = _extension(artifact)
+        name, n = stem + ext, 1
+        while name in taken or _csv_name(name) in taken:
+            n += 1
+            name = f"{stem}~{n}{ext}"
+        taken.update((name, _csv_name(name)))
+        out.append((name, system, artifact))
     return out
 
 
@@ -189,13 +201,25 @@ def cell(value: Any) -> str:
     return orjson.dumps(value).decode()
 
 
+#: a cell a spreadsheet would read as a formula (OWASP "CSV injection")
+_FORMULA = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _inert(text: str) -> str:
+    """A CSV cell a spreadsheet shows as text: one that starts like a formula gets a leading ``'``
+    (the JSON file beside it keeps the exact value)."""
+    return "'" + text if text.startswith(_FORMULA) else text
+
+
 def render_csv(columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> bytes:
-    """UTF-8 with a byte-order mark (Excel then reads Vietnamese right), CRLF line ends (RFC 4180)."""
+    """UTF-8 with a byte-order mark (Excel then reads Vietnamese right), CRLF line ends (RFC 4180).
+    A header or text cell that starts like a formula (``= + - @``) gets a leading ``'``, so a
+    spreadsheet shows it and runs nothing; the JSON export is the exact copy."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\r\n")
-    writer.writerow(columns)
+    writer.writerow([_inert(c) for c in columns])
     for r in rows:
-        writer.writerow([cell(r.get(c)) for c in columns])
+        writer.writerow([_inert(cell(r.get(c))) if isinstance(r.get(c), str) else cell(r.get(c)) for c in columns])
     return (_BOM + buf.getvalue()).encode("utf-8")
 
 
@@ -550,9 +574,15 @@ def read_bundle(data: bytes) -> tuple[dict[str, Any], dict[str, bytes]]:
             names = zf.namelist()
             if len(names) != len(set(names)):
                 raise BundleError("bundle has a file name twice")
+            for info in zf.infolist():
+                if "/" in info.filename or "\\" in info.filename or info.filename.startswith("."):
+                    raise BundleError("bundle has a file outside its top folder")
+                if info.file_size > _MAX_FILE:
+                    raise BundleError(f"{info.filename} is larger than a bundle's file may be")
             contents = {name: zf.read(name) for name in names}
-    except (zipfile.BadZipFile, zipfile.LargeZipFile) as exc:
-        raise BundleError(f"not a zip file: {exc}") from None
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, RuntimeError, NotImplementedError, EOFError,
+            ValueError, zlib.error) as exc:  # encrypted, an unknown compression, truncated...
+        raise BundleError(f"not a bundle's zip file: {type(exc).__name__}") from None
     if MANIFEST not in contents:
         raise BundleError("bundle has no manifest.json")
     try:
@@ -562,6 +592,8 @@ def read_bundle(data: bytes) -> tuple[dict[str, Any], dict[str, bytes]]:
         raise BundleError("bundle's manifest.json is not a manifest") from None
     if set(listed) != set(contents):
         raise BundleError("bundle files differ from its manifest")
+    if not str(manifest.get("format", "")).startswith("dsrflow.bundle.") or INDEX not in contents:
+        raise BundleError("bundle's manifest is not a dsrflow bundle's (no format, or no index.html)")
     for name, entry in listed.items():
         if hashlib.sha256(contents[name]).hexdigest() != entry.get("sha256"):
             raise BundleError(f"{name} does not match the manifest's sha256")

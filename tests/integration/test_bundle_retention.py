@@ -181,3 +181,29 @@ async def test_an_access_case_whose_bundle_failed_loses_its_exports_too(
     assert case["status"] == "failed" and case["bundle"] is None and copies(store, case_id) == [art.ref]
     await coordinator.prune(case["completed_at"] + RETENTION + timedelta(minutes=1))
     assert copies(store, case_id) == [] and len(await expiries(pool, case_id)) == 1
+
+
+async def test_a_case_whose_copies_cannot_be_deleted_holds_up_no_other(
+    coordinator: Coordinator, pool: asyncpg.Pool, store: MemoryExportStore
+) -> None:
+    stuck = await finish_access_case(coordinator, pool, store, "acc-stuck")
+    other = await finish_access_case(coordinator, pool, store, "acc-other")
+    real_delete = store._delete
+
+    def refusing(key: str) -> bool:  # a worker-owned folder the coordinator may not touch, say
+        if str(stuck["case_id"]) in key:
+            raise PermissionError(13, "Permission denied")
+        return real_delete(key)
+
+    store._delete = refusing  # type: ignore[method-assign]
+    await pool.execute("INSERT INTO outbox (topic, key, value, headers, sent_at) VALUES ('t', NULL, $2, '[]', $1)",
+                       datetime.now(UTC) - timedelta(days=400), b"x")
+    at = max(stuck["completed_at"], other["completed_at"]) + RETENTION + timedelta(seconds=1)
+    sent, _ = await coordinator.prune(at)
+    assert copies(store, other["case_id"]) == [] and len(await expiries(pool, other["case_id"])) == 1
+    assert await expiries(pool, stuck["case_id"]) == []  # not recorded: the next sweep tries again
+    assert await pool.fetchval("SELECT exports_deleted_at FROM cases WHERE case_id = $1", stuck["case_id"]) is None
+    assert sent == 1  # and the outbox was pruned all the same
+    store._delete = real_delete  # type: ignore[method-assign]
+    await coordinator.prune(at)
+    assert copies(store, stuck["case_id"]) == [] and len(await expiries(pool, stuck["case_id"])) == 1

@@ -229,6 +229,29 @@ async def test_access_case_gets_a_bundle_from_the_export_store(coordinator: Coor
         ("billing", 0, True), ("crm", 1, True)]
 
 
+async def test_a_conflicting_systems_export_stays_out_of_the_bundle(coordinator: Coordinator,
+                                                                     pool: asyncpg.Pool) -> None:
+    """A worker that exported, then found the identifiers to be two people's, answers conflict: what
+    it exported may hold the other person's data, and never reaches the subject."""
+    await coordinator.handle_requests([request("access", request_id="acc-c")])
+    tasks = await tasks_of(pool, "acc-c")
+    case_id = tasks["crm"]["case_id"]
+    theirs = coordinator.exports.put(f"systems/crm/cases/{case_id}/1.json", b'[{"name": "Lan B"}]', records=1)
+    mine = coordinator.exports.put(f"systems/billing/cases/{case_id}/1.json", b'[{"name": "Lan A"}]', records=1)
+    await coordinator.handle_receipts([
+        receipt(tasks["crm"], "conflict", error="two people", artifacts=[theirs.model_dump()]),
+        receipt(tasks["billing"], "succeeded", artifacts=[mine.model_dump()]),
+    ])
+    case = await pool.fetchrow("SELECT * FROM cases WHERE request_id = 'acc-c'")
+    assert case["status"] == "completed_with_exceptions"
+    from dsrflow.exports import read_bundle
+
+    manifest, files = read_bundle(coordinator.exports.get(orjson.loads(case["bundle"])["ref"]))
+    assert sorted(files) == ["billing.csv", "billing.json", "index.html"]
+    assert all(b"Lan B" not in body for body in files.values())
+    assert [(w["system"], w["reason"]) for w in manifest["withheld"]] == [("crm", "conflict")]
+
+
 async def test_tampered_export_fails_the_case_not_the_coordinator(coordinator: Coordinator, pool: asyncpg.Pool) -> None:
     await coordinator.handle_requests([request("access", request_id="acc-2")])
     tasks = await tasks_of(pool, "acc-2")

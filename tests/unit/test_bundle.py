@@ -447,3 +447,56 @@ def test_a_controllers_exports_are_deleted_by_prefix_and_no_one_elses(kind: str,
     for bad in ("controllers/acme", "../", "/"):
         with pytest.raises(InvalidKey):
             store.delete_prefix(bad)
+
+
+def test_no_export_replaces_the_manifest_the_page_or_another_export(store: ExportStore) -> None:
+    page = b"<script>alert(1)</script>"
+    parts = [("manifest", store.put("systems/manifest/cases/c/t-1.json", b'{"forged": true}', records=1)),
+             ("index", store.put("systems/index/cases/c/t-1.html", page, records=1, media_type="text/html")),
+             ("crm", store.put("systems/crm/cases/c/t-1.json", b'[{"a": 1}]', records=1)),
+             ("crm", store.put("systems/crm/cases/c/t-2.json", b'[{"a": 2}]', records=1)),
+             ("crm-1", store.put("systems/crm-1/cases/c/t-1.json", b'[{"a": 3}]', records=1))]
+    art = build_bundle(store, case_id="c", request_id="r", parts=parts)
+    manifest, files = read_bundle(store.get(art.ref))  # refuses a bundle with a name twice
+    assert manifest["format"] == "dsrflow.bundle.v2"
+    assert page not in files["index.html"]  # the page is dsrflow's, the system's html is beside it
+    exported = {f["name"]: f["system"] for f in manifest["files"] if f["kind"] == "export"}
+    assert len(exported) == 5 and "manifest.json" not in exported and "index.html" not in exported
+    assert sorted(exported.values()) == ["crm", "crm", "crm-1", "index", "manifest"]
+    assert {orjson.loads(files[n])[0]["a"] for n, s in exported.items() if s.startswith("crm")} == {1, 2, 3}
+
+
+def test_a_csv_cell_that_looks_like_a_formula_stays_text(store: ExportStore) -> None:
+    doc = [{"note": "=HYPERLINK(\"http://x\",\"click\")", "=cmd": "+1", "plain": "Hà Nội", "n": -5}]
+    art = store.put("systems/crm/cases/c/t-1.json", orjson.dumps(doc), records=1)
+    _, files = read_bundle(store.get(build_bundle(store, case_id="c", request_id="r", parts=[("crm", art)]).ref))
+    [row] = read_csv(files["crm.csv"])
+    assert row["note"] == "'=HYPERLINK(\"http://x\",\"click\")" and row["'=cmd"] == "'+1"
+    assert row["plain"] == "Hà Nội" and row["n"] == "-5"  # a number is a number, not text
+    assert orjson.loads(files["crm.json"]) == doc  # the JSON keeps the exact value
+
+
+def test_read_bundle_refuses_what_is_not_a_dsrflow_bundle(store: ExportStore) -> None:
+    def zipped(entries: dict[str, bytes]) -> bytes:
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as zf:
+            for name, body in entries.items():
+                zf.writestr(name, body)
+        return buf.getvalue()
+
+    def manifest_of(files: dict[str, bytes], fmt: str | None = "dsrflow.bundle.v2") -> bytes:
+        doc: dict[str, Any] = {"files": [{"name": n, "sha256": hashlib.sha256(b).hexdigest(), "size": len(b)}
+                                         for n, b in files.items()]}
+        if fmt is not None:
+            doc["format"] = fmt
+        return orjson.dumps(doc)
+
+    files = {"index.html": b"<p>x</p>", "crm.json": b"[]"}
+    assert read_bundle(zipped({"manifest.json": manifest_of(files), **files}))[0]["format"] == "dsrflow.bundle.v2"
+    for entries, message in [
+        ({"manifest.json": manifest_of({})}, "not a dsrflow bundle"),  # no index.html
+        ({"manifest.json": manifest_of(files, fmt=None), **files}, "not a dsrflow bundle"),
+        ({"manifest.json": manifest_of({"../x": b"1"}), "../x": b"1"}, "outside its top folder"),
+    ]:
+        with pytest.raises(BundleError, match=message):
+            read_bundle(zipped(entries))
