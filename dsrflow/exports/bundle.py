@@ -7,7 +7,8 @@ Layout of ``bundles/<case_id>.zip``::
                     their record counts, every other file's sha256 and size, what was withheld and why
     index.html      the same for a person, in Vietnamese and English, one table per export; opens in
                     any browser, offline, without JavaScript
-    <system>.json   one per system that exported (``<system>-<n>.json`` if it exported several)
+    <system>.json   one per system that exported (``<system>-<n>.json`` if it exported several;
+                    ``~<n>`` added where a name is taken: no file ever replaces another)
     <system>.csv    the same records as a table (UTF-8 with a BOM, so Excel reads Vietnamese)
 
 Each export's sha256 is checked against its receipt before it goes in, so a bundle never carries
@@ -18,9 +19,11 @@ manifest and the page) distinguishes two builds of the same case.
 The CSV rendering of an export (:func:`export_rows`): a JSON object whose values are lists is one
 row per list item with a ``table`` column naming the list (``contacts``, ``invoices``); its other
 values make one row of their own; a JSON list is one row per item. Objects are flattened to
-``a.b`` columns; strings go in as they are, every other value (numbers, true/false, lists, empty
-objects) as its JSON text, and null as an empty cell: no value is lost. The JSON file stays the
-authoritative, machine-readable copy.
+``a.b`` columns; strings go in as they are (one that starts like a spreadsheet formula, ``= + - @``,
+with a leading ``'``), every other value (numbers, true/false, lists, empty objects) as its JSON
+text, and null as an empty cell. The JSON file stays the authoritative, machine-readable copy:
+the table loses the difference between null and an empty string, and numbers beyond a 64-bit
+float's precision.
 """
 
 from __future__ import annotations
