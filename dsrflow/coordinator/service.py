@@ -660,7 +660,27 @@ class Coordinator:
             receipt_rows,
         )
         work.effects.extend(await self._settle(conn, list(touched.values()), systems, now))
+        await self._drop_late_exports(conn, decoded)
         await repo.save(conn, cases.values())  # the cases receipts touched, and the progress recorded
+
+    async def _drop_late_exports(self, conn: asyncpg.Connection,
+                                 decoded: Sequence[tuple[Record, codec.Envelope[Any]]]) -> None:
+        """Exports a late receipt names for a finished case whose copies already expired (a task
+        skipped, done by its system after all): nothing will ever bundle or expire them, so they go
+        now. A case that is open again keeps them: its new bundle is built from them."""
+        late = [(env.data.case_id, env.data.system, a.ref) for _, env in decoded if isinstance(env.data, TaskReceipt)
+                for a in env.data.artifacts]
+        if not late:
+            return
+        expired = {r["case_id"]: r["controller"] for r in await conn.fetch(
+            "SELECT case_id, controller FROM cases WHERE case_id = ANY($1::uuid[]) AND exports_deleted_at IS NOT NULL "
+            "AND completed_at IS NOT NULL AND exports_deleted_at >= completed_at", sorted({c for c, _, _ in late}))}
+        # only under the receipt's own system's part for that case: a receipt never deletes what is not its own
+        refs = [ref for case_id, system, ref in late if case_id in expired
+                and ref.startswith(system_case_prefix(system, case_id, expired[case_id]))]
+        if refs:
+            removed = await asyncio.to_thread(lambda: sum(self.exports.delete(ref) for ref in refs))
+            log.info("deleted %d export(s) that late receipts named for cases whose copies had expired", removed)
 
     async def _settle(self, conn: asyncpg.Connection, cases: Sequence[Case], systems: Mapping[str, SystemDeclaration],
                       now: datetime) -> Effects:

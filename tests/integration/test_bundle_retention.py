@@ -207,3 +207,28 @@ async def test_a_case_whose_copies_cannot_be_deleted_holds_up_no_other(
     store._delete = real_delete  # type: ignore[method-assign]
     await coordinator.prune(at)
     assert copies(store, stuck["case_id"]) == [] and len(await expiries(pool, stuck["case_id"])) == 1
+
+
+async def test_an_export_a_late_receipt_names_after_expiry_is_deleted_at_once(
+    coordinator: Coordinator, pool: asyncpg.Pool, store: MemoryExportStore
+) -> None:
+    """Marketing's task was skipped and the case finished and expired; then marketing's worker did
+    it after all, and its receipt names an export that nothing would ever bundle or expire."""
+    await coordinator.handle_requests([request("acc-late")])
+    tasks = {r["system"]: r for r in await pool.fetch("SELECT * FROM tasks")}
+    case_id = tasks["crm"]["case_id"]
+    await coordinator.handle_receipts([receipt(tasks["crm"], "not_found"), receipt(tasks["billing"], "not_found")])
+    await coordinator.skip_task(case_id, tasks["marketing"]["task_id"], by="dpo", reason="system being retired")
+    case = await pool.fetchrow("SELECT * FROM cases")
+    assert case["status"] == "completed_with_exceptions"
+    await coordinator.prune(case["completed_at"] + RETENTION + timedelta(seconds=1))
+    assert await pool.fetchval("SELECT exports_deleted_at FROM cases") is not None
+
+    late = store.put(f"{system_case_prefix('marketing', case_id)}t-1.json", b'{"lists": ["tin khuyen mai"]}',
+                     records=1)
+    elsewhere = store.put(f"{system_case_prefix('crm', case_id)}t-9.json", b"{}", records=0)  # not marketing's
+    await coordinator.handle_receipts([receipt(tasks["marketing"], "succeeded",
+                                               artifacts=[late.model_dump(), elsewhere.model_dump()])])
+    assert not store.exists(late.ref)
+    assert store.exists(elsewhere.ref)  # a receipt never deletes what is not its own system's
+    assert (await pool.fetchrow("SELECT status FROM tasks WHERE system = 'marketing'"))["status"] == "succeeded"
