@@ -28,7 +28,7 @@ import secrets
 import stat
 import tempfile
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -161,20 +161,13 @@ class Credential:
         """Write the credential as JSON with mode 0600. Refuses to replace an existing file unless
         ``overwrite`` (a lost private key cannot be recovered, only replaced)."""
         target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
         body = self.to_json()
         if not overwrite:
             try:
-                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                return create_private_file(target, body)
             except FileExistsError:
                 raise CredentialError(f"credential file {target} exists already; not overwritten") from None
-            try:
-                _write_private(fd, body)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(target)
-                raise
-            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".credential-", dir=target.parent)  # created with mode 0600
         try:
             _write_private(fd, body)
@@ -195,6 +188,54 @@ def _write_private(fd: int, body: bytes) -> None:
         os.fsync(f.fileno())
 
 
+def create_private_file(target: Path, body: bytes) -> Path:
+    """Write ``body`` to a new file with mode 0600 (a key: a credential, the suppression key),
+    fsynced; raises FileExistsError rather than replace one. Nothing is left of a failed write."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        _write_private(fd, body)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(target)
+        raise
+    return target
+
+
+def read_private_json(path: Path, *, what: str, fields: Sequence[str], error: type[DsrflowError],
+                      max_bytes: int, missing: str = "") -> dict[str, Any]:
+    """The JSON object of a key file only its owner may read, with ``fields`` non-empty strings.
+    Every failure is one ``error`` naming the file (``what``), never its content; ``missing`` is
+    added to the line of a file that does not exist (how to make one)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise error(f"{what} does not exist{missing}") from None
+    except OSError as exc:
+        raise error(f"{what} cannot be read: {exc.strerror}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):  # before fdopen, which refuses a directory with its own error
+        os.close(fd)
+        raise error(f"{what} is not a regular file")
+    with os.fdopen(fd, "rb") as f:
+        if os.name == "posix" and st.st_mode & 0o077:
+            raise error(f"{what} may be read by others (mode {stat.S_IMODE(st.st_mode):04o}): chmod 600 {path}")
+        try:
+            raw = f.read(max_bytes)
+        except OSError as exc:
+            raise error(f"{what} cannot be read: {exc.strerror}") from None
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise error(f"{what} is not JSON") from None
+    if not isinstance(data, dict):
+        raise error(f"{what} is not a JSON object")
+    absent = [k for k in fields if not isinstance(data.get(k), str) or not data[k]]
+    if absent:
+        raise error(f"{what} lacks {', '.join(absent)} (strings)")
+    return data
+
+
 def generate_credential(actor: str, *, key_id: str | None = None) -> Credential:
     """A new Ed25519 key pair for ``actor``, under a fresh key id (or ``key_id``). Register its
     public half with :func:`add_key` (passing ``key_id=credential.key_id``), then save it."""
@@ -209,33 +250,8 @@ def load_credential(path: str | os.PathLike[str]) -> Credential:
     ``key_id`` and ``private_key``, an unencrypted PKCS#8 PEM Ed25519 key). Refuses a file that
     its group or others may read."""
     p = Path(path)
-    try:
-        fd = os.open(p, os.O_RDONLY)
-    except FileNotFoundError:
-        raise CredentialError(f"credential file {p} does not exist") from None
-    except OSError as exc:
-        raise CredentialError(f"credential file {p} cannot be read: {exc.strerror}") from None
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        os.close(fd)
-        raise CredentialError(f"credential file {p} is not a regular file")
-    with os.fdopen(fd, "rb") as f:
-        if os.name == "posix" and st.st_mode & 0o077:
-            raise CredentialError(f"credential file {p} may be read by others (mode {stat.S_IMODE(st.st_mode):04o}): "
-                                  f"chmod 600 {p}")
-        try:
-            raw = f.read(1024 * 1024)
-        except OSError as exc:
-            raise CredentialError(f"credential file {p} cannot be read: {exc.strerror}") from None
-    try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise CredentialError(f"credential file {p} is not JSON") from None
-    if not isinstance(data, dict):
-        raise CredentialError(f"credential file {p} is not a JSON object")
-    missing = [k for k in ("actor", "key_id", "private_key") if not isinstance(data.get(k), str) or not data[k]]
-    if missing:
-        raise CredentialError(f"credential file {p} lacks {', '.join(missing)} (strings)")
+    data = read_private_json(p, what=f"credential file {p}", fields=("actor", "key_id", "private_key"),
+                             error=CredentialError, max_bytes=1024 * 1024)
     try:
         _check_actor_name(data["actor"])
         _check_key_id(data["key_id"])

@@ -24,18 +24,17 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import hashlib
 import hmac
 import json
 import os
 import re
 import secrets
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .auth import create_private_file, read_private_json
 from .errors import ConfigError, InvalidInput
 from .identity import DEFAULT_REGION, normalise_lenient
 from .rights import IdentifierType
@@ -94,23 +93,10 @@ def write_key(key: SuppressionKey, path: str | os.PathLike[str]) -> Path:
     """Write ``key`` to a new file with mode 0600. Never replaces a file: the hashes published under
     a key are matched only with that key, so losing it by accident loses the list's use."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
     try:
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        return create_private_file(target, key.to_json())
     except FileExistsError:
         raise InvalidInput(f"{target} exists already; not overwritten (give --out FILE)") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if hasattr(os, "fchmod"):
-                os.fchmod(f.fileno(), 0o600)  # whatever the umask said
-            f.write(key.to_json())
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(target)
-        raise
-    return target
 
 
 def load_key(path: str | os.PathLike[str]) -> SuppressionKey:
@@ -119,32 +105,8 @@ def load_key(path: str | os.PathLike[str]) -> SuppressionKey:
     failure is one :class:`SuppressionKeyError` line naming the file."""
     p = Path(path)
     what = f"suppression key file {p}"
-    try:
-        fd = os.open(p, os.O_RDONLY)
-    except FileNotFoundError:
-        raise SuppressionKeyError(f"{what} does not exist (`dsrflow suppression key` makes one)") from None
-    except OSError as exc:
-        raise SuppressionKeyError(f"{what} cannot be read: {exc.strerror}") from None
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise SuppressionKeyError(f"{what} is not a regular file")
-        if os.name == "posix" and st.st_mode & 0o077:
-            raise SuppressionKeyError(f"{what} may be read by others (mode {stat.S_IMODE(st.st_mode):04o}): "
-                                      f"chmod 600 {p}")
-        try:
-            raw = f.read(64 * 1024)
-        except OSError as exc:
-            raise SuppressionKeyError(f"{what} cannot be read: {exc.strerror}") from None
-    try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise SuppressionKeyError(f"{what} is not JSON") from None
-    if not isinstance(data, dict):
-        raise SuppressionKeyError(f"{what} is not a JSON object")
-    missing = [k for k in ("key_id", "secret") if not isinstance(data.get(k), str) or not data[k]]
-    if missing:
-        raise SuppressionKeyError(f"{what} lacks {', '.join(missing)} (strings)")
+    data = read_private_json(p, what=what, fields=("key_id", "secret"), error=SuppressionKeyError,
+                             max_bytes=64 * 1024, missing=" (`dsrflow suppression key` makes one)")
     if not _KEY_ID.fullmatch(data["key_id"]):
         raise SuppressionKeyError(f"{what}: key_id is not a key id (letters, digits, '.', '_', ':' and '-')")
     try:

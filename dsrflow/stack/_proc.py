@@ -195,11 +195,12 @@ async def _with_timeout(factory: Callable[[], Awaitable[T]], timeout: float | No
     return await asyncio.wait_for(factory(), timeout)
 
 
-async def kafka_ready(bootstrap: str, timeout: float = 5.0) -> list[str]:
-    """List topics through an aiokafka admin client: the broker answers metadata."""
+async def kafka_ready(bootstrap: str, timeout: float = 5.0, **options: object) -> list[str]:
+    """List topics through an aiokafka admin client: the broker answers metadata. ``options``: more
+    connection options (SASL, for a secured broker)."""
     from aiokafka.admin import AIOKafkaAdminClient
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000))
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000), **options)
     try:
         await asyncio.wait_for(admin.start(), timeout)
         return await asyncio.wait_for(admin.list_topics(), timeout)
@@ -208,9 +209,9 @@ async def kafka_ready(bootstrap: str, timeout: float = 5.0) -> list[str]:
             await admin.close()
 
 
-def kafka_ready_sync(bootstrap: str, timeout: float = 5.0) -> bool:
+def kafka_ready_sync(bootstrap: str, timeout: float = 5.0, **options: object) -> bool:
     try:
-        run_sync(lambda: kafka_ready(bootstrap, timeout), timeout + 2)
+        run_sync(lambda: kafka_ready(bootstrap, timeout, **options), timeout + 2)
         return True
     except Exception:  # noqa: BLE001 - any failure means "not ready yet"
         return False

@@ -58,7 +58,6 @@ from ._proc import (
     preexec_for,
     processes_with_arg,
     rotate_log,
-    run_sync,
     stop_group,
     strip_ansi,
     wait_until,
@@ -370,21 +369,6 @@ def random_cluster_id() -> str:
 _SASL_USER = re.compile(r"[A-Za-z0-9_-]+")
 
 
-async def _list_topics(options: dict[str, object], timeout: float) -> list[str]:
-    import asyncio
-    import contextlib
-
-    from aiokafka.admin import AIOKafkaAdminClient
-
-    admin = AIOKafkaAdminClient(request_timeout_ms=int(timeout * 1000), **options)
-    try:
-        await asyncio.wait_for(admin.start(), timeout)
-        return await asyncio.wait_for(admin.list_topics(), timeout)
-    finally:
-        with contextlib.suppress(Exception):
-            await admin.close()
-
-
 class ApacheKafka(LocalService):
     """A single-node KRaft Kafka on loopback ports.
 
@@ -558,14 +542,8 @@ class ApacheKafka(LocalService):
 
     def _ready(self) -> bool:
         """The broker answers metadata (as :attr:`broker_user` when secured)."""
-        if not self.secured:
-            return kafka_ready_sync(self.bootstrap, timeout=5.0)
-        options = self.client_options()
-        try:
-            run_sync(lambda: _list_topics(options, timeout=5.0), 7.0)
-            return True
-        except Exception:  # noqa: BLE001 - any failure means "not ready yet"
-            return False
+        options = {k: v for k, v in self.client_options().items() if k != "bootstrap_servers"}
+        return kafka_ready_sync(self.bootstrap, timeout=5.0, **options)
 
     def server_properties(self) -> dict[str, str]:
         props = {
