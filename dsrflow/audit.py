@@ -15,7 +15,6 @@ published on Kafka (the topic's head must be an entry of the chain, at its posit
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -47,40 +46,17 @@ async def published_anchors(kafka_options: dict[str, Any], *, timeout: float = 3
         uuid.UUID, tuple[int, bytes]]:
     """The last ``(timeline_length, timeline_head)`` published on dsr.cases.v1 for each case, read
     from the beginning of the topic to its end as of now."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
-
-    consumer = AIOKafkaConsumer(**kafka_options, enable_auto_commit=False, group_id=None,
-                                auto_offset_reset="earliest")
-    await consumer.start()
     anchors: dict[uuid.UUID, tuple[int, bytes]] = {}
-    try:
-        if topics.CASES not in await consumer.topics():
-            return anchors
-        cluster = await consumer._client.fetch_all_metadata()  # noqa: SLF001 - the partitions, fresh
-        partitions = [TopicPartition(topics.CASES, p) for p in sorted(cluster.partitions_for_topic(topics.CASES)
-                                                                      or ())]
-        if not partitions:
-            return anchors
-        consumer.assign(partitions)
-        await consumer.seek_to_beginning(*partitions)
-        ends = await consumer.end_offsets(partitions)
-        deadline = time.monotonic() + timeout
-        while True:
-            behind = [tp for tp in partitions if await consumer.position(tp) < ends[tp]]
-            if not behind:
-                break
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"dsr.cases.v1 not read to its end within {timeout:g}s")
-            for records in (await consumer.getmany(timeout_ms=500)).values():
-                for r in records:
-                    try:
-                        event = codec.decode(r.value, r.headers, CaseUpdated).data
-                    except codec.DecodeError:
-                        continue
-                    if event.timeline_head is not None and event.timeline_length is not None:
-                        anchors[event.case_id] = (event.timeline_length, bytes.fromhex(event.timeline_head))
-    finally:
-        await consumer.stop()
+
+    def anchor(r: Any) -> None:
+        try:
+            event = codec.decode(r.value, r.headers, CaseUpdated).data
+        except codec.DecodeError:
+            return
+        if event.timeline_head is not None and event.timeline_length is not None:
+            anchors[event.case_id] = (event.timeline_length, bytes.fromhex(event.timeline_head))
+
+    await topics.read_to_end(kafka_options, topics.CASES, anchor, timeout=timeout)  # no topic: no anchors
     return anchors
 
 

@@ -153,38 +153,13 @@ async def read_suppressions(settings: Settings, *, timeout: float = 30.0) -> dic
     tombstone (a key with no value) takes its hash off the list; a record that does not decode is
     skipped. What ``dsrflow suppression check`` reads; a long-running pipeline keeps following
     instead (examples/ingest_guard.py). Raises TopicMissing when the topic does not exist."""
-    import time
-
-    from aiokafka import AIOKafkaConsumer, TopicPartition
-
     from . import topics
     from .errors import TopicMissing
 
-    consumer = AIOKafkaConsumer(**settings.kafka_client_options(), group_id=None, enable_auto_commit=False,
-                                auto_offset_reset="earliest")
-    await consumer.start()
     out: dict[str, SubjectSuppressed] = {}
-    try:
-        cluster = await consumer._client.fetch_all_metadata()  # noqa: SLF001 - the partitions, fresh
-        partitions = [TopicPartition(topics.SUPPRESSIONS, p)
-                      for p in sorted(cluster.partitions_for_topic(topics.SUPPRESSIONS) or ())]
-        if not partitions:
-            raise TopicMissing(topics.SUPPRESSIONS, settings.bootstrap)
-        consumer.assign(partitions)
-        await consumer.seek_to_beginning(*partitions)
-        ends = await consumer.end_offsets(partitions)
-        deadline = time.monotonic() + timeout
-        while True:
-            behind = [tp for tp in partitions if await consumer.position(tp) < ends[tp]]
-            if not behind:
-                break
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{topics.SUPPRESSIONS} not read to its end within {timeout:g}s")
-            for records in (await consumer.getmany(*behind, timeout_ms=500)).values():
-                for r in records:
-                    apply_record(out, r.key, r.value, r.headers)
-    finally:
-        await consumer.stop()
+    if not await topics.read_to_end(settings.kafka_client_options(), topics.SUPPRESSIONS,
+                                    lambda r: apply_record(out, r.key, r.value, r.headers), timeout=timeout):
+        raise TopicMissing(topics.SUPPRESSIONS, settings.bootstrap)
     return out
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -263,3 +265,35 @@ def acl_rules(systems: list[str] | tuple[str, ...] = ("crm",), *, dpo_tool_group
         AclRule("User:admin", admin, "topic", (TASKS_PREFIX,), prefixed=True),
     ]
     return rules
+
+
+async def read_to_end(kafka_options: dict[str, Any], topic: str, each: Callable[[Any], None], *,
+                      timeout: float = 30.0) -> bool:
+    """Give every record of ``topic`` to ``each``, from its beginning to its end as of now (a
+    compacted topic read whole: no consumer group, nothing committed). False when the topic does
+    not exist; TimeoutError when it is not read to its end within ``timeout`` seconds."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(**kafka_options, enable_auto_commit=False, group_id=None,
+                                auto_offset_reset="earliest")
+    await consumer.start()
+    try:
+        cluster = await consumer._client.fetch_all_metadata()  # noqa: SLF001 - the partitions, fresh
+        partitions = [TopicPartition(topic, p) for p in sorted(cluster.partitions_for_topic(topic) or ())]
+        if not partitions:
+            return False
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        ends = await consumer.end_offsets(partitions)
+        deadline = time.monotonic() + timeout
+        while True:
+            behind = [tp for tp in partitions if await consumer.position(tp) < ends[tp]]
+            if not behind:
+                return True
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{topic} not read to its end within {timeout:g}s")
+            for records in (await consumer.getmany(*behind, timeout_ms=500)).values():
+                for r in records:
+                    each(r)
+    finally:
+        await consumer.stop()
