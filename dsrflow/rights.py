@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from datetime import date
 from enum import StrEnum
 
 
@@ -162,3 +164,28 @@ def change_category(field: str) -> str | None:
     if field in CHANGE_FIELDS:
         return CHANGE_FIELDS[field]
     return field if field.startswith("user.") else None
+
+
+def parse_date_of_birth(raw: str) -> date:
+    """A corrected date of birth: ISO (``1990-03-14``) or the Vietnamese way (``14/03/1990``),
+    between 1900 and today. Raises ValueError (without the value: it is personal data)."""
+    text = raw.strip()
+    try:
+        if re.fullmatch(r"\d{1,2}/\d{1,2}/\d{4}", text):
+            d, m, y = (int(x) for x in text.split("/"))
+            value = date(y, m, d)
+        else:
+            value = date.fromisoformat(text)
+    except ValueError:
+        raise ValueError("not a date (YYYY-MM-DD or DD/MM/YYYY)") from None
+    if not date(1900, 1, 1) <= value <= date.today():
+        raise ValueError("not a plausible date of birth")
+    return value
+
+
+def parse_text(raw: str) -> str:
+    """A corrected free-text value (an address line, a city): its words, single-spaced; never empty."""
+    text = " ".join(raw.split())
+    if not text:
+        raise ValueError("it cannot be empty")
+    return text

@@ -9,7 +9,6 @@ import logging
 import os
 import re
 from collections.abc import Awaitable, Callable, Mapping
-from datetime import date
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -19,7 +18,8 @@ import asyncpg
 from dsrflow._startup import retry_at_start
 from dsrflow.errors import DsrflowError, ServiceUnavailable
 from dsrflow.identity import normalise
-from dsrflow.rights import IdentifierType, change_category
+from dsrflow.rights import IdentifierType, change_category, parse_date_of_birth
+from dsrflow.rights import parse_text as parse_text  # the reference systems' free-text corrections
 from dsrflow.settings import Settings
 from dsrflow.stack.postgres import create_database, with_database
 from dsrflow.worker import PostgresTaskLedger, Result, SubjectMatch, TaskContext, TaskError, TaskLedger, Worker
@@ -249,27 +249,7 @@ def parse_phone(raw: str) -> str:
     return normalise(IdentifierType.phone, raw)
 
 
-def parse_date(raw: str) -> date:
-    """ISO (``1990-03-14``) or the Vietnamese way (``14/03/1990``)."""
-    text = raw.strip()
-    try:
-        if re.fullmatch(r"\d{1,2}/\d{1,2}/\d{4}", text):
-            d, m, y = (int(x) for x in text.split("/"))
-            value = date(y, m, d)
-        else:
-            value = date.fromisoformat(text)
-    except ValueError:
-        raise ValueError("not a date (YYYY-MM-DD or DD/MM/YYYY)") from None
-    if not date(1900, 1, 1) <= value <= date.today():
-        raise ValueError("not a plausible date of birth")
-    return value
-
-
-def parse_text(raw: str) -> str:
-    text = " ".join(raw.split())
-    if not text:
-        raise ValueError("it cannot be empty")
-    return text
+parse_date = parse_date_of_birth  # ISO or the Vietnamese way (dsrflow.rights)
 
 
 Handler = Callable[[TaskContext], Awaitable[Result]]

@@ -66,7 +66,7 @@ import phonenumbers
 
 from ..events import RetainedItem
 from ..identity import DEFAULT_REGION, SubjectMatch, normalise, normalise_phone, region_of
-from ..rights import CHANGE_FIELDS, Action, IdentifierType, change_category
+from ..rights import CHANGE_FIELDS, Action, IdentifierType, change_category, parse_date_of_birth, parse_text
 from ..settings import Settings
 from ..worker import PermanentError, Result, TaskContext, Worker
 from .spec import ERASING, DatabaseSpec, RetainSpec, SpecError, erase_order, load_spec, period_of
@@ -842,22 +842,8 @@ def _parse(category: str, raw: str, region: str | None = DEFAULT_REGION) -> Any:
     if category == "user.contact.phone_number":
         return normalise(IdentifierType.phone, raw, region=region)
     if category == "user.demographic.date_of_birth":
-        text = raw.strip()
-        try:
-            if re.fullmatch(r"\d{1,2}/\d{1,2}/\d{4}", text):
-                d, m, y = (int(x) for x in text.split("/"))
-                value = date(y, m, d)
-            else:
-                value = date.fromisoformat(text)
-        except ValueError:
-            raise ValueError("not a date (YYYY-MM-DD or DD/MM/YYYY)") from None
-        if not date(1900, 1, 1) <= value <= date.today():
-            raise ValueError("not a plausible date of birth")
-        return value
-    text = " ".join(raw.split())
-    if not text:
-        raise ValueError("it cannot be empty")
-    return text
+        return parse_date_of_birth(raw)
+    return parse_text(raw)
 
 
 def sql_worker(
