@@ -26,7 +26,7 @@ from .. import codec, signing
 from ..registry import SystemAnnounced, SystemDecisionError, record_announcement
 from ..settings import Settings
 from ..store import outbox
-from .service import Record, _Work, from_system
+from .service import Record, _decode_all, _Work, from_system
 
 log = logging.getLogger("dsrflow.coordinator")
 
@@ -37,12 +37,7 @@ async def handle_announcements(pool: asyncpg.Pool, settings: Settings, records: 
     """Check and record a batch of announcements, in one transaction (dead letters included)."""
     work = _Work()
     checked: list[tuple[Record, codec.Envelope[SystemAnnounced]]] = []
-    for rec in records:
-        try:
-            env = codec.decode(rec.value, rec.headers, SystemAnnounced)
-        except codec.DecodeError as exc:
-            work.dead_letter(rec, ANNOUNCEMENTS, exc.kind, str(exc))
-            continue
+    for rec, env in _decode_all(records, SystemAnnounced, ANNOUNCEMENTS, work):
         name = env.data.declaration.name
         if (rec.key or b"").decode(errors="replace") != name:
             work.dead_letter(rec, ANNOUNCEMENTS, "wrong_key", f"an announcement of system {name} must be keyed by "
