@@ -10,7 +10,7 @@ itself as well as at what an export finds.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -230,24 +230,6 @@ def rows(dsn: str) -> Callable[[], Awaitable[object]]:
             await conn.close()
 
     return snapshot
-
-
-@pytest.fixture
-async def crm_dsn(make_database: MakeDatabase, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[str]:
-    dsn = await make_database()
-    await crm.setup(dsn)
-    monkeypatch.setenv("DSRFLOW_CRM_DSN", dsn)
-    async with crm.worker.lifespan(Settings(pg_dsn=SecretStr(dsn))):
-        yield dsn
-
-
-@pytest.fixture
-async def billing_dsn(make_database: MakeDatabase, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[str]:
-    dsn = await make_database()
-    await billing.setup(dsn)
-    monkeypatch.setenv("DSRFLOW_BILLING_DSN", dsn)
-    async with billing.worker.lifespan(Settings(pg_dsn=SecretStr(dsn))):
-        yield dsn
 
 
 def reference(worker: Worker, dsn: str, setup: Callable[[str], Awaitable[None]], subject: Person,

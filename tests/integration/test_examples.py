@@ -8,7 +8,7 @@ then looks at the rows themselves.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -16,12 +16,10 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import orjson
 import pytest
-from pydantic import SecretStr
 
 from dsrflow.events import Artifact
 from dsrflow.exports import MemoryExportStore
 from dsrflow.rights import Action, IdentifierType, ReceiptStatus
-from dsrflow.settings import Settings
 from dsrflow.testing.worker import make_task, run_task
 from examples import people
 from examples.billing import seed as billing_seed
@@ -46,25 +44,6 @@ async def _fetch(dsn: str, sql: str, *args: object) -> list[asyncpg.Record]:
 
 async def _count(dsn: str, table: str) -> int:
     return int((await _fetch(dsn, f"SELECT count(*) AS n FROM {table}"))[0]["n"])
-
-
-@pytest.fixture
-async def crm_dsn(make_database: MakeDatabase, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[str]:
-    dsn = await make_database()
-    await crm.setup(dsn)
-    monkeypatch.setenv("DSRFLOW_CRM_DSN", dsn)
-    # Settings would otherwise point the hook at the case store's server; the env var wins.
-    async with crm.worker.lifespan(Settings(pg_dsn=SecretStr(dsn))):
-        yield dsn
-
-
-@pytest.fixture
-async def billing_dsn(make_database: MakeDatabase, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[str]:
-    dsn = await make_database()
-    await billing.setup(dsn)
-    monkeypatch.setenv("DSRFLOW_BILLING_DSN", dsn)
-    async with billing.worker.lifespan(Settings(pg_dsn=SecretStr(dsn))):
-        yield dsn
 
 
 def export_doc(store: MemoryExportStore, artifacts: list[Artifact]) -> Any:

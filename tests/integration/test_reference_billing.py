@@ -14,12 +14,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import asyncpg
 import orjson
 import pytest
-from pydantic import SecretStr
 
 from dsrflow.events import TaskReceipt
 from dsrflow.exports import MemoryExportStore
 from dsrflow.rights import ACTION_PURPOSES, Action, IdentifierType, ReceiptStatus, Right
-from dsrflow.settings import Settings
 from dsrflow.testing.worker import make_task, run_task
 from examples.billing import processing
 from examples.billing import seed as billing_seed
@@ -30,15 +28,6 @@ pytestmark = pytest.mark.pg
 
 MakeDatabase = Callable[[], Awaitable[str]]
 DEBTOR = person("mai.hoang@example.vn")  # one unpaid invoice
-
-
-@pytest.fixture
-async def billing_dsn(make_database: MakeDatabase, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[str]:
-    dsn = await make_database()
-    await billing.setup(dsn)
-    monkeypatch.setenv("DSRFLOW_BILLING_DSN", dsn)
-    async with billing.worker.lifespan(Settings(pg_dsn=SecretStr(dsn))):
-        yield dsn
 
 
 @pytest.fixture

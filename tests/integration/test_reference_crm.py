@@ -15,12 +15,10 @@ from datetime import date
 import asyncpg
 import orjson
 import pytest
-from pydantic import SecretStr
 
 from dsrflow.events import TaskProgress, TaskReceipt
 from dsrflow.exports import MemoryExportStore
 from dsrflow.rights import ACTION_PURPOSES, Action, IdentifierType, ReceiptStatus, Right
-from dsrflow.settings import Settings
 from dsrflow.testing.worker import make_task, run_task
 from examples.crm import processing
 from examples.crm import seed as crm_seed
@@ -32,15 +30,6 @@ pytestmark = pytest.mark.pg
 MakeDatabase = Callable[[], Awaitable[str]]
 A = IN_BOTH  # in the newsletter, the ad audience, the lead scoring; a cookie and a device
 OTHER = CRM_ONLY
-
-
-@pytest.fixture
-async def crm_dsn(make_database: MakeDatabase, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[str]:
-    dsn = await make_database()
-    await crm.setup(dsn)
-    monkeypatch.setenv("DSRFLOW_CRM_DSN", dsn)
-    async with crm.worker.lifespan(Settings(pg_dsn=SecretStr(dsn))):
-        yield dsn
 
 
 @pytest.fixture
