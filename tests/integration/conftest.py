@@ -1,5 +1,6 @@
 """Fixtures the integration tests share: the reference systems' own databases, created, seeded and
-opened by their workers' startup hooks (as ``dsrflow worker crm`` would), one fresh database per test."""
+opened by their workers' startup hooks (as ``dsrflow worker crm`` would), one fresh database per test;
+and a reader of the receipts on the session's broker (:mod:`tests.integration.receipts`)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 from pydantic import SecretStr
 
+from dsrflow import topics
 from dsrflow.settings import Settings
 from examples.billing import worker as billing
 from examples.crm import worker as crm
+from tests.integration.receipts import Receipts
 
 MakeDatabase = Callable[[], Awaitable[str]]
 
@@ -34,3 +37,14 @@ async def billing_dsn(make_database: MakeDatabase, monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("DSRFLOW_BILLING_DSN", dsn)
     async with billing.worker.lifespan(Settings(pg_dsn=SecretStr(dsn))):
         yield dsn
+
+
+@pytest.fixture
+async def receipts(broker: str) -> AsyncIterator[Receipts]:
+    await topics.apply({"bootstrap_servers": broker}, topics.specs_for([]))  # receipts, dead letters
+    reader = Receipts(broker)
+    await reader.consumer.start()
+    try:
+        yield reader
+    finally:
+        await reader.consumer.stop()

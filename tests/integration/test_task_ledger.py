@@ -24,7 +24,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from pydantic import SecretStr
 
 from dsrflow import codec, topics
@@ -36,6 +36,7 @@ from dsrflow.settings import Settings
 from dsrflow.testing.worker import make_task
 from dsrflow.worker import MemoryTaskLedger, PostgresTaskLedger, Result, TaskContext, TaskLedger, Worker, _runner
 from dsrflow.worker._ledger import TABLE
+from tests.integration.receipts import Receipts
 
 pytestmark = [pytest.mark.kafka, pytest.mark.pg]
 
@@ -52,46 +53,6 @@ CREATE TABLE calls (task_id uuid NOT NULL, attempt int NOT NULL, at timestamptz 
 # -- helpers ---------------------------------------------------------------------------------------
 
 
-class Receipts:
-    """Reads dsr.receipts.v1 from the beginning with a plain consumer."""
-
-    def __init__(self, bootstrap: str) -> None:
-        self.consumer = AIOKafkaConsumer(topics.RECEIPTS, bootstrap_servers=bootstrap, group_id=None,
-                                         auto_offset_reset="earliest")
-        self.records: list[ConsumerRecord[bytes, bytes]] = []
-
-    def of(self, task_id: uuid.UUID) -> list[tuple[ConsumerRecord[bytes, bytes], TaskReceipt]]:
-        out = []
-        for r in self.records:
-            try:
-                receipt = codec.decode(r.value, r.headers, TaskReceipt).data
-            except codec.DecodeError:
-                continue  # the topic is shared: progress reports, other tests' invalid receipts
-            if receipt.task_id == task_id:
-                out.append((r, receipt))
-        return out
-
-    async def wait_for(self, task_ids: list[uuid.UUID], copies: int = 1) -> None:
-        deadline = time.monotonic() + TIMEOUT
-        while True:
-            missing = [t for t in task_ids if len(self.of(t)) < copies]
-            if not missing:
-                return
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{len(missing)} of {len(task_ids)} tasks without {copies} receipt(s)")
-            for records in (await self.consumer.getmany(timeout_ms=300)).values():
-                self.records.extend(records)
-
-
-@pytest.fixture
-async def receipts(broker: str) -> AsyncIterator[Receipts]:
-    await topics.apply({"bootstrap_servers": broker}, topics.specs_for([]))  # receipts, dead letters
-    reader = Receipts(broker)
-    await reader.consumer.start()
-    try:
-        yield reader
-    finally:
-        await reader.consumer.stop()
 
 
 class LogLines(logging.Handler):

@@ -9,22 +9,22 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from pydantic import SecretStr
 
 from dsrflow import codec, topics
-from dsrflow.events import TaskAssigned, TaskReceipt
+from dsrflow.events import TaskAssigned
 from dsrflow.registry import SystemDeclaration
 from dsrflow.rights import Action, IdentifierType, ReceiptStatus
 from dsrflow.settings import Settings
 from dsrflow.testing.worker import make_task
 from dsrflow.worker import Result, TaskContext, Worker
+from tests.integration.receipts import Receipts
 
 pytestmark = [pytest.mark.kafka, pytest.mark.pg]
 
@@ -32,48 +32,6 @@ TIMEOUT = 60.0  # any one wait
 TEST_TIMEOUT = 150.0  # a whole test
 
 
-class Receipts:
-    """Reads dsr.receipts.v1 from the beginning; keeps the receipts (progress reports aside)."""
-
-    def __init__(self, bootstrap: str) -> None:
-        self.consumer = AIOKafkaConsumer(topics.RECEIPTS, bootstrap_servers=bootstrap, group_id=None,
-                                         auto_offset_reset="earliest")
-        self.records: list[ConsumerRecord[bytes, bytes]] = []
-
-    def of(self, task_id: uuid.UUID) -> list[TaskReceipt]:
-        found = []
-        for r in self.records:
-            try:
-                receipt = codec.decode(r.value, r.headers, TaskReceipt).data
-            except codec.DecodeError:
-                continue  # the topic is shared: progress reports, other tests' invalid receipts
-            if receipt.task_id == task_id:
-                found.append(receipt)
-        return found
-
-    async def read(self, seconds: float) -> None:
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            for records in (await self.consumer.getmany(timeout_ms=200)).values():
-                self.records.extend(records)
-
-    async def wait_for(self, task_id: uuid.UUID) -> TaskReceipt:
-        deadline = time.monotonic() + TIMEOUT
-        while not self.of(task_id):
-            assert time.monotonic() < deadline, f"no receipt of {task_id} after {TIMEOUT}s"
-            await self.read(0.3)
-        return self.of(task_id)[0]
-
-
-@pytest.fixture
-async def receipts(broker: str) -> AsyncIterator[Receipts]:
-    await topics.apply({"bootstrap_servers": broker}, topics.specs_for([]))  # receipts, dead letters
-    reader = Receipts(broker)
-    await reader.consumer.start()
-    try:
-        yield reader
-    finally:
-        await reader.consumer.stop()
 
 
 def slow_worker(system: str, calls: list[uuid.UUID], cancelled: list[uuid.UUID], *, seconds: float,
@@ -160,7 +118,7 @@ async def test_a_handler_finishing_within_the_grace_reports_and_is_committed_and
         took = await started_then_stopped(
             slow_worker(system, first_calls, [], seconds=2.0, grace=timedelta(seconds=30)), settings, first_calls)
         assert took >= 1.0  # it waited for the handler
-        receipt = await receipts.wait_for(task.task_id)
+        receipt = await receipts.first(task.task_id)
         assert receipt.status == ReceiptStatus.succeeded and receipt.counts == {"erased": 1}
         assert await committed(broker, system, partition) is not None
 
@@ -172,7 +130,7 @@ async def test_a_handler_finishing_within_the_grace_reports_and_is_committed_and
         try:
             probe = make_task(system, Action.erase, {"email": "an.le@example.vn"}, case_id=task.case_id)
             await produce(settings, system, probe)
-            await receipts.wait_for(probe.task_id)
+            await receipts.wait_for([probe.task_id])
             await receipts.read(1.0)
         finally:
             stop.set()
@@ -206,7 +164,7 @@ async def test_a_handler_still_running_when_the_grace_ends_is_run_by_the_next_in
                                   .run(settings, stop=stop))
         try:
             # Run at once: the claim was given up, there is no lease to wait out.
-            receipt = await receipts.wait_for(task.task_id)
+            receipt = await receipts.first(task.task_id)
             await receipts.read(1.0)  # any second copy arrives too
         finally:
             stop.set()
